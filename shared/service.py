@@ -1,0 +1,498 @@
+"""`Service`: the composition root of one service process.
+
+It owns the PostgreSQL pool (with the service's schema and migrations), the NATS connection,
+the durable consumer, the outbox relay, background timers and the HTTP app (FastAPI:
+``/healthz``, ``/readyz``, ``/metrics``, the service's own routes and its OpenAPI spec).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+import structlog
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+from shared.clock import Clock, ControlledClock, SystemClock
+from shared.consumer import (
+    Handler,
+    Incoming,
+    NotYetKnown,
+    StreamConsumer,
+    Unprocessable,
+    UnitOfWork,
+    mark_processed,
+    stored_age_seconds,
+)
+from shared.contracts import (
+    COMMANDS,
+    EVENTS,
+    STREAM_NAME,
+    STREAM_SUBJECTS,
+    Command,
+    CommandRejected,
+    ReasonCode,
+    Rejected,
+    Unanswerable,
+    new_id,
+    parse_envelope,
+    parse_payload,
+)
+from shared.eventstore import ConcurrencyError, create_pool, migrate
+from shared.observability import COMMANDS_REJECTED, SERVICE_UP, configure_logging
+from shared.outbox import OutboxRelay
+from shared.settings import Settings
+
+__all__ = ["NotYetKnown", "Service", "UnitOfWork", "http_error", "ensure_stream"]
+
+log = structlog.get_logger()
+
+Background = Callable[["Service"], Awaitable[None]]
+
+
+class _Retry(Exception):
+    """Internal: roll the transaction back and have the message redelivered later."""
+
+
+# --- HTTP errors ------------------------------------------------------------------------------
+
+HTTP_STATUS = {
+    ReasonCode.invalid_payload: 422,
+    ReasonCode.unknown_field: 422,
+    ReasonCode.unknown_department: 422,
+    ReasonCode.unknown_supporter: 422,
+    ReasonCode.unknown_hospital: 404,
+    ReasonCode.unknown_referral: 404,
+    ReasonCode.conflicting_duplicate: 409,
+    ReasonCode.already_referred: 409,
+    ReasonCode.invalid_transition: 409,
+    ReasonCode.not_assigned_supporter: 409,
+    ReasonCode.internal_error: 500,
+}
+
+
+class HttpRejection(Exception):
+    def __init__(self, status: int, reason_code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason_code = reason_code
+        self.detail = detail
+
+
+def http_error(rejected: Rejected) -> HttpRejection:
+    """Raise this: ``raise http_error(r)``; answered as ``{"reason_code", "detail"}``."""
+    return HttpRejection(HTTP_STATUS.get(rejected.reason_code, 422), rejected.reason_code, rejected.detail)
+
+
+class ClockAdvance(BaseModel):
+    seconds: float
+
+
+# --- the stream -------------------------------------------------------------------------------
+
+
+async def ensure_stream(js: JetStreamContext, replicas: int = 1) -> None:
+    """The one `POST` stream of CONTRACT.md: subjects post.>, file storage."""
+    config = StreamConfig(
+        name=STREAM_NAME,
+        subjects=STREAM_SUBJECTS,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=120.0,
+    )
+    try:
+        await js.stream_info(STREAM_NAME)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+        except Exception:  # another process created it first
+            await js.stream_info(STREAM_NAME)
+
+
+# --- the service ------------------------------------------------------------------------------
+
+
+class Service:
+    def __init__(
+        self,
+        name: str,
+        *,
+        command_handlers: Mapping[str, Handler] | None = None,
+        event_handlers: Mapping[str, Handler] | None = None,
+        migrations: Path | None = None,
+        routers: Sequence[APIRouter] = (),
+        background: Sequence[Background] = (),
+        description: str = "",
+        settings: Settings | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.name = name
+        self.command_handlers = dict(command_handlers or {})
+        self.event_handlers = dict(event_handlers or {})
+        for t in self.command_handlers:
+            assert t in COMMANDS, f"unknown command type {t}"
+        for t in self.event_handlers:
+            assert t in EVENTS, f"unknown event type {t}"
+        self.migrations = migrations
+        self.background = list(background)
+        self.settings = settings or Settings()
+        self.clock: Clock = clock or (ControlledClock() if self.settings.test_clock else SystemClock())
+        self.pool: asyncpg.Pool = None  # type: ignore[assignment]
+        self.nc: NATS | None = None
+        self.js: JetStreamContext = None  # type: ignore[assignment]
+        self.relay: OutboxRelay | None = None
+        self.consumer: StreamConsumer | None = None
+        self.last_unanswerable = ""
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.consuming = False
+        self.http = self._make_http(routers, description)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open_database(self) -> None:
+        if self.pool is None:
+            self.pool = await create_pool(self.settings.database_url, self.name)
+            await migrate(self.pool, self.name, self.migrations)
+
+    async def start(self) -> None:
+        await self.open_database()
+        self.nc = await nats.connect(
+            self.settings.nats_url,
+            name=f"post-{self.name}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+        )
+        self.js = self.nc.jetstream()
+        await ensure_stream(self.js, self.settings.stream_replicas)
+        self.relay = OutboxRelay(self.name, self.pool, self.js)
+        self._stop.clear()
+        self._spawn("outbox", self.relay.run)
+        if self.command_handlers or self.event_handlers:
+            self.consumer = StreamConsumer(self, self.js)
+            self._spawn("consumer", self._consume)
+            self._spawn("lag", self._report_lag)
+        for fn in self.background:
+            self._spawn(fn.__name__, lambda fn=fn: fn(self))  # type: ignore[misc]
+        SERVICE_UP.labels(self.name).set(1)
+        log.info("service_started", nats=self.settings.nats_url)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        SERVICE_UP.labels(self.name).set(0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.nc is not None:
+            await self.nc.drain()
+            self.nc = None
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None  # type: ignore[assignment]
+
+    def _spawn(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+        async def supervised() -> None:
+            delay = 0.2
+            while not self._stop.is_set():
+                try:
+                    await fn()
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.error("task_failed", task=name, error=repr(exc))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+        self._tasks.append(asyncio.create_task(supervised(), name=f"{self.name}:{name}"))
+
+    async def _consume(self) -> None:
+        assert self.consumer is not None
+        self.consuming = True
+        try:
+            await self.consumer.run(self._stop)
+        finally:
+            self.consuming = False
+
+    async def _report_lag(self) -> None:
+        assert self.consumer is not None
+        while not self._stop.is_set():
+            try:
+                await self.consumer.report_lag()
+            except Exception as exc:
+                log.debug("lag_unavailable", error=repr(exc))
+            await asyncio.sleep(5)
+
+    def main(self) -> None:
+        """The process entrypoint: ``python -m services.<name>``."""
+        configure_logging(self.name, self.settings.log_level)
+        uvicorn.run(
+            self.http,
+            host=self.settings.http_host,
+            port=self.settings.http_port(self.name),
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+        )
+
+    # -- handling ----------------------------------------------------------------------------
+
+    def _wake_relay(self) -> None:
+        if self.relay is not None:
+            self.relay.wakeup.set()
+
+    @asynccontextmanager
+    async def unit_of_work(
+        self, hospital: str, *, correlation_id: str = "", causation_id: str = ""
+    ) -> AsyncIterator[UnitOfWork]:
+        """A transaction outside any message (timers): events appended are published after."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield UnitOfWork(
+                self.name,
+                conn,
+                hospital,
+                self.clock,
+                message_id=causation_id or new_id(),
+                correlation_id=correlation_id,
+            )
+        self._wake_relay()
+
+    async def process(self, incoming: Incoming) -> str:
+        """Handle one message from the stream; returns how it ended (a metric label)."""
+        try:
+            ce = parse_envelope(incoming.body)
+        except Unanswerable as exc:
+            self.last_unanswerable = str(exc)
+            return "dead_letter"
+        except Rejected as rejected:
+            if incoming.kind != "cmd":
+                self.last_unanswerable = rejected.detail
+                return "dead_letter"
+            raw_id = str(json.loads(incoming.body)["id"])
+            return await self._reject_alone(incoming, raw_id, rejected)
+        if incoming.kind == "cmd":
+            mismatch = None
+            if ce.type != incoming.type:
+                mismatch = f"type {ce.type[:64]!r} does not match the subject's {incoming.type}"
+            elif ce.hospital != incoming.hospital:
+                mismatch = "the source's hospital does not match the subject's hospital"
+            if mismatch:
+                return await self._reject_alone(
+                    incoming, ce.id, Rejected(ReasonCode.invalid_payload, mismatch)
+                )
+        structlog.contextvars.bind_contextvars(correlation_id=ce.correlationid or ce.id)
+        try:
+            return await self._handle(incoming, ce.id, ce.correlationid, ce.data)
+        except _Retry:
+            return "retry"
+
+    async def _handle(
+        self, incoming: Incoming, ce_id: str, correlation: str | None, data: dict[str, Any]
+    ) -> str:
+        is_command = incoming.kind == "cmd"
+        async with self.pool.acquire() as conn, conn.transaction():
+            uow = UnitOfWork(
+                self.name,
+                conn,
+                incoming.hospital,
+                self.clock,
+                message_id=ce_id,
+                # A command starts a chain; an event carries its chain's id on.
+                correlation_id=ce_id if is_command else (correlation or ce_id),
+                stream_seq=incoming.stream_seq,
+            )
+            if not await mark_processed(conn, f"{incoming.hospital}:{ce_id}", incoming.stream_seq):
+                return "duplicate"
+            try:
+                async with conn.transaction():  # a savepoint: a rejection keeps nothing of it
+                    if is_command:
+                        message: Any = parse_payload(COMMANDS[incoming.type], data)
+                        await self.command_handlers[incoming.type](message, uow)
+                    else:
+                        message = parse_payload(EVENTS[incoming.type], data)
+                        await self.event_handlers[incoming.type](message, uow)
+            except Rejected as rejected:
+                if not is_command:
+                    log.warning("event_refused", reason=rejected.reason_code, detail=rejected.detail)
+                    return "ignored"
+                uow.emitted.clear()
+                await self._append_rejection(uow, ce_id, incoming.type, rejected)
+                outcome = "rejected"
+            except NotYetKnown as pending:
+                limit = self.settings.not_yet_known_seconds
+                if stored_age_seconds(incoming, self.clock) < limit:
+                    log.info("not_yet_known", detail=pending.detail, attempt=incoming.attempt)
+                    raise _Retry() from None
+                if not is_command:
+                    self.last_unanswerable = f"not known after {limit:.0f}s: {pending.detail}"
+                    return "dead_letter"
+                uow.emitted.clear()
+                await self._append_rejection(
+                    uow, ce_id, incoming.type, Rejected(pending.reason_code, pending.detail)
+                )
+                outcome = "rejected"
+            else:
+                outcome = "ok"
+        self._wake_relay()
+        return outcome
+
+    async def _append_rejection(
+        self, uow: UnitOfWork, command_id: str, command_type: str, rejected: Rejected
+    ) -> None:
+        COMMANDS_REJECTED.labels(self.name, command_type, rejected.reason_code).inc()
+        log.info("command_rejected", reason_code=rejected.reason_code, detail=rejected.detail)
+        event = CommandRejected(
+            hospital=uow.hospital,
+            command_id=command_id,
+            command_type=command_type[:128],
+            reason_code=rejected.reason_code,
+            detail=rejected.detail,
+        )
+        await uow.append(f"rejected:{uow.hospital}:{command_id}", 0, [event])
+
+    async def _reject_alone(self, incoming: Incoming, command_id: str, rejected: Rejected) -> str:
+        """Answer a command refused before its payload was read (bad envelope or subject)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await mark_processed(conn, f"{incoming.hospital}:{command_id}", incoming.stream_seq):
+                return "duplicate"
+            uow = UnitOfWork(
+                self.name, conn, incoming.hospital, self.clock, message_id=command_id[:256]
+            )
+            await self._append_rejection(uow, command_id[:256], incoming.type, rejected)
+        self._wake_relay()
+        return "rejected"
+
+    async def answer_unprocessable(self, incoming: Incoming, reason: str) -> None:
+        """A command that failed every attempt still gets an answer."""
+        try:
+            command_id = str(json.loads(incoming.body)["id"])
+        except Exception:
+            return
+        await self._reject_alone(
+            incoming, command_id, Rejected(ReasonCode.internal_error, "could not be processed")
+        )
+        log.error("command_unprocessable", reason=reason)
+
+    async def execute(
+        self, hospital: str, command: Command, command_id: str | None = None
+    ) -> list[Any]:
+        """Run a command through its handler now (the HTTP intake): returns the emitted events
+        or raises ``Rejected``. Same handler, same transaction rules as the stream."""
+        handler = self.command_handlers.get(command.type_name)
+        if handler is None:
+            raise Unprocessable(f"{self.name} does not own {command.type_name}")
+        command_id = command_id or new_id()
+        for attempt in range(1, 6):
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    uow = UnitOfWork(self.name, conn, hospital, self.clock, message_id=command_id)
+                    if not await mark_processed(conn, f"{hospital}:{command_id}", None):
+                        return []
+                    await handler(command, uow)
+                self._wake_relay()
+                return uow.emitted
+            except ConcurrencyError:
+                await asyncio.sleep(0.01 * attempt)
+            except NotYetKnown as pending:
+                COMMANDS_REJECTED.labels(self.name, command.type_name, pending.reason_code).inc()
+                raise Rejected(pending.reason_code, pending.detail) from None
+            except Rejected as rejected:
+                COMMANDS_REJECTED.labels(self.name, command.type_name, rejected.reason_code).inc()
+                raise
+        raise Rejected(ReasonCode.internal_error, "too much contention, try again")
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def _make_http(self, routers: Sequence[APIRouter], description: str) -> FastAPI:
+        @asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+            await self.start()
+            try:
+                yield
+            finally:
+                await self.stop()
+
+        app = FastAPI(
+            title=f"POST {self.name} service",
+            description=description or f"The {self.name} service of the POST platform.",
+            version="1",
+            lifespan=lifespan,
+        )
+        app.state.service = self
+
+        @app.exception_handler(HttpRejection)
+        async def _rejection(request: Request, exc: HttpRejection) -> JSONResponse:
+            return JSONResponse(
+                {"reason_code": exc.reason_code, "detail": exc.detail}, status_code=exc.status
+            )
+
+        @app.exception_handler(RequestValidationError)
+        async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+            parts = [
+                f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+                for e in exc.errors()[:5]
+            ]
+            return JSONResponse(
+                {"reason_code": "invalid_payload", "detail": "; ".join(parts)[:500]},
+                status_code=422,
+            )
+
+        @app.get("/healthz", tags=["operations"])
+        async def healthz() -> dict[str, str]:
+            """The process is alive."""
+            return {"status": "ok", "service": self.name}
+
+        @app.get("/readyz", tags=["operations"])
+        async def readyz() -> JSONResponse:
+            """Database and NATS reachable, consumer running."""
+            checks = {
+                "database": self.pool is not None,
+                "nats": self.nc is not None and self.nc.is_connected,
+                "consumer": self.consumer is None or self.consuming,
+            }
+            if checks["database"]:
+                try:
+                    async with self.pool.acquire(timeout=2) as conn:
+                        await conn.fetchval("SELECT 1")
+                except Exception:
+                    checks["database"] = False
+            ok = all(checks.values())
+            return JSONResponse(
+                {"status": "ready" if ok else "not_ready", "checks": checks},
+                status_code=200 if ok else 503,
+            )
+
+        @app.get("/metrics", tags=["operations"], response_class=Response)
+        async def metrics() -> Response:
+            """Prometheus exposition."""
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+        if self.settings.test_clock:
+
+            @app.post("/admin/clock", tags=["testing"])
+            async def advance_clock(body: ClockAdvance) -> dict[str, str]:
+                """Move the service's clock forward (only with POST_TEST_CLOCK=1)."""
+                assert isinstance(self.clock, ControlledClock)
+                now = self.clock.advance(timedelta(seconds=body.seconds))
+                return {"now": now.isoformat()}
+
+        for router in routers:
+            app.include_router(router)
+        return app

@@ -1,0 +1,44 @@
+"""Settings from environment variables, with defaults that point at the embedded runtime."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVICE_PORTS = {"referral": 8001, "matching": 8002, "records": 8003, "analytics": 8004}
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    nats_url: str = field(default_factory=lambda: _env("POST_NATS_URL", "nats://127.0.0.1:4222"))
+    database_url: str = field(
+        default_factory=lambda: _env(
+            "POST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/post"
+        )
+    )
+    data_dir: Path = field(
+        default_factory=lambda: Path(_env("POST_DATA_DIR", str(Path.cwd() / ".post-data")))
+    )
+    http_host: str = field(default_factory=lambda: _env("POST_HTTP_HOST", "127.0.0.1"))
+    log_level: str = field(default_factory=lambda: _env("POST_LOG_LEVEL", "info"))
+    # Timers (the 48-hour promise) poll stored state this often.
+    timer_interval: float = field(
+        default_factory=lambda: float(_env("POST_TIMER_INTERVAL", "1.0"))
+    )
+    # A command waiting for a fact not seen yet is retried this long, then rejected.
+    not_yet_known_seconds: float = field(
+        default_factory=lambda: float(_env("POST_NOT_YET_KNOWN_SECONDS", "600"))
+    )
+    max_deliver: int = field(default_factory=lambda: int(_env("POST_MAX_DELIVER", "20")))
+    fetch_batch: int = field(default_factory=lambda: int(_env("POST_FETCH_BATCH", "100")))
+    # Tests and demos may move a service's clock through POST /admin/clock.
+    test_clock: bool = field(default_factory=lambda: _env("POST_TEST_CLOCK", "0") == "1")
+    stream_replicas: int = field(default_factory=lambda: int(_env("POST_STREAM_REPLICAS", "1")))
+
+    def http_port(self, service: str) -> int:
+        return int(_env(f"POST_{service.upper()}_PORT", str(SERVICE_PORTS[service])))

@@ -1,0 +1,93 @@
+"""Servers for the tests: one nats-server and one PostgreSQL per test session, real processes
+on free ports, and (for end-to-end tests) the four services started as the platform runs them.
+
+Fixtures:
+- ``platform``: a `shared.runtime.Platform` with nats-server and PostgreSQL running
+  (``platform.nats_url``, ``platform.db_url``); no services.
+- ``stack``: the same platform with the four services running (test clock enabled, timers
+  every 0.2 s); ``stack.service_ports[name]`` gives each HTTP port.
+- ``client``: a `shared.client.PlatformClient` connected to the stack's NATS.
+- ``hospital``: a fresh hospital id for this test (tests share the stack, not tenants).
+- ``advance_clock(service, seconds)``: moves a running service's clock forward.
+- ``http(service)``: an httpx.AsyncClient on that service.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared.client import PlatformClient
+from shared.runtime import SERVICES, Platform, free_port
+
+
+@pytest.fixture(scope="session")
+def platform() -> Iterator[Platform]:
+    data_dir = Path(tempfile.mkdtemp(prefix="post-test-"))
+    os.chmod(data_dir, 0o755)  # PostgreSQL runs as `nobody` when the tests run as root
+    plat = Platform(
+        data_dir=data_dir,
+        nats_port=free_port(),
+        nats_monitor_port=free_port(),
+        pg_port=free_port(),
+        service_ports={name: free_port() for name in SERVICES},
+        extra_env={
+            "POST_TEST_CLOCK": "1",
+            "POST_TIMER_INTERVAL": "0.2",
+            "POST_LOG_LEVEL": "info",
+        },
+    )
+    plat.start_servers()
+    try:
+        yield plat
+    finally:
+        plat.stop()
+        if os.environ.get("POST_KEEP_TEST_DATA") != "1":
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack(platform: Platform) -> Platform:
+    platform.start_services()
+    platform.wait_ready()
+    return platform
+
+
+@pytest.fixture(scope="session")
+async def client(stack: Platform) -> AsyncIterator[PlatformClient]:
+    c = await PlatformClient.connect(stack.nats_url)
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+def hospital() -> str:
+    return f"h-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def advance_clock(stack: Platform) -> Callable[[str, float], Awaitable[None]]:
+    async def advance(service: str, seconds: float) -> None:
+        async with httpx.AsyncClient() as http:
+            resp = await http.post(
+                f"http://127.0.0.1:{stack.service_ports[service]}/admin/clock",
+                json={"seconds": seconds},
+            )
+            resp.raise_for_status()
+
+    return advance
+
+
+@pytest.fixture
+def http(stack: Platform) -> Callable[[str], httpx.AsyncClient]:
+    def make(service: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.service_ports[service]}")
+
+    return make

@@ -1,0 +1,264 @@
+"""The backbone against real nats-server and PostgreSQL processes: event store concurrency, the
+outbox surviving a kill, idempotent consumption, poison messages, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from datetime import date
+from pathlib import Path
+
+import asyncpg
+import nats
+import pytest
+
+from shared.consumer import UnitOfWork
+from shared.contracts import (
+    HospitalRegistered,
+    LaunchDepartment,
+    ReasonCode,
+    RegisterHospital,
+    Rejected,
+    command_message,
+    make_cloudevent,
+    encode,
+)
+from shared.eventstore import ConcurrencyError, EventStore, NewEvent, create_pool, migrate
+from shared.outbox import OutboxRelay
+from shared.runtime import Platform
+from shared.service import Service, ensure_stream
+from shared.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _event(hospital: str, name: str = "General") -> HospitalRegistered:
+    return HospitalRegistered(hospital=hospital, name=name, physician_count=10)
+
+
+@pytest.fixture
+async def pool(platform: Platform) -> AsyncIterator[asyncpg.Pool]:
+    schema = f"itest_{uuid.uuid4().hex[:8]}"
+    p = await create_pool(platform.db_url, schema)
+    await migrate(p, schema, None)
+    yield p
+    await p.close()
+
+
+async def _stream_messages(url: str, subject: str, wait: float = 1.0) -> list[dict]:
+    """Every message stored in the POST stream on a subject (an ephemeral consumer)."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    sub = await js.subscribe(subject, ordered_consumer=True)
+    found = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=wait)
+            found.append(json.loads(msg.data))
+    except (nats.errors.TimeoutError, TimeoutError):
+        pass
+    await nc.close()
+    return found
+
+
+async def test_two_writers_one_wins_the_other_gets_a_concurrency_error(pool: asyncpg.Pool) -> None:
+    store = EventStore()
+    meta = {"hospital": "h1"}
+    async with pool.acquire() as a, pool.acquire() as b:
+        ta, tb = a.transaction(), b.transaction()
+        await ta.start()
+        await tb.start()
+        await store.append(a, "s-1", 0, [NewEvent(_event("h1"), meta)])
+        # b waits for a's commit, then sees version 1 where it expected 0
+        b_append = asyncio.create_task(store.append(b, "s-1", 0, [NewEvent(_event("h1", "B"), meta)]))
+        await asyncio.sleep(0.1)
+        await ta.commit()
+        with pytest.raises(ConcurrencyError):
+            await b_append
+        await tb.rollback()
+        events = await store.read_stream(a, "s-1")
+    assert [e.data["name"] for e in events] == ["General"]
+    assert events[0].stream_version == 1
+
+
+async def test_read_stream_and_read_all_after_a_position(pool: asyncpg.Pool) -> None:
+    store = EventStore()
+    async with pool.acquire() as conn:
+        await store.append(conn, "a", 0, [NewEvent(_event("h1", n), {"hospital": "h1"}) for n in "xy"])
+        await store.append(conn, "b", 0, [NewEvent(_event("h2", "z"), {"hospital": "h2"})])
+        await store.append(conn, "a", 2, [NewEvent(_event("h1", "w"), {"hospital": "h1"})])
+        with pytest.raises(ConcurrencyError):
+            await store.append(conn, "a", 2, [NewEvent(_event("h1", "late"), {"hospital": "h1"})])
+        a = await store.read_stream(conn, "a")
+        everything = await store.read_all(conn, after=0)
+        after_second = await store.read_all(conn, after=everything[1].position)
+    assert [(e.stream_version, e.data["name"]) for e in a] == [(1, "x"), (2, "y"), (3, "w")]
+    assert [e.data["name"] for e in everything] == ["x", "y", "z", "w"]
+    assert [e.data["name"] for e in after_second] == ["z", "w"]
+    assert a[0].to_event() == _event("h1", "x")
+
+
+KILLED_WRITER = """
+import asyncio, os, signal, sys
+sys.path.insert(0, {root!r})
+from shared.contracts import HospitalRegistered
+from shared.eventstore import EventStore, NewEvent, create_pool
+async def main():
+    pool = await create_pool({url!r}, {schema!r})
+    async with pool.acquire() as conn, conn.transaction():
+        await EventStore().append(conn, "k-1", 0, [NewEvent(
+            HospitalRegistered(hospital={hospital!r}, name="Killed", physician_count=1),
+            {{"hospital": {hospital!r}, "correlation_id": "c1", "causation_id": "c1"}},
+            event_id={event_id!r})])
+    os.kill(os.getpid(), signal.SIGKILL)  # committed, never published
+asyncio.run(main())
+"""
+
+
+async def test_outbox_survives_a_kill_between_commit_and_publish(platform: Platform) -> None:
+    schema = f"itest_{uuid.uuid4().hex[:8]}"
+    hospital = f"h-{uuid.uuid4().hex[:8]}"
+    event_id = str(uuid.uuid4())
+    pool = await create_pool(platform.db_url, schema)
+    await migrate(pool, schema, None)
+    script = KILLED_WRITER.format(
+        root=str(ROOT), url=platform.db_url, schema=schema, hospital=hospital, event_id=event_id
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+
+    nc = await nats.connect(platform.nats_url)
+    js = nc.jetstream()
+    await ensure_stream(js)
+    relay = OutboxRelay("itest", pool, js)
+    assert await relay.backlog() == 1
+    assert await relay.publish_pending() == 1
+    # a relay that crashed after publishing but before deleting publishes the batch again
+    async with pool.acquire() as conn:
+        await conn.execute("INSERT INTO outbox (position) SELECT position FROM events")
+    assert await relay.publish_pending() == 1
+    assert await relay.backlog() == 0
+    await nc.close()
+    await pool.close()
+
+    received = await _stream_messages(platform.nats_url, f"post.{hospital}.evt.>")
+    assert [m["id"] for m in received] == [event_id]
+    assert received[0]["type"] == "HospitalRegistered"
+    assert received[0]["correlationid"] == "c1"
+    assert received[0]["source"] == f"/hospitals/{hospital}/itest"
+
+
+class _Calls:
+    def __init__(self) -> None:
+        self.handled: list[str] = []
+        self.fail_first = 0
+
+
+async def _start_test_service(platform: Platform, calls: _Calls) -> Service:
+    async def register_hospital(cmd: RegisterHospital, uow: UnitOfWork) -> None:
+        if calls.fail_first > 0:
+            calls.fail_first -= 1
+            raise RuntimeError("database hiccup")  # transient: must be retried
+        if cmd.name == "refuse me":
+            raise Rejected(ReasonCode.conflicting_duplicate, "refused on purpose")
+        calls.handled.append(cmd.name)
+        await uow.append(
+            f"hospital:{uow.hospital}",
+            0,
+            [HospitalRegistered(hospital=uow.hospital, name=cmd.name, physician_count=cmd.physician_count)],
+        )
+
+    name = f"itest_{uuid.uuid4().hex[:8]}"
+    os.environ.pop("POST_TEST_CLOCK", None)
+    settings = Settings(nats_url=platform.nats_url, database_url=platform.db_url, max_deliver=5)
+    service = Service(name, command_handlers={"RegisterHospital": register_hospital}, settings=settings)
+    await service.start()
+    return service
+
+
+async def _settle(check, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.05)
+
+
+async def test_consumer_redelivery_poison_rejection_and_retry(platform: Platform) -> None:
+    from shared.client import PlatformClient
+
+    calls = _Calls()
+    service = await _start_test_service(platform, calls)
+    client = await PlatformClient.connect(platform.nats_url)
+    hospital = f"h-{uuid.uuid4().hex[:8]}"
+    try:
+        # the same command twice, even past JetStream's dedupe (other Nats-Msg-Id): one effect
+        subject, body, cmd_id = command_message(
+            hospital, RegisterHospital(name="Once", physician_count=5)
+        )
+        await client.send_raw(subject, body, msg_id="first")
+        await client.send_raw(subject, body, msg_id="second")
+        created = await client.outcome(cmd_id)
+        assert created["type"] == "HospitalRegistered"
+        assert created["correlationid"] == cmd_id and created["causationid"] == cmd_id
+
+        # poison: not JSON, JSON without id -> dead-letter subject; the consumer goes on
+        dlq = await client.nc.subscribe(f"post.{hospital}.dlq.>")
+        await client.send_raw(subject, b"\xff not json")
+        await client.send_raw(subject, b'{"no": "id"}')
+        bad = make_cloudevent(
+            type_="RegisterHospital", source=f"/hospitals/{hospital}/x",
+            data={"name": "N", "physician_count": 1, "notes": "free text"},
+        )
+        await client.send_raw(subject, encode(bad))
+        rejected = await client.outcome(bad["id"])
+        assert rejected["type"] == "CommandRejected"
+        assert rejected["data"]["reason_code"] == "unknown_field"
+        assert rejected["data"]["command_id"] == bad["id"]
+        assert "free text" not in json.dumps(rejected)
+        dead = [await dlq.next_msg(timeout=5) for _ in range(2)]
+        assert {m.headers["Post-Dead-Letter-Reason"].split(":")[0] for m in dead} == {
+            "body is not JSON", "body is not a CloudEvent"
+        }
+
+        # a source naming another hospital than the subject is refused
+        other = make_cloudevent(
+            type_="RegisterHospital", source="/hospitals/someone-else/x",
+            data={"name": "N", "physician_count": 1},
+        )
+        await client.send_raw(subject, encode(other))
+        assert (await client.outcome(other["id"]))["data"]["reason_code"] == "invalid_payload"
+
+        # a handler's Rejected keeps nothing and answers CommandRejected
+        _, body, refused_id = command_message(hospital, RegisterHospital(name="refuse me", physician_count=1))
+        await client.send_raw(subject, body)
+        refused = await client.outcome(refused_id)
+        assert refused["data"]["reason_code"] == "conflicting_duplicate"
+
+        # a transient failure is retried with back-off and then succeeds
+        calls.fail_first = 2
+        h2 = f"h-{uuid.uuid4().hex[:8]}"
+        retried = await client.send_and_wait(h2, RegisterHospital(name="Retried", physician_count=2))
+        assert retried["type"] == "HospitalRegistered"
+        assert calls.handled == ["Once", "Retried"]
+
+        # a command for another owner's type is not this service's business
+        assert "LaunchDepartment" not in service.command_handlers
+        assert LaunchDepartment(department="er", physician_count=1, launched_on=date(2024, 1, 1))
+
+        async with service.pool.acquire() as conn:
+            stored = await conn.fetchval(
+                "SELECT count(*) FROM events WHERE event_type = 'HospitalRegistered'"
+            )
+        assert stored == 2
+    finally:
+        await client.close()
+        await service.stop()
