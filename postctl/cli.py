@@ -1,10 +1,10 @@
 """postctl: the operator's command line for the POST platform.
 
-    postctl up                       run the platform on the embedded default (Ctrl-C stops)
-    postctl demo                     up + replay the POST study + the RE-AIM report
-    postctl simulate post-2023       replay the published POST study through NATS
-    postctl simulate region ...      a synthetic region, for demos and load
-    postctl analytics rebuild        drop the RE-AIM read models and replay the stream
+postctl up                       run the platform on the embedded default (Ctrl-C stops)
+postctl demo                     up + replay the POST study + the RE-AIM report
+postctl simulate post-2023       replay the published POST study through NATS
+postctl simulate region ...      a synthetic region, for demos and load
+postctl analytics rebuild        drop the RE-AIM read models and replay the stream
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def _check_ports(platform: Platform) -> None:
     busy = [f"{what} ({port})" for what, port in wanted.items() if port_in_use(port)]
     if busy:
         sys.exit(
-            "postctl: ports already in use: " + ", ".join(busy)
+            "postctl: ports already in use: "
+            + ", ".join(busy)
             + ".\nIs the platform already running? Stop it, or choose ports with POST_NATS_URL,"
             " POST_PG_PORT, POST_NATS_MONITOR_PORT, POST_<SERVICE>_PORT."
         )
@@ -56,9 +57,7 @@ def _banner(platform: Platform) -> str:
     lines.append(f"  PostgreSQL  {platform.db_url}")
     for name in SERVICES:
         port = platform.service_ports[name]
-        lines.append(
-            f"  {name:<11} http://127.0.0.1:{port}  (/healthz /readyz /metrics /docs)"
-        )
+        lines.append(f"  {name:<11} http://127.0.0.1:{port}  (/healthz /readyz /metrics /docs)")
     port = platform.service_ports["analytics"]
     lines += [
         f"  RE-AIM      http://127.0.0.1:{port}/reaim",
@@ -176,8 +175,9 @@ def cmd_analytics_rebuild(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="postctl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="postctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run the platform on the embedded default").set_defaults(func=cmd_up)
     sub.add_parser("demo", help="up + the POST study + the RE-AIM report").set_defaults(
@@ -194,10 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     asub.add_parser("rebuild", help="drop the read models and replay the stream").set_defaults(
         func=cmd_analytics_rebuild
     )
+    from postctl import tenants
+
+    tenants.add_cli(sub)
     args = parser.parse_args(argv)
     args.func(args)
 
 
 if __name__ == "__main__":
     main()
-

@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from shared.contracts import Command, command_message
+from shared.settings import nats_servers
 
 CloudEventDict = dict[str, Any]
 
@@ -32,8 +33,10 @@ class PlatformClient:
         self._changed = asyncio.Condition()
 
     @classmethod
-    async def connect(cls, url: str, subject: str = "post.*.evt.>", **options: Any) -> PlatformClient:
-        nc = await nats.connect(url, name="post-client", **options)
+    async def connect(
+        cls, url: str, subject: str = "post.*.evt.>", **options: Any
+    ) -> PlatformClient:
+        nc = await nats.connect(nats_servers(url), name="post-client", **options)
         client = cls(nc, subject)
         await nc.subscribe(subject, cb=client._on_event, pending_msgs_limit=1_000_000)
         await nc.flush()

@@ -97,6 +97,7 @@ class UnitOfWork:
     message_id: str = field(default_factory=new_id)
     correlation_id: str = ""
     stream_seq: int | None = None
+    message_time: datetime | None = None  # when JetStream stored the incoming message
     store: EventStore = field(default_factory=EventStore)
     emitted: list[Event] = field(default_factory=list)
 
@@ -117,7 +118,10 @@ class UnitOfWork:
             self.conn,
             stream_id,
             expected_version,
-            [NewEvent(e, {**meta, "hospital": e.hospital, "service": self.service}) for e in events],
+            [
+                NewEvent(e, {**meta, "hospital": e.hospital, "service": self.service})
+                for e in events
+            ],
         )
         self.emitted.extend(events)
 
@@ -262,8 +266,8 @@ def stored_age_seconds(incoming: Incoming, clock: Clock) -> float:
 
 __all__ = [
     "COMMANDS",
-    "EVENTS",
     "COMMANDS_REJECTED",
+    "EVENTS",
     "CommandRejected",
     "Handler",
     "Incoming",

@@ -405,7 +405,12 @@ class CloudEvent(BaseModel):
 def hospital_of_source(source: str) -> str | None:
     """``/hospitals/{hospital}/...`` -> hospital, or None when the source names none."""
     parts = source.split("/")
-    if len(parts) >= 3 and parts[0] == "" and parts[1] == "hospitals" and _HOSPITAL_RE.match(parts[2]):
+    if (
+        len(parts) >= 3
+        and parts[0] == ""
+        and parts[1] == "hospitals"
+        and _HOSPITAL_RE.match(parts[2])
+    ):
         return parts[2]
     return None
 

@@ -27,7 +27,8 @@ class ConcurrencyError(Exception):
 
     def __init__(self, stream_id: str, expected: int, actual: int | None) -> None:
         super().__init__(
-            f"stream {stream_id!r}: expected version {expected}, found {actual if actual is not None else 'newer'}"
+            f"stream {stream_id!r}: expected version {expected}, "
+            f"found {actual if actual is not None else 'a newer one'}"
         )
         self.stream_id = stream_id
         self.expected = expected
@@ -62,7 +63,9 @@ class NewEvent:
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for typ in ("jsonb", "json"):
         await conn.set_type_codec(
-            typ, encoder=lambda v: json.dumps(v, separators=(",", ":")), decoder=json.loads,
+            typ,
+            encoder=lambda v: json.dumps(v, separators=(",", ":")),
+            decoder=json.loads,
             schema="pg_catalog",
         )
 
@@ -118,7 +121,10 @@ async def migrate(pool: asyncpg.Pool, schema: str, service_migrations: Path | No
     return applied
 
 
-_COLUMNS = "position, stream_id, stream_version, event_id::text AS event_id, event_type, data, metadata, recorded_at"
+_COLUMNS = (
+    "position, stream_id, stream_version, event_id::text AS event_id,"
+    " event_type, data, metadata, recorded_at"
+)
 
 
 def _stored(row: asyncpg.Record) -> StoredEvent:
@@ -155,7 +161,8 @@ class EventStore:
             positions = await conn.fetch(
                 """
                 WITH ins AS (
-                    INSERT INTO events (stream_id, stream_version, event_id, event_type, data, metadata)
+                    INSERT INTO events
+                        (stream_id, stream_version, event_id, event_type, data, metadata)
                     SELECT $1, v, e, t, d, m
                     FROM unnest($2::int[], $3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])
                         AS u(v, e, t, d, m)

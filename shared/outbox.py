@@ -10,6 +10,7 @@ the CloudEvents id they record in ``processed``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -72,7 +73,8 @@ class OutboxRelay:
             # Sent in order, acknowledged together: pipelining is ~10x one-at-a-time.
             await asyncio.gather(*publishes)
             await conn.execute(
-                "DELETE FROM outbox WHERE position = ANY($1::bigint[])", [r["position"] for r in rows]
+                "DELETE FROM outbox WHERE position = ANY($1::bigint[])",
+                [r["position"] for r in rows],
             )
         OUTBOX_PUBLISH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
         OUTBOX_PUBLISHED.labels(self.service).inc(len(rows))
@@ -114,7 +116,5 @@ class OutboxRelay:
             if await self.publish_pending() == self.batch_size:
                 continue
             await self.backlog()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), timeout=poll_seconds)
-            except TimeoutError:
-                pass

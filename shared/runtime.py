@@ -29,7 +29,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -122,11 +124,16 @@ class NatsServer:
             [
                 nats_server_binary(),
                 "--jetstream",
-                "--store_dir", str(self.data_dir),
-                "--addr", "127.0.0.1",
-                "--port", str(self.port),
-                "--http_port", str(self.monitor_port),
-                "--server_name", "post-embedded",
+                "--store_dir",
+                str(self.data_dir),
+                "--addr",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--http_port",
+                str(self.monitor_port),
+                "--server_name",
+                "post-embedded",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -166,8 +173,16 @@ class Postgres:
             pgdata.mkdir(parents=True, exist_ok=True)
             _owned_by(self.data_dir, ids)
             subprocess.run(
-                [str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres",
-                 "--auth=trust", "--encoding=UTF8", "--no-instructions"],
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(pgdata),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-instructions",
+                ],
                 check=True,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -179,12 +194,19 @@ class Postgres:
             os.chown(self.data_dir / "postgres.log", *ids)
         self.proc = subprocess.Popen(
             [
-                str(bindir / "postgres"), "-D", str(pgdata),
-                "-p", str(self.port),
-                "-c", "listen_addresses=127.0.0.1",
-                "-c", f"unix_socket_directories={self.data_dir}",
-                "-c", "max_connections=200",
-                "-c", "shared_buffers=256MB",
+                str(bindir / "postgres"),
+                "-D",
+                str(pgdata),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={self.data_dir}",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=256MB",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -240,7 +262,7 @@ class ServiceProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{self.name}"],
-            env={**os.environ, **self.env},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent,
@@ -270,7 +292,12 @@ class Platform:
     nats_monitor_port: int = 8222
     pg_port: int = 5432
     service_ports: Mapping[str, int] = field(
-        default_factory=lambda: {"referral": 8001, "matching": 8002, "records": 8003, "analytics": 8004}
+        default_factory=lambda: {
+            "referral": 8001,
+            "matching": 8002,
+            "records": 8003,
+            "analytics": 8004,
+        }
     )
     database_url: str | None = None  # a PostgreSQL the user gives: no embedded one then
     extra_env: Mapping[str, str] = field(default_factory=dict)
@@ -301,7 +328,9 @@ class Platform:
         return env
 
     def start_servers(self) -> None:
-        self.nats = NatsServer(self.data_dir / "nats", self.nats_port, self.nats_monitor_port).start()
+        self.nats = NatsServer(
+            self.data_dir / "nats", self.nats_port, self.nats_monitor_port
+        ).start()
         if not self.database_url:
             self.postgres = Postgres(self.data_dir / "postgres", self.pg_port).start()
 

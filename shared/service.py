@@ -35,8 +35,8 @@ from shared.consumer import (
     Incoming,
     NotYetKnown,
     StreamConsumer,
-    Unprocessable,
     UnitOfWork,
+    Unprocessable,
     mark_processed,
     stored_age_seconds,
 )
@@ -59,7 +59,7 @@ from shared.observability import COMMANDS_REJECTED, SERVICE_UP, configure_loggin
 from shared.outbox import OutboxRelay
 from shared.settings import Settings
 
-__all__ = ["NotYetKnown", "Service", "UnitOfWork", "http_error", "ensure_stream"]
+__all__ = ["NotYetKnown", "Service", "UnitOfWork", "ensure_stream", "http_error"]
 
 log = structlog.get_logger()
 
@@ -97,7 +97,9 @@ class HttpRejection(Exception):
 
 def http_error(rejected: Rejected) -> HttpRejection:
     """Raise this: ``raise http_error(r)``; answered as ``{"reason_code", "detail"}``."""
-    return HttpRejection(HTTP_STATUS.get(rejected.reason_code, 422), rejected.reason_code, rejected.detail)
+    return HttpRejection(
+        HTTP_STATUS.get(rejected.reason_code, 422), rejected.reason_code, rejected.detail
+    )
 
 
 class ClockAdvance(BaseModel):
@@ -152,7 +154,9 @@ class Service:
         self.migrations = migrations
         self.background = list(background)
         self.settings = settings or Settings()
-        self.clock: Clock = clock or (ControlledClock() if self.settings.test_clock else SystemClock())
+        self.clock: Clock = clock or (
+            ControlledClock() if self.settings.test_clock else SystemClock()
+        )
         self.pool: asyncpg.Pool = None  # type: ignore[assignment]
         self.nc: NATS | None = None
         self.js: JetStreamContext = None  # type: ignore[assignment]
@@ -174,7 +178,7 @@ class Service:
     async def start(self) -> None:
         await self.open_database()
         self.nc = await nats.connect(
-            self.settings.nats_url,
+            self.settings.nats_servers,
             name=f"post-{self.name}",
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
@@ -191,7 +195,7 @@ class Service:
         for fn in self.background:
             self._spawn(fn.__name__, lambda fn=fn: fn(self))  # type: ignore[misc]
         SERVICE_UP.labels(self.name).set(1)
-        log.info("service_started", nats=self.settings.nats_url)
+        log.info("service_started", nats=self.settings.nats_hosts)
 
     async def stop(self) -> None:
         self._stop.set()
@@ -201,11 +205,18 @@ class Service:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         if self.nc is not None:
-            await self.nc.drain()
+            # Every publish was already acknowledged, so a plain close loses nothing (a drain
+            # waits on the bound pull subscription).
+            await self.nc.close()
             self.nc = None
         if self.pool is not None:
-            await self.pool.close()
+            try:
+                await asyncio.wait_for(self.pool.close(), timeout=5)
+            except Exception as exc:
+                log.warning("database_close_slow", error=repr(exc))
+                self.pool.terminate()
             self.pool = None  # type: ignore[assignment]
+        log.info("service_stopped")
 
     def _spawn(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
         async def supervised() -> None:
@@ -317,6 +328,7 @@ class Service:
                 # A command starts a chain; an event carries its chain's id on.
                 correlation_id=ce_id if is_command else (correlation or ce_id),
                 stream_seq=incoming.stream_seq,
+                message_time=incoming.stored_at,
             )
             if not await mark_processed(conn, f"{incoming.hospital}:{ce_id}", incoming.stream_seq):
                 return "duplicate"
@@ -330,7 +342,9 @@ class Service:
                         await self.event_handlers[incoming.type](message, uow)
             except Rejected as rejected:
                 if not is_command:
-                    log.warning("event_refused", reason=rejected.reason_code, detail=rejected.detail)
+                    log.warning(
+                        "event_refused", reason=rejected.reason_code, detail=rejected.detail
+                    )
                     return "ignored"
                 uow.emitted.clear()
                 await self._append_rejection(uow, ce_id, incoming.type, rejected)
@@ -370,7 +384,9 @@ class Service:
     async def _reject_alone(self, incoming: Incoming, command_id: str, rejected: Rejected) -> str:
         """Answer a command refused before its payload was read (bad envelope or subject)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            if not await mark_processed(conn, f"{incoming.hospital}:{command_id}", incoming.stream_seq):
+            if not await mark_processed(
+                conn, f"{incoming.hospital}:{command_id}", incoming.stream_seq
+            ):
                 return "duplicate"
             uow = UnitOfWork(
                 self.name, conn, incoming.hospital, self.clock, message_id=command_id[:256]

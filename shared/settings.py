@@ -27,9 +27,7 @@ class Settings:
     http_host: str = field(default_factory=lambda: _env("POST_HTTP_HOST", "127.0.0.1"))
     log_level: str = field(default_factory=lambda: _env("POST_LOG_LEVEL", "info"))
     # Timers (the 48-hour promise) poll stored state this often.
-    timer_interval: float = field(
-        default_factory=lambda: float(_env("POST_TIMER_INTERVAL", "1.0"))
-    )
+    timer_interval: float = field(default_factory=lambda: float(_env("POST_TIMER_INTERVAL", "1.0")))
     # A command waiting for a fact not seen yet is retried this long, then rejected.
     not_yet_known_seconds: float = field(
         default_factory=lambda: float(_env("POST_NOT_YET_KNOWN_SECONDS", "600"))
@@ -40,5 +38,19 @@ class Settings:
     test_clock: bool = field(default_factory=lambda: _env("POST_TEST_CLOCK", "0") == "1")
     stream_replicas: int = field(default_factory=lambda: int(_env("POST_STREAM_REPLICAS", "1")))
 
+    @property
+    def nats_servers(self) -> list[str]:
+        """POST_NATS_URL may list a cluster's servers, comma-separated."""
+        return nats_servers(self.nats_url)
+
+    @property
+    def nats_hosts(self) -> list[str]:
+        """The servers without credentials, for logs."""
+        return [u.rsplit("@", 1)[-1] for u in self.nats_servers]
+
     def http_port(self, service: str) -> int:
         return int(_env(f"POST_{service.upper()}_PORT", str(SERVICE_PORTS[service])))
+
+
+def nats_servers(url: str) -> list[str]:
+    return [u.strip() for u in url.split(",") if u.strip()]

@@ -26,8 +26,8 @@ from shared.contracts import (
     RegisterHospital,
     Rejected,
     command_message,
-    make_cloudevent,
     encode,
+    make_cloudevent,
 )
 from shared.eventstore import ConcurrencyError, EventStore, NewEvent, create_pool, migrate
 from shared.outbox import OutboxRelay
@@ -78,7 +78,9 @@ async def test_two_writers_one_wins_the_other_gets_a_concurrency_error(pool: asy
         await tb.start()
         await store.append(a, "s-1", 0, [NewEvent(_event("h1"), meta)])
         # b waits for a's commit, then sees version 1 where it expected 0
-        b_append = asyncio.create_task(store.append(b, "s-1", 0, [NewEvent(_event("h1", "B"), meta)]))
+        b_append = asyncio.create_task(
+            store.append(b, "s-1", 0, [NewEvent(_event("h1", "B"), meta)])
+        )
         await asyncio.sleep(0.1)
         await ta.commit()
         with pytest.raises(ConcurrencyError):
@@ -92,7 +94,9 @@ async def test_two_writers_one_wins_the_other_gets_a_concurrency_error(pool: asy
 async def test_read_stream_and_read_all_after_a_position(pool: asyncpg.Pool) -> None:
     store = EventStore()
     async with pool.acquire() as conn:
-        await store.append(conn, "a", 0, [NewEvent(_event("h1", n), {"hospital": "h1"}) for n in "xy"])
+        await store.append(
+            conn, "a", 0, [NewEvent(_event("h1", n), {"hospital": "h1"}) for n in "xy"]
+        )
         await store.append(conn, "b", 0, [NewEvent(_event("h2", "z"), {"hospital": "h2"})])
         await store.append(conn, "a", 2, [NewEvent(_event("h1", "w"), {"hospital": "h1"})])
         with pytest.raises(ConcurrencyError):
@@ -173,13 +177,19 @@ async def _start_test_service(platform: Platform, calls: _Calls) -> Service:
         await uow.append(
             f"hospital:{uow.hospital}",
             0,
-            [HospitalRegistered(hospital=uow.hospital, name=cmd.name, physician_count=cmd.physician_count)],
+            [
+                HospitalRegistered(
+                    hospital=uow.hospital, name=cmd.name, physician_count=cmd.physician_count
+                )
+            ],
         )
 
     name = f"itest_{uuid.uuid4().hex[:8]}"
     os.environ.pop("POST_TEST_CLOCK", None)
     settings = Settings(nats_url=platform.nats_url, database_url=platform.db_url, max_deliver=5)
-    service = Service(name, command_handlers={"RegisterHospital": register_hospital}, settings=settings)
+    service = Service(
+        name, command_handlers={"RegisterHospital": register_hospital}, settings=settings
+    )
     await service.start()
     return service
 
@@ -215,7 +225,8 @@ async def test_consumer_redelivery_poison_rejection_and_retry(platform: Platform
         await client.send_raw(subject, b"\xff not json")
         await client.send_raw(subject, b'{"no": "id"}')
         bad = make_cloudevent(
-            type_="RegisterHospital", source=f"/hospitals/{hospital}/x",
+            type_="RegisterHospital",
+            source=f"/hospitals/{hospital}/x",
             data={"name": "N", "physician_count": 1, "notes": "free text"},
         )
         await client.send_raw(subject, encode(bad))
@@ -226,19 +237,23 @@ async def test_consumer_redelivery_poison_rejection_and_retry(platform: Platform
         assert "free text" not in json.dumps(rejected)
         dead = [await dlq.next_msg(timeout=5) for _ in range(2)]
         assert {m.headers["Post-Dead-Letter-Reason"].split(":")[0] for m in dead} == {
-            "body is not JSON", "body is not a CloudEvent"
+            "body is not JSON",
+            "body is not a CloudEvent",
         }
 
         # a source naming another hospital than the subject is refused
         other = make_cloudevent(
-            type_="RegisterHospital", source="/hospitals/someone-else/x",
+            type_="RegisterHospital",
+            source="/hospitals/someone-else/x",
             data={"name": "N", "physician_count": 1},
         )
         await client.send_raw(subject, encode(other))
         assert (await client.outcome(other["id"]))["data"]["reason_code"] == "invalid_payload"
 
         # a handler's Rejected keeps nothing and answers CommandRejected
-        _, body, refused_id = command_message(hospital, RegisterHospital(name="refuse me", physician_count=1))
+        _, body, refused_id = command_message(
+            hospital, RegisterHospital(name="refuse me", physician_count=1)
+        )
         await client.send_raw(subject, body)
         refused = await client.outcome(refused_id)
         assert refused["data"]["reason_code"] == "conflicting_duplicate"
@@ -246,7 +261,9 @@ async def test_consumer_redelivery_poison_rejection_and_retry(platform: Platform
         # a transient failure is retried with back-off and then succeeds
         calls.fail_first = 2
         h2 = f"h-{uuid.uuid4().hex[:8]}"
-        retried = await client.send_and_wait(h2, RegisterHospital(name="Retried", physician_count=2))
+        retried = await client.send_and_wait(
+            h2, RegisterHospital(name="Retried", physician_count=2)
+        )
         assert retried["type"] == "HospitalRegistered"
         assert calls.handled == ["Once", "Retried"]
 
