@@ -1,0 +1,3 @@
+from services.referral.app import service
+
+service.main()

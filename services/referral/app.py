@@ -1,0 +1,21 @@
+"""The referral service: intake of referrals (NATS and HTTP) and where each one stands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.referral import handlers, views
+from shared.service import Service
+
+service = Service(
+    "referral",
+    command_handlers={"RequestReferral": handlers.request_referral},
+    event_handlers=handlers.EVENT_HANDLERS,
+    migrations=Path(__file__).parent / "migrations",
+    routers=[views.router],
+    description=(
+        "Intake of self, third-party and safety-event referrals (`RequestReferral`), "
+        "and the status of each referral as the other services move it."
+    ),
+)
+main = service.main
