@@ -1,0 +1,35 @@
+"""The matching service: the registry, the supporter roster, assignment and the 48-hour timer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.matching import handlers, views
+from shared.service import Service
+
+service = Service(
+    "matching",
+    command_handlers={
+        "RegisterHospital": handlers.register_hospital,
+        "LaunchDepartment": handlers.launch_department,
+        "CloseDepartment": handlers.close_department,
+        "RegisterSupporter": handlers.register_supporter,
+        "RetireSupporter": handlers.retire_supporter,
+    },
+    event_handlers={
+        "ReferralCreated": handlers.referral_created,
+        "OutreachAccepted": handlers.outreach_recorded,
+        "OutreachDeclined": handlers.outreach_recorded,
+        "OutreachUnreachable": handlers.outreach_recorded,
+        "InteractionCompleted": handlers.outreach_recorded,
+    },
+    migrations=Path(__file__).parent / "migrations",
+    routers=[views.router],
+    background=[handlers.overdue_timer],
+    description=(
+        "Hospitals, departments and the trained supporter roster; every ReferralCreated becomes"
+        " a SupporterAssigned (due in 48 hours) or a NoSupporterAvailable; overdue assignments"
+        " are reassigned."
+    ),
+)
+main = service.main
