@@ -1,0 +1,176 @@
+"""Records handlers: one per command or event. Load, decide (domain), append."""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+import structlog
+from prometheus_client import Counter, Histogram
+
+from services.records import domain
+from shared.contracts import (
+    DepartmentClosed,
+    DepartmentLaunched,
+    Event,
+    HospitalRegistered,
+    InteractionCompleted,
+    ReasonCode,
+    RecordInteraction,
+    RecordOutreach,
+    ReferralCreated,
+    SubmitSurveyResponse,
+    SupporterAssigned,
+)
+from shared.service import NotYetKnown, UnitOfWork
+
+log = structlog.get_logger()
+
+# --- metrics --------------------------------------------------------------------------------
+
+OUTREACH = Counter(
+    "post_records_outreach_total",
+    "Outreach outcomes recorded, by outcome and decline reason ('' when none)",
+    ["hospital", "outcome", "decline_reason"],
+)
+INTERACTION_MINUTES = Histogram(
+    "post_records_interaction_minutes",
+    "Length of completed peer support interactions, in minutes",
+    ["hospital"],
+    buckets=(5, 10, 15, 30, 45, 60, 90, 120, 180, 240, 360, 600),
+)
+SURVEY_RESPONSES = Counter(
+    "post_records_survey_responses_total",
+    "Survey responses recorded (a repeated response counts once)",
+    ["hospital"],
+)
+
+
+# --- what records learns from other services ------------------------------------------------
+
+
+async def _referral(uow: UnitOfWork, referral_id: str) -> domain.Referral | None:
+    row = await uow.conn.fetchrow(
+        "SELECT department, supporter_id FROM referrals WHERE hospital = $1 AND referral_id = $2",
+        uow.hospital,
+        referral_id,
+    )
+    if row is None:
+        return None
+    return domain.Referral(
+        referral_id=referral_id, department=row["department"], supporter_id=row["supporter_id"]
+    )
+
+
+async def hospital_registered(event: HospitalRegistered, uow: UnitOfWork) -> None:
+    await uow.conn.execute(
+        "INSERT INTO hospitals (hospital) VALUES ($1) ON CONFLICT DO NOTHING", uow.hospital
+    )
+
+
+async def department_launched(event: DepartmentLaunched, uow: UnitOfWork) -> None:
+    await uow.conn.execute(
+        "INSERT INTO departments (hospital, department, launched_on) VALUES ($1, $2, $3)"
+        " ON CONFLICT (hospital, department) DO UPDATE SET closed_on = NULL",
+        uow.hospital,
+        event.department,
+        event.launched_on,
+    )
+
+
+async def department_closed(event: DepartmentClosed, uow: UnitOfWork) -> None:
+    await uow.conn.execute(
+        "UPDATE departments SET closed_on = $3 WHERE hospital = $1 AND department = $2",
+        uow.hospital,
+        event.department,
+        event.closed_on,
+    )
+
+
+async def referral_created(event: ReferralCreated, uow: UnitOfWork) -> None:
+    # The assignment may have been seen first (it carries the department too): keep it.
+    await uow.conn.execute(
+        "INSERT INTO referrals (hospital, referral_id, department, requested_at)"
+        " VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (hospital, referral_id) DO UPDATE SET requested_at = EXCLUDED.requested_at",
+        uow.hospital,
+        event.referral_id,
+        event.department,
+        event.requested_at,
+    )
+
+
+async def supporter_assigned(event: SupporterAssigned, uow: UnitOfWork) -> None:
+    # A reassignment replaces the supporter; an older assignment seen late does not.
+    await uow.conn.execute(
+        "INSERT INTO referrals (hospital, referral_id, department, supporter_id, assigned_at)"
+        " VALUES ($1, $2, $3, $4, $5)"
+        " ON CONFLICT (hospital, referral_id) DO UPDATE"
+        " SET supporter_id = EXCLUDED.supporter_id, assigned_at = EXCLUDED.assigned_at"
+        " WHERE referrals.assigned_at IS NULL OR referrals.assigned_at <= EXCLUDED.assigned_at",
+        uow.hospital,
+        event.referral_id,
+        event.department,
+        event.supporter_id,
+        event.assigned_at,
+    )
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def _not_yet(err: domain.AwaitingAssignment) -> NotYetKnown:
+    return NotYetKnown(str(err), reason_code=ReasonCode.unknown_referral)
+
+
+async def record_outreach(cmd: RecordOutreach, uow: UnitOfWork) -> None:
+    stream = domain.outreach_stream(uow.hospital, cmd.referral_id)
+    history, version = await uow.load(stream)
+    referral = await _referral(uow, cmd.referral_id)
+    try:
+        events = domain.record_outreach(uow.hospital, cmd, referral, history, uow.now())
+    except domain.AwaitingAssignment as err:
+        raise _not_yet(err) from None
+    await uow.append(stream, version, events)
+    OUTREACH.labels(uow.hospital, cmd.outcome, cmd.decline_reason or "").inc()
+    log.info("outreach_recorded", outcome=cmd.outcome)
+
+
+async def record_interaction(cmd: RecordInteraction, uow: UnitOfWork) -> None:
+    stream = domain.outreach_stream(uow.hospital, cmd.referral_id)
+    history, version = await uow.load(stream)
+    referral = await _referral(uow, cmd.referral_id)
+    try:
+        events = domain.record_interaction(
+            uow.hospital, cmd, referral, history, uow.now().astimezone(UTC).date()
+        )
+    except domain.AwaitingAssignment as err:
+        raise _not_yet(err) from None
+    await uow.append(stream, version, events)
+    INTERACTION_MINUTES.labels(uow.hospital).observe(cmd.minutes)
+    completed = [e for e in events if isinstance(e, InteractionCompleted)]
+    log.info("interaction_recorded", follow_up=any(e.follow_up for e in completed))
+
+
+async def submit_survey_response(cmd: SubmitSurveyResponse, uow: UnitOfWork) -> None:
+    stream = domain.survey_stream(uow.hospital, cmd.response_id)
+    history, version = await uow.load(stream)
+    row = await uow.conn.fetchrow(
+        "SELECT EXISTS (SELECT 1 FROM hospitals WHERE hospital = $1) AS hospital_registered,"
+        " EXISTS (SELECT 1 FROM departments WHERE hospital = $1 AND department = $2)"
+        " AS department_launched",
+        uow.hospital,
+        cmd.department,
+    )
+    program = domain.Program(
+        hospital_registered=row["hospital_registered"],
+        department_launched=row["department_launched"],
+    )
+    events: list[Event] = domain.submit_survey_response(
+        uow.hospital, cmd, program, history, uow.now().astimezone(UTC).date()
+    )
+    if not events:
+        log.info("survey_response_repeated")
+        return
+    await uow.append(stream, version, events)
+    SURVEY_RESPONSES.labels(uow.hospital).inc()
+    log.info("survey_response_recorded")

@@ -1,0 +1,134 @@
+"""HTTP intake for supporters' tools: the same commands as on NATS, answered at once."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+
+from shared.contracts import (
+    HOSPITAL_PATTERN,
+    Command,
+    ReasonCode,
+    RecordInteraction,
+    RecordOutreach,
+    Rejected,
+    SubmitSurveyResponse,
+    parse_payload,
+)
+from shared.service import http_error
+
+if TYPE_CHECKING:
+    from shared.service import Service
+
+router = APIRouter(tags=["records"])
+
+_HOSPITAL = re.compile(HOSPITAL_PATTERN)
+# A client's retry of the same request carries the same key and is recorded once.
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,256}$")
+_ERROR = {
+    "description": "refused, with a reason code",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"reason_code": {"type": "string"}, "detail": {"type": "string"}},
+                "required": ["reason_code", "detail"],
+            }
+        }
+    },
+}
+_ACCEPTED = {
+    "description": "recorded; `event` is the event emitted, or null when it was recorded before",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "status": {"type": "string", "enum": ["recorded", "already_recorded"]},
+                    "event": {"type": ["string", "null"]},
+                },
+                "required": ["status", "event"],
+            }
+        }
+    },
+}
+
+
+def _openapi(model: type[Command]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+            "required": True,
+        },
+        "parameters": [
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": "the command id: a request repeated with the same key counts once",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+            }
+        ],
+        "responses": {"202": _ACCEPTED, "404": _ERROR, "409": _ERROR, "422": _ERROR},
+    }
+
+
+def _service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+async def _intake(hospital: str, model: type[Command], request: Request) -> dict[str, Any]:
+    if not _HOSPITAL.match(hospital):
+        raise http_error(Rejected(ReasonCode.invalid_payload, "hospital: not a hospital id"))
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise http_error(Rejected(ReasonCode.invalid_payload, "body is not JSON")) from None
+    if not isinstance(body, dict):
+        raise http_error(Rejected(ReasonCode.invalid_payload, "body is not a JSON object"))
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _IDEMPOTENCY_KEY.match(key):
+        raise http_error(
+            Rejected(ReasonCode.invalid_payload, "Idempotency-Key: 1 to 256 printable")
+        )
+    try:
+        command = parse_payload(model, body)
+        events = await _service(request).execute(hospital, command, command_id=key)
+    except Rejected as rejected:
+        raise http_error(rejected) from None
+    if not events:
+        return {"status": "already_recorded", "event": None}
+    return {"status": "recorded", "event": events[0].type_name}
+
+
+@router.post(
+    "/hospitals/{hospital}/outreach",
+    status_code=202,
+    summary="Record an outreach outcome (RecordOutreach)",
+    openapi_extra=_openapi(RecordOutreach),
+)
+async def record_outreach(hospital: str, request: Request) -> dict[str, Any]:
+    return await _intake(hospital, RecordOutreach, request)
+
+
+@router.post(
+    "/hospitals/{hospital}/interactions",
+    status_code=202,
+    summary="Record a completed, de-identified interaction (RecordInteraction)",
+    openapi_extra=_openapi(RecordInteraction),
+)
+async def record_interaction(hospital: str, request: Request) -> dict[str, Any]:
+    return await _intake(hospital, RecordInteraction, request)
+
+
+@router.post(
+    "/hospitals/{hospital}/surveys",
+    status_code=202,
+    summary="Submit an anonymous survey response (SubmitSurveyResponse)",
+    openapi_extra=_openapi(SubmitSurveyResponse),
+)
+async def submit_survey_response(hospital: str, request: Request) -> dict[str, Any]:
+    return await _intake(hospital, SubmitSurveyResponse, request)
