@@ -1,0 +1,664 @@
+"""The production-like deployment, checked with the real tools on the files themselves.
+
+- nats-server validates each cluster node config (``nats-server -t``);
+- a 3-node cluster runs from those very files (only addresses and the storage folder moved
+  to this machine), with hospitals onboarded by ``postctl hospital onboard``, and proves the
+  tenant isolation: a hospital does its own business and nothing of another's;
+- a real service, with the settings docker-compose.yml gives it, runs on that cluster;
+- docker-compose.yml parses, every service has a health check, and every file it points at
+  exists; Prometheus and Grafana point at what compose runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+import pytest
+import yaml
+from nats.aio.client import Client as NATS
+from nats.js.errors import NotFoundError
+
+from postctl import tenants
+from shared.client import PlatformClient
+from shared.contracts import RegisterHospital
+from shared.runtime import Platform, ServiceProcess, free_port, nats_server_binary, wait_for_port
+from shared.service import ensure_stream
+from shared.settings import SERVICE_PORTS
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+NATS_DIR = DEPLOY / "nats"
+NODES = ("nats-1", "nats-2", "nats-3")
+SERVICES = tuple(SERVICE_PORTS)
+PLATFORM_PASSWORD = "platform-test-password-1234"
+STORE_DIR_LINE = 'store_dir: "/data/jetstream"'
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+# --- the node configs, validated by nats-server -------------------------------------------
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_each_cluster_node_config_validates(node: str, tmp_path: Path) -> None:
+    # Run from elsewhere: the include of tenants.conf must resolve relative to the file.
+    result = subprocess.run(
+        [nats_server_binary(), "-t", "-c", str(NATS_DIR / f"{node}.conf")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, tenants.PLATFORM_PASSWORD_VARIABLE: PLATFORM_PASSWORD},
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "is valid" in result.stdout + result.stderr
+
+
+def test_platform_password_comes_from_the_environment_only(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != tenants.PLATFORM_PASSWORD_VARIABLE}
+    result = subprocess.run(
+        [nats_server_binary(), "-t", "-c", str(NATS_DIR / "nats-1.conf")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert tenants.PLATFORM_PASSWORD_VARIABLE in result.stderr
+
+
+def test_committed_tenants_file_is_generated_and_holds_no_hospital_secret() -> None:
+    assert tenants.read_tenants((NATS_DIR / "tenants.conf").read_text()) == {}
+
+
+# --- postctl/tenants.py, pure ---------------------------------------------------------------
+
+
+def test_hospital_permissions_are_its_own_commands_events_and_inbox() -> None:
+    assert tenants.hospital_permissions("st-mary") == {
+        "publish": {"allow": ["post.st-mary.cmd.>"]},
+        "subscribe": {"allow": ["post.st-mary.evt.>", "_INBOX_st-mary.>"]},
+    }
+
+
+@pytest.mark.parametrize("bad", ["", "A", "-x", "a.b", "a>", "a*", "x" * 64, "a b"])
+def test_a_hospital_id_that_is_not_a_slug_is_refused(bad: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        tenants.hospital_permissions(bad)
+    with pytest.raises(ValueError):
+        tenants.onboard_hospital(tmp_path / "tenants.conf", bad)
+
+
+def test_render_and_read_round_trip_with_a_bcrypt_hash() -> None:
+    accounts = {"b": "x" * 24, "a": "$2a$05$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW"}
+    text = tenants.render_tenants_conf(accounts)
+    assert tenants.read_tenants(text) == accounts
+    assert text.index('"user": "a"') < text.index('"user": "b"')
+
+
+def test_a_password_needing_escapes_is_refused() -> None:
+    with pytest.raises(ValueError):
+        tenants.render_tenants_conf({"a": 'quote"and-more-than-16'})
+
+
+def test_a_hand_edited_tenants_file_is_not_overwritten(tmp_path: Path) -> None:
+    conf = tmp_path / "tenants.conf"
+    tenants.onboard_hospital(conf, "a")
+    conf.write_text(conf.read_text().replace("jetstream: enabled", "jetstream: disabled"))
+    with pytest.raises(ValueError, match="by hand"):
+        tenants.onboard_hospital(conf, "b")
+
+
+def test_onboarding_adds_a_private_user_once(tmp_path: Path) -> None:
+    conf = tmp_path / "tenants.conf"
+    shutil.copy(NATS_DIR / "tenants.conf", conf)
+    user, password = tenants.onboard_hospital(conf, "st-mary")
+    assert user == "st-mary" and len(password) >= 32
+    assert tenants.read_tenants(conf.read_text()) == {"st-mary": password}
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+    with pytest.raises(ValueError, match="already"):
+        tenants.onboard_hospital(conf, "st-mary")
+    assert tenants.read_tenants(conf.read_text()) == {"st-mary": password}
+
+
+def test_postctl_hospital_onboard_prints_the_credentials(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser(prog="postctl")
+    tenants.add_cli(parser.add_subparsers(dest="command", required=True))
+    conf = tmp_path / "tenants.conf"
+    args = parser.parse_args(["hospital", "onboard", "st-mary", "--conf", str(conf)])
+    args.func(args)
+    password = tenants.read_tenants(conf.read_text())["st-mary"]
+    out = capsys.readouterr().out
+    assert password in out
+    assert "post.st-mary.cmd." in out and "_INBOX_st-mary" in out
+
+
+# --- a real 3-node cluster from the deploy configs -----------------------------------------
+
+
+@dataclass
+class Cluster:
+    folder: Path
+    client_ports: list[int]
+    monitor_ports: list[int]
+    passwords: dict[str, str]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def url(self, node: int = 0) -> str:
+        return f"nats://127.0.0.1:{self.client_ports[node]}"
+
+    @property
+    def servers(self) -> list[str]:
+        return [self.url(i) for i in range(len(self.client_ports))]
+
+    async def connect_as(self, hospital: str, errors: list[Exception]) -> NATS:
+        async def on_error(exc: Exception) -> None:
+            errors.append(exc)
+
+        return await nats.connect(
+            self.servers,
+            user=hospital,
+            password=self.passwords[hospital],
+            inbox_prefix=tenants.inbox_prefix(hospital),
+            error_cb=on_error,
+            name=f"hospital-{hospital}",
+        )
+
+    async def connect_platform(self) -> NATS:
+        return await nats.connect(
+            self.servers, user=tenants.PLATFORM_USER, password=PLATFORM_PASSWORD
+        )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    folder = tmp_path_factory.mktemp("nats-cluster")
+    # The deploy folder as it is, with two hospitals onboarded the operator's way.
+    shutil.copytree(NATS_DIR, folder / "nats")
+    passwords = dict(
+        tenants.onboard_hospital(folder / "nats" / "tenants.conf", h) for h in ("a", "b")
+    )
+    for i, node in enumerate(NODES):
+        conf = folder / "nats" / f"{node}.conf"
+        text = conf.read_text()
+        assert text.count(STORE_DIR_LINE) == 1, "the test moves exactly this line"
+        # nats-server has no flag that may override a configured store_dir.
+        conf.write_text(text.replace(STORE_DIR_LINE, f'store_dir: "{folder / f"data-{i}"}"'))
+    client_ports = [free_port() for _ in NODES]
+    monitor_ports = [free_port() for _ in NODES]
+    route_ports = [free_port() for _ in NODES]
+    routes = ",".join(f"nats-route://127.0.0.1:{p}" for p in route_ports)
+    env = {**os.environ, tenants.PLATFORM_PASSWORD_VARIABLE: PLATFORM_PASSWORD}
+    cluster = Cluster(folder, client_ports, monitor_ports, passwords)
+    try:
+        for i, node in enumerate(NODES):
+            log = open(folder / f"{node}.log", "wb")
+            cluster.procs.append(
+                subprocess.Popen(
+                    [
+                        nats_server_binary(),
+                        "--config",
+                        str(folder / "nats" / f"{node}.conf"),
+                        "--addr",
+                        "127.0.0.1",
+                        "--port",
+                        str(client_ports[i]),
+                        "--http_port",
+                        str(monitor_ports[i]),
+                        "--cluster",
+                        f"nats://127.0.0.1:{route_ports[i]}",
+                        "--routes",
+                        routes,
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        for port, proc in zip(client_ports, cluster.procs, strict=True):
+            wait_for_port(port, proc=proc)
+        yield cluster
+    finally:
+        for proc in cluster.procs:
+            proc.terminate()
+        for proc in cluster.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+async def platform_nc(cluster: Cluster) -> AsyncIterator[NATS]:
+    # As compose's health check: each node's /healthz is ok once JetStream is current.
+    for port in cluster.monitor_ports:
+        await _wait_healthy(port)
+    nc = await cluster.connect_platform()
+    await ensure_stream(nc.jetstream(), replicas=3)
+    yield nc
+    await nc.close()
+
+
+async def _wait_healthy(monitor_port: int, timeout: float = 30.0) -> None:
+    def status() -> int:
+        url = f"http://127.0.0.1:{monitor_port}/healthz"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return int(resp.status)
+
+    for _ in range(int(timeout / 0.1)):
+        try:
+            if await asyncio.to_thread(status) == 200:
+                return
+        except OSError:  # HTTPError (503) included
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"nats monitoring on {monitor_port} never became healthy")
+
+
+async def _permission_error(errors: list[Exception], subject: str) -> str:
+    """Waits for the server's permissions violation that names the subject."""
+    for _ in range(100):
+        for exc in errors:
+            text = str(exc).lower()
+            if "permissions violation" in text and f'"{subject.lower()}"' in text:
+                return text
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no permissions violation for {subject}: {errors}")
+
+
+async def _last_stored(nc: NATS, subject: str) -> int:
+    """The stream sequence of the last message stored on the subject (0: none)."""
+    try:
+        return int((await nc.jetstream().get_last_msg("POST", subject)).seq or 0)
+    except NotFoundError:
+        return 0
+
+
+async def test_the_cluster_holds_the_post_stream_with_three_replicas(
+    cluster: Cluster, platform_nc: NATS
+) -> None:
+    info = await platform_nc.jetstream().stream_info("POST")
+    assert info.config.subjects == ["post.>"]
+    assert info.config.num_replicas == 3
+    assert info.cluster is not None and info.cluster.name == "post"
+    members = {info.cluster.leader} | {peer.name for peer in info.cluster.replicas or []}
+    assert members == set(NODES)
+    for port in cluster.monitor_ports:  # each node's monitoring endpoint, as the exporter reads
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            assert json.loads(resp.read())["status"] == "ok"
+
+
+async def test_a_hospital_publishes_its_own_commands_and_gets_the_stream_ack(
+    cluster: Cluster, platform_nc: NATS
+) -> None:
+    errors: list[Exception] = []
+    nc = await cluster.connect_as("a", errors)
+    try:
+        subject = "post.a.cmd.RegisterHospital"
+        ack = await nc.jetstream().publish(
+            subject, b"{}", headers={"Nats-Msg-Id": uuid.uuid4().hex}, timeout=5
+        )
+        assert ack.stream == "POST" and ack.seq > 0
+        stored = await platform_nc.jetstream().get_msg("POST", ack.seq)
+        assert stored.subject == subject
+        assert errors == []
+    finally:
+        await nc.close()
+
+
+async def test_a_hospital_receives_its_own_events(cluster: Cluster, platform_nc: NATS) -> None:
+    errors: list[Exception] = []
+    nc = await cluster.connect_as("a", errors)
+    try:
+        sub = await nc.subscribe("post.a.evt.>")
+        await nc.flush()
+        marker = uuid.uuid4().hex.encode()
+        await platform_nc.jetstream().publish("post.a.evt.HospitalRegistered", marker)
+        msg = await sub.next_msg(timeout=5)
+        assert (msg.subject, msg.data) == ("post.a.evt.HospitalRegistered", marker)
+        assert errors == []
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "post.b.cmd.RequestReferral",  # another hospital's commands
+        "post.a.evt.HospitalRegistered",  # forging the platform's facts
+        "post.a.dlq.RequestReferral",
+        "$JS.API.STREAM.INFO.POST",  # the stream holds every hospital's data
+        "$JS.API.STREAM.MSG.GET.POST",
+    ],
+)
+async def test_a_hospital_cannot_publish_outside_its_commands(
+    cluster: Cluster, platform_nc: NATS, subject: str
+) -> None:
+    errors: list[Exception] = []
+    before = await _last_stored(platform_nc, subject) if subject.startswith("post.") else 0
+    nc = await cluster.connect_as("a", errors)
+    try:
+        with pytest.raises(asyncio.TimeoutError):  # nothing answers: the server dropped it
+            await nc.request(subject, b'{"seq": 1}', timeout=0.3)
+        await _permission_error(errors, subject)
+        if subject.startswith("post."):
+            assert await _last_stored(platform_nc, subject) == before
+        assert nc.is_connected  # refused, not disconnected: its own work goes on
+        ack = await nc.jetstream().publish("post.a.cmd.RecordOutreach", b"{}", timeout=5)
+        assert ack.stream == "POST"
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "post.b.evt.>",  # another hospital's events
+        "post.b.evt.HospitalRegistered",
+        "post.*.evt.>",
+        "post.>",
+        "post.a.cmd.>",  # its own commands, as the platform's consumers see them
+        "_INBOX.>",  # the platform's replies: its pull fetches carry every hospital's data
+        "_INBOX_b.>",  # another hospital's acks
+    ],
+)
+async def test_a_hospital_cannot_read_anything_but_its_events(
+    cluster: Cluster, platform_nc: NATS, subject: str
+) -> None:
+    errors: list[Exception] = []
+    nc = await cluster.connect_as("a", errors)
+    try:
+        received = []
+
+        async def on_message(msg: Any) -> None:
+            received.append(msg.subject)
+
+        await nc.subscribe(subject, cb=on_message)
+        await nc.flush()
+        await _permission_error(errors, subject)
+        js = platform_nc.jetstream()
+        await js.publish("post.b.evt.HospitalRegistered", b"{}")
+        await js.publish("post.a.cmd.RegisterHospital", b"{}")
+        await platform_nc.publish("_INBOX.probe.x", b"")
+        await platform_nc.publish("_INBOX_b.probe.x", b"")
+        await platform_nc.flush()
+        await asyncio.sleep(0.3)
+        assert received == []
+    finally:
+        await nc.close()
+
+
+async def test_another_hospital_does_its_own_business_too(
+    cluster: Cluster, platform_nc: NATS
+) -> None:
+    errors: list[Exception] = []
+    nc = await cluster.connect_as("b", errors)
+    try:
+        sub = await nc.subscribe("post.b.evt.>")
+        await nc.flush()
+        ack = await nc.jetstream().publish("post.b.cmd.RegisterHospital", b"{}", timeout=5)
+        assert ack.stream == "POST"
+        await platform_nc.jetstream().publish("post.b.evt.HospitalRegistered", b"b")
+        assert (await sub.next_msg(timeout=5)).data == b"b"
+        with pytest.raises(asyncio.TimeoutError):
+            await nc.jetstream().publish("post.a.cmd.RegisterHospital", b"{}", timeout=0.5)
+        await _permission_error(errors, "post.a.cmd.RegisterHospital")
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("user,password", [("a", "wrong-password"), ("a", "b's"), ("b", "a's")])
+async def test_wrong_credentials_are_refused(
+    cluster: Cluster, platform_nc: NATS, user: str, password: str
+) -> None:
+    secret = {"b's": cluster.passwords["b"], "a's": cluster.passwords["a"]}.get(password, password)
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(
+            cluster.url(),
+            user=user,
+            password=secret,
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+        )
+
+
+# --- a real service with the compose settings, on that cluster -----------------------------
+
+
+def _compose_environment(service: str, cluster: Cluster, database_url: str) -> dict[str, str]:
+    """The service's environment from docker-compose.yml, moved to this machine."""
+    env = {k: str(v) for k, v in _compose()["services"][service]["environment"].items()}
+    env = {
+        k: v.replace("${POST_NATS_PLATFORM_PASSWORD}", PLATFORM_PASSWORD) for k, v in env.items()
+    }
+    for i, node in enumerate(NODES):
+        env["POST_NATS_URL"] = env["POST_NATS_URL"].replace(
+            f"@{node}:4222", f"@127.0.0.1:{cluster.client_ports[i]}"
+        )
+    assert "${" not in env["POST_NATS_URL"] and "nats-" not in env["POST_NATS_URL"]
+    env["POST_DATABASE_URL"] = database_url  # the test PostgreSQL, its own database
+    env["POST_HTTP_HOST"] = "127.0.0.1"
+    env[f"POST_{service.upper()}_PORT"] = str(free_port())
+    return env
+
+
+async def _fresh_database(platform: Platform) -> str:
+    name = f"deploy_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(platform.db_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return platform.db_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+async def _wait_ready(port: int, process: ServiceProcess, timeout: float = 60.0) -> None:
+    def get() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+            return int(resp.status)
+
+    for _ in range(int(timeout / 0.2)):
+        if not process.alive():
+            tail = process.log_path.read_text()[-3000:] if process.log_path.exists() else ""
+            raise AssertionError(f"the service exited:\n{tail}")
+        try:
+            if await asyncio.to_thread(get) == 200:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.2)
+    raise AssertionError("the service did not become ready")
+
+
+async def test_a_service_with_the_compose_settings_serves_a_hospital_on_the_cluster(
+    cluster: Cluster, platform_nc: NATS, platform: Platform
+) -> None:
+    env = _compose_environment("matching", cluster, await _fresh_database(platform))
+    assert env["POST_STREAM_REPLICAS"] == "3"
+    process = ServiceProcess("matching", env, cluster.folder / "matching.log").start()
+    client = None
+    try:
+        await _wait_ready(int(env["POST_MATCHING_PORT"]), process)
+        # The hospital connects exactly as docs/hospital-integration.md says.
+        client = await PlatformClient.connect(
+            cluster.url(1),
+            subject="post.a.evt.>",
+            user="a",
+            password=cluster.passwords["a"],
+            inbox_prefix=tenants.inbox_prefix("a"),
+        )
+        answer = await client.send_and_wait(
+            "a", RegisterHospital(name="General", physician_count=120), timeout=20
+        )
+        assert answer["type"] == "HospitalRegistered"
+        assert answer["_subject"] == "post.a.evt.HospitalRegistered"
+        info = await platform_nc.jetstream().stream_info("POST")
+        assert info.config.num_replicas == 3
+    finally:
+        if client is not None:
+            await client.close()
+        process.stop()
+
+
+# --- docker-compose.yml and the files it points at ------------------------------------------
+
+
+def _mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(host path, container path) of each bind mount; named volumes left out."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith((".", "/")):
+            mounts.append((source, target))
+    return mounts
+
+
+def _host_path(service: dict[str, Any], container_path: str) -> Path:
+    """The file in this repository that a container sees at container_path."""
+    for source, target in _mounts(service):
+        if container_path == target or container_path.startswith(target.rstrip("/") + "/"):
+            return ROOT / source / container_path[len(target) :].lstrip("/")
+    raise AssertionError(f"nothing is mounted at {container_path}")
+
+
+def test_compose_runs_the_whole_platform() -> None:
+    services = _compose()["services"]
+    expected = {*NODES, "postgres", *SERVICES, "prometheus", "grafana"}
+    expected |= {f"nats-exporter-{i}" for i in (1, 2, 3)}
+    assert set(services) == expected
+
+
+def test_every_compose_service_has_a_health_check_and_a_restart_policy() -> None:
+    for name, service in _compose()["services"].items():
+        check = service.get("healthcheck", {})
+        assert check.get("test") and not check.get("disable"), name
+        assert service.get("restart") == "unless-stopped", name
+
+
+def test_every_file_compose_points_at_exists() -> None:
+    for name, service in _compose()["services"].items():
+        for source, _ in _mounts(service):
+            assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+        build = service.get("build")
+        if build:
+            context = ROOT / build["context"]
+            dockerfile = context / build.get("dockerfile", "Dockerfile")
+            assert dockerfile.is_file(), f"{name} builds from missing {dockerfile}"
+            for line in dockerfile.read_text().splitlines():
+                if line.startswith("COPY ") and "--from=" not in line:
+                    for source in line.split()[1:-1]:
+                        assert (context / source).exists(), f"{dockerfile} copies {source}"
+
+
+def test_the_four_services_share_one_image_and_the_settings_of_a_cluster() -> None:
+    services = _compose()["services"]
+    images = {services[name]["image"] for name in SERVICES}
+    assert len(images) == 1
+    for name, port in SERVICE_PORTS.items():
+        service = services[name]
+        assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert service["command"] == ["python", "-m", f"services.{name}"]
+        # No authentication on HTTP: reachable from the host only (deploy/README.md).
+        assert service["ports"] == [f"127.0.0.1:{port}:{port}"]
+        assert f"http://127.0.0.1:{port}/readyz" in " ".join(service["healthcheck"]["test"])
+        env = service["environment"]
+        assert env["POST_STREAM_REPLICAS"] == "3"
+        assert env["POST_HTTP_HOST"] == "0.0.0.0"
+        assert env["POST_DATABASE_URL"].endswith("@postgres:5432/post")
+        servers = env["POST_NATS_URL"].split(",")
+        assert [s.rsplit("@", 1)[1] for s in servers] == [f"{n}:4222" for n in NODES]
+        assert all(s.startswith(f"nats://{tenants.PLATFORM_USER}:") for s in servers)
+        assert set(service["depends_on"]) == {*NODES, "postgres"}
+        assert all(d["condition"] == "service_healthy" for d in service["depends_on"].values())
+
+
+def test_each_nats_node_runs_its_own_config() -> None:
+    services = _compose()["services"]
+    for node in NODES:
+        service = services[node]
+        config = service["command"][service["command"].index("--config") + 1]
+        assert _host_path(service, config) == NATS_DIR / f"{node}.conf"
+        assert "/data" in [v.split(":")[1] for v in service["volumes"]]  # the store survives
+        assert tenants.PLATFORM_PASSWORD_VARIABLE in service["environment"]
+        exporter = services[f"nats-exporter-{node[-1]}"]
+        assert exporter["command"][-1] == f"http://{node}:8222"
+
+
+def test_every_variable_compose_needs_is_in_the_example_env() -> None:
+    needed = set(re.findall(r"\$\{(\w+)", (ROOT / "docker-compose.yml").read_text()))
+    example = (DEPLOY / "env.example").read_text()
+    documented = set(re.findall(r"^(\w+)=", example, re.MULTILINE))
+    assert needed == documented
+
+
+def test_prometheus_scrapes_what_compose_runs() -> None:
+    services = _compose()["services"]
+    prometheus = services["prometheus"]
+    flag = next(a for a in prometheus["command"] if a.startswith("--config.file="))
+    config_path = _host_path(prometheus, flag.split("=", 1)[1])
+    config = yaml.safe_load(config_path.read_text())
+    for rule_file in config["rule_files"]:
+        assert (config_path.parent / rule_file).is_file()
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = {
+        job: [t for group in jobs[job]["static_configs"] for t in group["targets"]]
+        for job in ("post-services", "nats")
+    }
+    assert targets["post-services"] == [f"{name}:{port}" for name, port in SERVICE_PORTS.items()]
+    assert jobs["post-services"].get("metrics_path", "/metrics") == "/metrics"
+    exporters = {t.split(":")[0] for t in targets["nats"]}
+    assert exporters == {f"nats-exporter-{i}" for i in (1, 2, 3)} <= set(services)
+    assert all(t.endswith(":7777") for t in targets["nats"])
+
+
+def test_the_alert_rules_cover_the_program_and_the_platform() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    exprs = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
+    assert exprs == {
+        "OutreachPast48Hours": "increase(post_matching_overdue_total[1h]) > 0",
+        "NoSupporterAvailable": "increase(post_matching_no_supporter_total[1h]) > 0",
+        "ConsumerLagGrowing": (
+            "deriv(post_consumer_pending_messages[10m]) > 0"
+            " and post_consumer_pending_messages > 100"
+        ),
+        "DeadLetters": "increase(post_dead_letters_total[15m]) > 0",
+        "ServiceDown": 'up{job="post-services"} == 0 or post_service_up == 0',
+    }
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboard_folder() -> None:
+    services = _compose()["services"]
+    grafana = services["grafana"]
+    provisioning = _host_path(grafana, "/etc/grafana/provisioning")
+    sources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    (source,) = sources["datasources"]
+    assert source["type"] == "prometheus" and source["uid"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090"
+    assert "127.0.0.1:9090:9090" in services["prometheus"]["ports"]
+    providers = yaml.safe_load((provisioning / "dashboards" / "post.yml").read_text())
+    (provider,) = providers["providers"]
+    assert _host_path(grafana, provider["options"]["path"]) == DEPLOY / "grafana" / "dashboards"
