@@ -33,7 +33,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
 
 from shared.clock import Clock
@@ -98,6 +98,7 @@ class UnitOfWork:
     correlation_id: str = ""
     stream_seq: int | None = None
     message_time: datetime | None = None  # when JetStream stored the incoming message
+    answer_repeats: bool = True  # HTTP answers a repeat in its response, not with an event
     store: EventStore = field(default_factory=EventStore)
     emitted: list[Event] = field(default_factory=list)
 
@@ -124,6 +125,14 @@ class UnitOfWork:
             ],
         )
         self.emitted.extend(events)
+
+    async def repeat(self, event: Event) -> None:
+        """Answer an identical repeat of a command (a new id, the same payload) with a copy of
+        the fact it repeats: every command ends in one event, and the aggregate's own stream
+        stays free of duplicates. Consumers dedupe creations by their domain key."""
+        if not self.answer_repeats:
+            return
+        await self.append(f"repeat:{self.hospital}:{self.message_id}", 0, [event])
 
 
 async def mark_processed(conn: asyncpg.Connection, key: str, stream_seq: int | None) -> bool:
@@ -169,7 +178,7 @@ class StreamConsumer:
             durable_name=self.name,
             filter_subjects=self.subjects,
             ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=self.service.deliver_policy,
             ack_wait=60,
             max_deliver=-1,  # the limit is ours: see handle()
             max_ack_pending=10_000,

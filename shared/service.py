@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
@@ -143,8 +143,13 @@ class Service:
         description: str = "",
         settings: Settings | None = None,
         clock: Clock | None = None,
+        deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
     ) -> None:
         self.name = name
+        # A new durable consumer reads the stream from its first message (ALL), so a new
+        # service or a rebuilt one sees the whole history; tests of a throw-away consumer
+        # may start at NEW.
+        self.deliver_policy = deliver_policy
         self.command_handlers = dict(command_handlers or {})
         self.event_handlers = dict(event_handlers or {})
         for t in self.command_handlers:
@@ -190,6 +195,9 @@ class Service:
         self._spawn("outbox", self.relay.run)
         if self.command_handlers or self.event_handlers:
             self.consumer = StreamConsumer(self, self.js)
+            await (
+                self.consumer.ensure()
+            )  # exists when start() returns: nothing published after is missed
             self._spawn("consumer", self._consume)
             self._spawn("lag", self._report_lag)
         for fn in self.background:
@@ -364,6 +372,8 @@ class Service:
                 outcome = "rejected"
             else:
                 outcome = "ok"
+                if is_command and not uow.emitted:
+                    log.error("command_without_answer", command_type=incoming.type)
         self._wake_relay()
         return outcome
 
@@ -418,7 +428,14 @@ class Service:
         for attempt in range(1, 6):
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
-                    uow = UnitOfWork(self.name, conn, hospital, self.clock, message_id=command_id)
+                    uow = UnitOfWork(
+                        self.name,
+                        conn,
+                        hospital,
+                        self.clock,
+                        message_id=command_id,
+                        answer_repeats=False,
+                    )
                     if not await mark_processed(conn, f"{hospital}:{command_id}", None):
                         return []
                     await handler(command, uow)
