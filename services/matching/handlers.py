@@ -192,6 +192,17 @@ async def _record(uow: UnitOfWork, stream: str, version: int, events: Sequence[E
     await project(uow.conn, events, uow.now())
 
 
+async def _record_or_repeat(
+    uow: UnitOfWork, stream: str, version: int, events: Sequence[Event], history: Sequence[Event]
+) -> None:
+    """A registration repeated identically is answered with the fact it repeats."""
+    if not events:
+        await uow.repeat(history[0])
+        return
+    await uow.append(stream, version, events)
+    await project(uow.conn, events, uow.now())
+
+
 # --- registry and roster commands -------------------------------------------------------------
 
 
@@ -199,7 +210,7 @@ async def register_hospital(cmd: RegisterHospital, uow: UnitOfWork) -> None:
     stream = domain.hospital_stream(uow.hospital)
     history, version = await uow.load(stream)
     events = domain.register_hospital(domain.hospital_from(history), uow.hospital, cmd)
-    await _record(uow, stream, version, events)
+    await _record_or_repeat(uow, stream, version, events, history)
 
 
 async def launch_department(cmd: LaunchDepartment, uow: UnitOfWork) -> None:
@@ -213,7 +224,7 @@ async def launch_department(cmd: LaunchDepartment, uow: UnitOfWork) -> None:
         cmd,
         uow.now(),
     )
-    await _record(uow, stream, version, events)
+    await _record_or_repeat(uow, stream, version, events, history)
 
 
 async def close_department(cmd: CloseDepartment, uow: UnitOfWork) -> None:
@@ -236,7 +247,7 @@ async def register_supporter(cmd: RegisterSupporter, uow: UnitOfWork) -> None:
         cmd,
         uow.now(),
     )
-    await _record(uow, stream, version, events)
+    await _record_or_repeat(uow, stream, version, events, history)
     if events:
         await _retry_waiting(uow, cmd.department)
 

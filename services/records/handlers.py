@@ -20,6 +20,7 @@ from shared.contracts import (
     ReferralCreated,
     SubmitSurveyResponse,
     SupporterAssigned,
+    SurveyResponseRecorded,
 )
 from shared.service import NotYetKnown, UnitOfWork
 
@@ -170,6 +171,7 @@ async def submit_survey_response(cmd: SubmitSurveyResponse, uow: UnitOfWork) -> 
     )
     if not events:
         log.info("survey_response_repeated")
+        await uow.repeat(next(e for e in history if isinstance(e, SurveyResponseRecorded)))
         return
     await uow.append(stream, version, events)
     SURVEY_RESPONSES.labels(uow.hospital).inc()

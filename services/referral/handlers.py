@@ -66,6 +66,7 @@ async def request_referral(cmd: RequestReferral, uow: UnitOfWork) -> None:
         raise
     if not events:
         log.info("referral_repeated", hospital=hospital)
+        await uow.repeat(next(e for e in history if isinstance(e, ReferralCreated)))
         return
     await uow.append(stream, version, events)
     for event in events:

@@ -238,11 +238,13 @@ async def test_a_survey_response_sent_twice_is_recorded_once(
     assert recorded["data"] == command.to_data() | {"hospital": hospital}
 
     await client.send(hospital, command, id_=command_id)  # the same command again
-    await client.send(hospital, command)  # the same answers under a new command id
+    again_id = await client.send(hospital, command)  # the same answers under a new command id
     conflicting = survey(response_id, helpful=1)
     assert await refused(client, hospital, conflicting) == "conflicting_duplicate"
     # Commands are handled in order: once the last is answered, the repeats were handled.
-    assert len(client.of_type(hospital, "SurveyResponseRecorded")) == 1
+    assert len(client.caused_by(command_id)) == 1  # the same command: processed once
+    again = client.caused_by(again_id)  # the same answers: answered with the recorded fact
+    assert [e["data"] for e in again] == [recorded["data"]]
 
 
 async def test_survey_refusals(client: PlatformClient, hospital: str) -> None:

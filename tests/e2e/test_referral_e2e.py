@@ -291,12 +291,17 @@ async def test_the_same_command_twice_creates_one_referral(
         )
     )
     await client.send_raw(subject, body)
-    # A new command with the same payload: the referral already exists, nothing new.
+    # A new command with the same payload: the referral already exists; the command is
+    # answered with the fact it repeats, and nothing new is created.
     again_id = await client.send(hospital, cmd)
     await barrier(client, hospital)
-    assert len(created(client, hospital, cmd.referral_id)) == 1
-    assert client.caused_by(again_id) == []
-    assert len(client.caused_by(command_id)) == 1
+    first = client.caused_by(command_id)
+    assert len(first) == 1
+    again = client.caused_by(again_id)
+    assert [e["type"] for e in again] == ["ReferralCreated"]
+    assert again[0]["data"] == first[0]["data"]
+    assert again[0]["correlationid"] == again_id
+    assert len(created(client, hospital, cmd.referral_id)) == 2  # one answer per command
 
 
 # --- HTTP intake ----------------------------------------------------------------------------
@@ -409,20 +414,22 @@ async def test_a_burst_of_1000_referrals_from_three_hospitals_comes_through_exac
     ids = await asyncio.gather(*(client.send(h, cmd) for h, cmd in commands))
     # Repeats in the same burst: the same ids again, and the same payloads under new ids.
     await asyncio.gather(
-        *(client.send(h, cmd, id_=ids[i]) for i, (h, cmd) in enumerate(commands[:100])),
-        *(client.send(h, cmd) for h, cmd in commands[100:200]),
+        *(client.send(h, cmd, id_=ids[i]) for i, (h, cmd) in enumerate(commands[:100]))
     )
+    repeat_ids = await asyncio.gather(*(client.send(h, cmd) for h, cmd in commands[100:200]))
 
     def count() -> int:
         return sum(len(client.of_type(h, "ReferralCreated")) for h in hospitals)
 
-    while count() < 1000 and time.monotonic() - started < 55:
+    while count() < 1100 and time.monotonic() - started < 55:
         await asyncio.sleep(0.2)
     await asyncio.gather(*(barrier(client, h) for h in hospitals))
     events = [e for h in hospitals for e in client.of_type(h, "ReferralCreated")]
-    assert len(events) == 1000
-    assert {(e["data"]["hospital"], e["data"]["referral_id"]) for e in events} == {
+    # One answer per command: 1,000 creations, and 100 repeats answered with a copy.
+    assert len(events) == 1100
+    assert sorted(e["causationid"] for e in events) == sorted(ids + repeat_ids)
+    first = {e["causationid"]: e for e in events if e["causationid"] in set(ids)}
+    assert {(e["data"]["hospital"], e["data"]["referral_id"]) for e in first.values()} == {
         (h, cmd.referral_id) for h, cmd in commands
     }
-    assert {e["correlationid"] for e in events} == set(ids)
     assert time.monotonic() - started < 60
