@@ -1,0 +1,299 @@
+"""Read side: the fact rows of one scope, the RE-AIM answers over HTTP, the hospital list."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import defaultdict
+from datetime import date
+from typing import TYPE_CHECKING, Any, Literal
+
+import asyncpg
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.analytics import domain, reaim
+from shared.contracts import ReasonCode, Rejected
+from shared.service import HttpRejection, http_error
+
+if TYPE_CHECKING:
+    from shared.service import Service
+
+router = APIRouter(tags=["analytics"])
+
+# --- loading facts --------------------------------------------------------------------------
+
+_TABLES: dict[str, type[Any]] = {
+    "hospitals": domain.Hospital,
+    "departments": domain.Department,
+    "supporters": domain.Supporter,
+    "referrals": domain.Referral,
+    "outreach": domain.Outreach,
+    "interactions": domain.Interaction,
+    "surveys": domain.SurveyResponse,
+}
+_SELECT = {
+    table: "SELECT " + ", ".join(f.name for f in dataclasses.fields(cls)) + f" FROM {table}"
+    for table, cls in _TABLES.items()
+}
+
+
+async def load_facts(conn: asyncpg.Connection, scope: domain.Scope) -> domain.Facts:
+    """The scope's fact rows, one indexed query per table, from one consistent snapshot."""
+    rows: dict[str, list[Any]] = {}
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        for table, cls in _TABLES.items():
+            sql, args = _SELECT[table], []
+            if scope.hospital is not None:
+                sql, args = sql + " WHERE hospital = $1", [scope.hospital]
+                if scope.department is not None and table != "hospitals":
+                    sql, args = sql + " AND department = $2", [scope.hospital, scope.department]
+            rows[table] = [cls(*record) for record in await conn.fetch(sql, *args)]
+    return domain.Facts(**rows)
+
+
+def facts_by_hospital(facts: domain.Facts) -> dict[str, domain.Facts]:
+    """Region facts split per hospital (for the gauges: one load, many scopes)."""
+    parts: dict[str, dict[str, list[Any]]] = defaultdict(lambda: {t: [] for t in _TABLES})
+    for table in _TABLES:
+        for fact in getattr(facts, table):
+            parts[fact.hospital][table].append(fact)
+    return {hospital: domain.Facts(**tables) for hospital, tables in parts.items()}
+
+
+# --- answer schema (OpenAPI) ----------------------------------------------------------------
+
+Rate = float | None
+
+
+class MonthCount(BaseModel):
+    month: str = Field(description="YYYY-MM")
+    interactions: int
+
+
+class Reach(BaseModel):
+    """How many physicians the program reaches."""
+
+    supporters_trained: int = Field(description="SupporterTrained in the period")
+    referrals: int = Field(description="ReferralCreated in the period")
+    referrals_by_source: dict[str, int]
+    interactions: int = Field(description="InteractionCompleted in the period")
+    interactions_by_department: dict[str, int] = Field(
+        description="by department slug (summed over hospitals at region scope)"
+    )
+    physicians_supported: int = Field(description="distinct physicians with an interaction")
+    eligible_physicians: int = Field(
+        description="physician_count of departments launched and not closed before the end"
+    )
+    reach_rate: Rate = Field(description="physicians_supported / eligible_physicians")
+    minutes_mean: float | None
+    minutes_median: float | None
+    minutes_min: int | None
+    minutes_max: int | None
+    monthly: list[MonthCount] = Field(
+        description="every calendar month overlapping the period, zeros included"
+    )
+    monthly_mean: float | None
+    monthly_median: float | None
+    monthly_min: int | None
+    monthly_max: int | None
+
+
+class Effectiveness(BaseModel):
+    """Whether it helps, from the department survey."""
+
+    respondents_with_interaction: int
+    helpful_rate: Rate = Field(description="helpful >= 4 among respondents with an interaction")
+    wellbeing_improved_rate: Rate
+    comfort_improved_rate: Rate
+    escalation_rate: Rate = Field(description="escalated interactions / interactions")
+
+
+class Adoption(BaseModel):
+    """Who takes the program up."""
+
+    hospitals_adopted: int
+    departments_launched: int = Field(description="launched before the end, closed included")
+    physician_coverage: Rate = Field(
+        description="eligible physicians / physician_count of the registered hospitals in scope"
+    )
+    outreach_acceptance_rate: Rate = Field(
+        description="first outcome accepted / first outcome accepted or declined"
+    )
+    would_recommend_rate: Rate = Field(description="among survey responses with aware")
+    departments_without_referrals: int
+
+
+class Implementation(BaseModel):
+    """How faithfully it is run."""
+
+    outreach_within_48h_rate: Rate = Field(
+        description="first outreach or interaction at most 48 h after requested_at"
+    )
+    hours_to_outreach_median: float | None
+    physicians_per_active_supporter: float | None = Field(description="goal <= 10")
+    referrals_without_supporter: int = Field(
+        description="latest matching outcome is NoSupporterAvailable"
+    )
+    decline_reasons: dict[str, int]
+
+
+class Maintenance(BaseModel):
+    """Whether it lasts."""
+
+    supporters_active: int
+    supporter_retention_rate: Rate
+    departments_active_rate: Rate
+    interactions_by_program_year: list[int] = Field(description="from program year 1")
+    monthly_rate_by_program_year: list[float]
+
+
+class ScopeView(BaseModel):
+    level: Literal["region", "hospital", "department"]
+    hospital: str | None = None
+    department: str | None = None
+
+
+class PeriodView(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    from_: date | None = Field(alias="from", description="inclusive; null: no start")
+    to: date | None = Field(
+        description="exclusive; without `to` in the request, the day after the scope's last fact"
+    )
+
+
+class ReaimAnswer(BaseModel):
+    scope: ScopeView
+    period: PeriodView
+    reach: Reach
+    effectiveness: Effectiveness
+    adoption: Adoption
+    implementation: Implementation
+    maintenance: Maintenance
+
+
+class DepartmentEntry(BaseModel):
+    department: str
+    physician_count: int
+    launched_on: date | None
+    closed_on: date | None
+
+
+class HospitalEntry(BaseModel):
+    hospital: str
+    physician_count: int | None
+    departments: list[DepartmentEntry]
+
+
+_ERROR = {
+    "description": "refused, with a reason code",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"reason_code": {"type": "string"}, "detail": {"type": "string"}},
+                "required": ["reason_code", "detail"],
+            }
+        }
+    },
+}
+_RESPONSES: dict[int | str, dict[str, Any]] = {404: _ERROR, 422: _ERROR}
+_FROM = Query(None, alias="from", description="ISO date, inclusive")
+_TO = Query(None, alias="to", description="ISO date, exclusive")
+
+# --- routes ---------------------------------------------------------------------------------
+
+
+def _service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+def _date(value: str | None, name: str) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise http_error(
+            Rejected(ReasonCode.invalid_payload, f"{name}: not an ISO date (YYYY-MM-DD)")
+        ) from None
+
+
+def _period(period_from: str | None, period_to: str | None) -> tuple[date | None, date | None]:
+    start, end = _date(period_from, "from"), _date(period_to, "to")
+    if start is not None and end is not None and start >= end:
+        raise http_error(Rejected(ReasonCode.invalid_payload, "from must be before to"))
+    return start, end
+
+
+async def _answer(
+    request: Request, scope: domain.Scope, period_from: str | None, period_to: str | None
+) -> dict[str, Any]:
+    start, end = _period(period_from, period_to)
+    async with _service(request).pool.acquire() as conn:
+        facts = await load_facts(conn, scope)
+    if scope.hospital is not None and not (facts.hospitals or facts.departments):
+        raise HttpRejection(404, ReasonCode.unknown_hospital, "no such hospital")
+    if scope.department is not None and not any(d.launched_on for d in facts.departments):
+        raise HttpRejection(404, ReasonCode.unknown_department, "no such department launched")
+    # CPU-bound for a big region: off the event loop, so the consumer keeps going.
+    figures = await asyncio.to_thread(
+        reaim.compute, facts, scope=scope, period_from=start, period_to=end
+    )
+    effective = reaim.period_of(facts.within(scope), start, end)
+    return {
+        "scope": scope.as_dict(),
+        "period": {"from": effective.start, "to": effective.end},
+        **figures,
+    }
+
+
+@router.get("/reaim", response_model=ReaimAnswer, responses=_RESPONSES)
+async def reaim_region(
+    request: Request, period_from: str | None = _FROM, period_to: str | None = _TO
+) -> dict[str, Any]:
+    """The RE-AIM figures of the whole region (every hospital)."""
+    return await _answer(request, domain.Scope(), period_from, period_to)
+
+
+@router.get("/reaim/{hospital}", response_model=ReaimAnswer, responses=_RESPONSES)
+async def reaim_hospital(
+    request: Request, hospital: str, period_from: str | None = _FROM, period_to: str | None = _TO
+) -> dict[str, Any]:
+    """The RE-AIM figures of one hospital."""
+    return await _answer(request, domain.Scope(hospital), period_from, period_to)
+
+
+@router.get("/reaim/{hospital}/{department}", response_model=ReaimAnswer, responses=_RESPONSES)
+async def reaim_department(
+    request: Request,
+    hospital: str,
+    department: str,
+    period_from: str | None = _FROM,
+    period_to: str | None = _TO,
+) -> dict[str, Any]:
+    """The RE-AIM figures of one department of a hospital."""
+    return await _answer(request, domain.Scope(hospital, department), period_from, period_to)
+
+
+@router.get("/hospitals", response_model=list[HospitalEntry])
+async def hospitals(request: Request) -> list[dict[str, Any]]:
+    """Every hospital seen, with its departments (for dashboard pickers)."""
+    async with _service(request).pool.acquire() as conn:
+        registered = await conn.fetch("SELECT hospital, physician_count FROM hospitals")
+        departments = await conn.fetch(
+            "SELECT hospital, department, physician_count, launched_on, closed_on"
+            " FROM departments ORDER BY hospital, department"
+        )
+    entries: dict[str, dict[str, Any]] = {
+        r["hospital"]: {**dict(r), "departments": []} for r in registered
+    }
+    for d in departments:
+        entry = entries.setdefault(
+            d["hospital"],
+            {"hospital": d["hospital"], "physician_count": None, "departments": []},
+        )
+        entry["departments"].append({k: v for k, v in dict(d).items() if k != "hospital"})
+    return [entries[h] for h in sorted(entries)]
