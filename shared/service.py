@@ -125,6 +125,13 @@ async def ensure_stream(js: JetStreamContext, replicas: int = 1) -> None:
             await js.add_stream(config)
         except Exception:  # another process created it first
             await js.stream_info(STREAM_NAME)
+    # In a cluster a new stream elects its leader first: until then a publish finds no one.
+    for _ in range(300):
+        info = await js.stream_info(STREAM_NAME)
+        if info.cluster is None or info.cluster.leader:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"stream {STREAM_NAME} has no leader after 30 s")
 
 
 # --- the service ------------------------------------------------------------------------------
