@@ -116,16 +116,25 @@ def _get_json(url: str) -> Any:
         raise
 
 
-def _wait_analytics(url: str, check: Any, timeout: float = 120.0) -> Any:
-    """Poll the analytics service until the projection has caught up (check(answer) true)."""
-    deadline = time.monotonic() + timeout
-    answer = None
-    while time.monotonic() < deadline:
-        answer = _get_json(url)
-        if answer is not None and check(answer):
-            return answer
-        time.sleep(0.5)
-    return answer
+async def wait_consumed(nats_url: str, consumer: str, timeout: float = 120.0) -> None:
+    """Until a service's durable consumer has taken in everything in the stream so far."""
+    import nats as nats_client
+
+    from shared.contracts import STREAM_NAME
+    from shared.settings import nats_servers
+
+    nc = await nats_client.connect(nats_servers(nats_url))
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = await js.consumer_info(STREAM_NAME, consumer)
+            if not info.num_pending and not info.num_ack_pending:
+                return
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"the {consumer} service has not caught up after {timeout:.0f} s")
+    finally:
+        await nc.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -141,7 +150,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
             print(f"  sent {summary.get('commands', summary)} commands")
         else:
             print("the POST study is already loaded (data kept from an earlier run)")
-        report = _wait_analytics(f"{analytics}/reaim", paper.caught_up)
+        # Every answer of the replay is in the stream: wait until analytics has read it all.
+        asyncio.run(wait_consumed(platform.nats_url, "analytics"))
+        report = _get_json(f"{analytics}/reaim")
         rows = paper.compare(report)
         print(paper.format_table(rows))
         ok = all(r.match for r in rows)

@@ -228,21 +228,6 @@ def all_match(rows: Sequence[Row]) -> bool:
     return bool(rows) and all(row.match for row in rows)
 
 
-def caught_up(reaim: dict[str, Any]) -> bool:
-    """Whether the analytics projection has taken in the whole replay (the driver sends
-    retirements and surveys last), so that `compare` is worth running."""
-    try:
-        return (
-            reaim["reach"]["interactions"] >= 306
-            and reaim["reach"]["supporters_trained"] >= 59
-            and reaim["maintenance"]["supporters_active"] <= 50
-            and reaim["effectiveness"]["respondents_with_interaction"] >= 32
-            and reaim["adoption"]["would_recommend_rate"] is not None
-        )
-    except (KeyError, TypeError):
-        return False
-
-
 def _show(value: Any) -> str:
     if value is None:
         return "missing"

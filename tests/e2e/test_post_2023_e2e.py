@@ -12,7 +12,6 @@ import asyncio
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import httpx
 import pytest
 
 from postctl import paper
+from postctl.cli import wait_consumed
 from postctl.simulate import post_2023_scenario, run_post_2023
 from shared.runtime import SERVICES, Platform, free_port
 from shared.settings import Settings
@@ -60,21 +60,20 @@ async def analytics(post_platform: Platform) -> AsyncIterator[httpx.AsyncClient]
 
 @pytest.fixture(scope="module")
 async def replayed(post_platform: Platform) -> dict[str, Any]:
-    return await run_post_2023(post_platform.nats_url)
+    summary = await run_post_2023(post_platform.nats_url)
+    # Every answer of the replay is in the stream: wait until analytics has read it all.
+    await wait_consumed(post_platform.nats_url, "analytics")
+    return summary
 
 
 async def reaim_when_caught_up(
-    http: httpx.AsyncClient, params: dict[str, str] | None = None, timeout: float = 60.0
+    http: httpx.AsyncClient, params: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """GET /reaim once the projection has taken in the whole replay."""
-    deadline = time.monotonic() + timeout
-    while True:
-        response = await http.get("/reaim", params=params)
-        response.raise_for_status()
-        answer: dict[str, Any] = response.json()
-        if paper.caught_up(answer) or time.monotonic() > deadline:
-            return answer
-        await asyncio.sleep(0.3)
+    """GET /reaim (the `replayed` fixture has waited for the projection)."""
+    response = await http.get("/reaim", params=params)
+    response.raise_for_status()
+    answer: dict[str, Any] = response.json()
+    return answer
 
 
 def mismatches(answer: dict[str, Any]) -> list[str]:

@@ -408,12 +408,3 @@ def test_format_table_shows_each_figure_and_the_verdict() -> None:
     assert lines[-1] == f"{len(rows)} of {len(rows)} figures of the paper match."
     assert all(line.split("  ")[0] for line in lines[2:-1])
     assert all(" yes " in line and " NO " not in line for line in lines[2:-1])
-
-
-def test_caught_up_waits_for_the_whole_replay() -> None:
-    figures = reaim(POST)
-    assert paper.caught_up(figures)
-    partial = reaim(POST)
-    partial["maintenance"]["supporters_active"] = 59  # retirements not seen yet
-    assert not paper.caught_up(partial)
-    assert not paper.caught_up({})
