@@ -11,7 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import asyncpg
@@ -295,6 +295,54 @@ async def test_consumer_redelivery_poison_rejection_and_retry(platform: Platform
                 [hospital, h2],
             )
         assert stored == 2
+    finally:
+        await client.close()
+        await service.stop()
+
+
+async def test_a_command_waiting_for_a_fact_is_rejected_when_the_wait_expires(
+    platform: Platform,
+) -> None:
+    from shared.client import PlatformClient
+    from shared.contracts import RecordOutreach
+    from shared.service import NotYetKnown
+
+    attempts: list[int] = []
+
+    async def record_outreach(cmd: RecordOutreach, uow: UnitOfWork) -> None:
+        attempts.append(1)
+        raise NotYetKnown("no SupporterAssigned for this referral yet")
+
+    name = f"itest_{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        nats_url=platform.nats_url, database_url=platform.db_url, not_yet_known_seconds=1.5
+    )
+    service = Service(
+        name,
+        command_handlers={"RecordOutreach": record_outreach},
+        settings=settings,
+        deliver_policy=DeliverPolicy.NEW,
+    )
+    await service.start()
+    client = await PlatformClient.connect(platform.nats_url)
+    hospital = f"h-{uuid.uuid4().hex[:8]}"
+    try:
+        command_id = await client.send(
+            hospital,
+            RecordOutreach(
+                referral_id="r-1",
+                supporter_id="s-1",
+                outcome="accepted",
+                at=datetime.now(UTC),
+            ),
+        )
+        source = f"/hospitals/{hospital}/{name}"
+        answer = await client.wait(
+            lambda e: e.get("causationid") == command_id and e["source"] == source, timeout=20
+        )
+        assert answer["type"] == "CommandRejected"
+        assert answer["data"]["reason_code"] == "unknown_referral"
+        assert len(attempts) >= 2  # retried with back-off before giving up
     finally:
         await client.close()
         await service.stop()
