@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint typecheck unit integration e2e up clean
+.PHONY: demo test install system-deps lint typecheck unit integration e2e up clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## Debian packages the tests drive as real tools (Chromium, Prometheus); a no-op once there
+system-deps:
+	bash scripts/system-deps.sh
 
 ## make demo: the platform on its embedded default, the POST study replayed, the RE-AIM report
 demo: $(STAMP)
@@ -23,7 +27,7 @@ up: $(STAMP)
 	$(BIN)/postctl up
 
 ## make test: lint, types, then unit, integration and end-to-end tests
-test: $(STAMP) lint typecheck
+test: $(STAMP) system-deps lint typecheck
 	$(BIN)/pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
@@ -39,7 +43,7 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/pytest -q tests/integration
 
-e2e: $(STAMP)
+e2e: $(STAMP) system-deps
 	$(BIN)/pytest -q tests/e2e
 
 clean:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.analytics import handlers, views
+from services.analytics import dashboard, handlers, views
 from shared.service import Service
 
 service = Service(
     "analytics",
     event_handlers={event_type: handlers.project_event for event_type in handlers.PROJECTIONS},
     migrations=Path(__file__).parent / "migrations",
-    routers=[views.router],
+    routers=[views.router, dashboard.router],
     background=[handlers.refresh_gauges],
     description=(
         "RE-AIM read models of the POST program (CONTRACT.md): reach, effectiveness, adoption,"

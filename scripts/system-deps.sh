@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Debian packages that the tests use as real tools, installed once:
+#   chromium   - the built-in dashboard is checked in headless Chromium
+#   prometheus - promtool checks the rules; a real Prometheus scrapes a running stack
+set -euo pipefail
+need=()
+[ -x /usr/bin/chromium ] || need+=(chromium)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+[ ${#need[@]} -eq 0 ] && exit 0
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "installing Debian packages for the tests: ${need[*]}"
+$sudo apt-get update -qq
+# policy-rc.d 101: install only, never start a packaged daemon (Prometheus would take :9090)
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+  $sudo chmod +x /usr/sbin/policy-rc.d
+  trap '$sudo rm -f /usr/sbin/policy-rc.d' EXIT
+fi
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null

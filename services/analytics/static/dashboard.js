@@ -1,0 +1,540 @@
+// The RE-AIM dashboard: reads this service's JSON and draws it with plain SVG, no library.
+// Data only ever reaches the page through textContent and attributes, never as HTML.
+"use strict";
+
+(function () {
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const NO_DATA = "no data";
+  const RATIO_GOAL = 10;
+  const DAY_MS = 86400000;
+  const ISO_DATE = /^\d{4}-\d{2}-\d{2}$/;
+  const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
+    "Nov", "Dec"];
+  const MONTH_NAMES = ["January", "February", "March", "April", "May", "June", "July",
+    "August", "September", "October", "November", "December"];
+  const SOURCE_WORDS = {
+    self: "The physician asked",
+    third_party: "A colleague asked",
+    safety_event: "A safety event report",
+  };
+  const DECLINE_WORDS = {
+    no_time: "No time",
+    no_need: "Did not need it",
+    privacy: "Privacy",
+    discomfort: "Felt uncomfortable",
+    medicolegal: "Legal worries",
+    other: "Another reason",
+    unspecified: "No reason given",
+  };
+
+  let hospitals = [];
+  let lastAnswer = null;
+  let loads = 0;
+
+  // --- small helpers ----------------------------------------------------------------------
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
+    for (const child of children) {
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  function svg(tag, attrs, text) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
+    if (text !== undefined) node.textContent = String(text);
+    return node;
+  }
+
+  const missing = (value) => value === null || value === undefined;
+
+  function percent(rate) {
+    if (missing(rate)) return NO_DATA;
+    const shown = Math.round(rate * 1000) / 10;
+    return shown.toLocaleString("en-US", { minimumFractionDigits: 1, maximumFractionDigits: 1 }) + "%";
+  }
+
+  function number(value, unit) {
+    if (missing(value)) return NO_DATA;
+    const text = value.toLocaleString("en-US", { maximumFractionDigits: 1 });
+    return unit ? text + " " + unit : text;
+  }
+
+  function parseDay(iso) {
+    const [y, m, d] = iso.split("-").map(Number);
+    return new Date(Date.UTC(y, m - 1, d));
+  }
+
+  function isoDay(date) {
+    return date.toISOString().slice(0, 10);
+  }
+
+  function shiftDay(iso, days) {
+    return isoDay(new Date(parseDay(iso).getTime() + days * DAY_MS));
+  }
+
+  function dayWords(iso) {
+    const d = parseDay(iso);
+    return d.getUTCDate() + " " + MONTH_NAMES[d.getUTCMonth()] + " " + d.getUTCFullYear();
+  }
+
+  function monthWords(month) {
+    const [y, m] = month.split("-").map(Number);
+    return MONTH_NAMES[m - 1] + " " + y;
+  }
+
+  function validDay(value) {
+    return value && ISO_DATE.test(value) && !isNaN(parseDay(value)) ? value : "";
+  }
+
+  function plural(n, one, many) {
+    return n === 1 ? one : many;
+  }
+
+  // --- the view in the address bar --------------------------------------------------------
+
+  function readView() {
+    const query = new URLSearchParams(location.search);
+    const view = {
+      hospital: query.get("hospital") || "",
+      department: query.get("department") || "",
+      from: validDay(query.get("from")),
+      to: validDay(query.get("to")),
+    };
+    if (!view.hospital) view.department = "";
+    return view;
+  }
+
+  function viewQuery(view, keys) {
+    const query = new URLSearchParams();
+    for (const key of keys) if (view[key]) query.set(key, view[key]);
+    const text = query.toString();
+    return text ? "?" + text : "";
+  }
+
+  function apiPath(view) {
+    let path = "reaim";
+    if (view.hospital) {
+      path += "/" + encodeURIComponent(view.hospital);
+      if (view.department) path += "/" + encodeURIComponent(view.department);
+    }
+    return path + viewQuery(view, ["from", "to"]);
+  }
+
+  // --- pickers ----------------------------------------------------------------------------
+
+  // The choice is also written as the `selected` attribute, so a saved page shows it too.
+  function choose(select, value) {
+    for (const option of select.options) option.defaultSelected = option.value === value;
+    select.value = value;
+  }
+
+  function fillHospitals(view) {
+    const select = document.getElementById("pick-hospital");
+    select.replaceChildren(el("option", { value: "" }, "Whole region (all hospitals)"));
+    const known = hospitals.map((h) => h.hospital);
+    const ids = view.hospital && !known.includes(view.hospital) ? [...known, view.hospital] : known;
+    for (const id of ids) select.append(el("option", { value: id }, id));
+    choose(select, view.hospital);
+    fillDepartments(view);
+  }
+
+  function fillDepartments(view) {
+    const select = document.getElementById("pick-department");
+    select.replaceChildren(el("option", { value: "" }, "All departments"));
+    const entry = hospitals.find((h) => h.hospital === view.hospital);
+    const launched = entry ? entry.departments.filter((d) => d.launched_on) : [];
+    for (const d of launched) {
+      const words = d.closed_on ? d.department + " (closed " + dayWords(d.closed_on) + ")" : d.department;
+      select.append(el("option", { value: d.department }, words));
+    }
+    if (view.department && !launched.some((d) => d.department === view.department)) {
+      select.append(el("option", { value: view.department }, view.department));
+    }
+    choose(select, view.department);
+    select.disabled = !view.hospital;
+  }
+
+  // defaultValue is the `value` attribute: a saved page keeps the dates too.
+  function fillDates(view) {
+    const from = document.getElementById("pick-from");
+    const through = document.getElementById("pick-through");
+    from.defaultValue = from.value = view.from;
+    through.defaultValue = through.value = view.to ? shiftDay(view.to, -1) : "";
+  }
+
+  function viewFromForm() {
+    const through = validDay(document.getElementById("pick-through").value);
+    const hospital = document.getElementById("pick-hospital").value;
+    return {
+      hospital: hospital,
+      department: hospital ? document.getElementById("pick-department").value : "",
+      from: validDay(document.getElementById("pick-from").value),
+      to: through ? shiftDay(through, 1) : "",
+    };
+  }
+
+  function go(view) {
+    history.pushState(null, "", location.pathname + viewQuery(view, ["hospital", "department", "from", "to"]));
+    load();
+  }
+
+  // --- figures ----------------------------------------------------------------------------
+
+  // A figure: its plain name, its value (a unit after a space is drawn smaller) and one line
+  // saying what it counts.
+  function figure(key, label, value, explanation, tone) {
+    const attrs = { class: "figure" + (tone ? " " + tone : ""), id: "fig-" + key };
+    const shown = el("div", { class: "value" + (value === NO_DATA ? " none" : "") });
+    const space = value === NO_DATA ? -1 : value.indexOf(" ");
+    if (space < 0) shown.textContent = value;
+    else shown.append(value.slice(0, space), el("span", { class: "unit" }, value.slice(space)));
+    return el("div", attrs, el("div", { class: "label" }, label), shown,
+      el("p", { class: "explain" }, explanation));
+  }
+
+  function put(id, ...figures) {
+    document.getElementById(id).replaceChildren(...figures);
+  }
+
+  function renderFigures(a) {
+    const r = a.reach, e = a.effectiveness, ad = a.adoption, im = a.implementation, m = a.maintenance;
+    put("reach-figures",
+      figure("interactions", "Support conversations", number(r.interactions),
+        "Between a peer supporter and a physician, in this period."),
+      figure("reach-rate", "Physicians reached", percent(r.reach_rate),
+        r.physicians_supported + " of the " + r.eligible_physicians + " eligible physicians had a conversation."),
+      figure("physicians-supported", "Physicians supported", number(r.physicians_supported),
+        "Different physicians with at least one conversation."),
+      figure("eligible", "Eligible physicians", number(r.eligible_physicians),
+        "Physicians in departments running the program."),
+      figure("referrals", "Referrals", number(r.referrals),
+        "Requests to offer a physician support."),
+      figure("minutes", "Typical conversation", number(r.minutes_median, "minutes"),
+        missing(r.minutes_median) ? "No conversation in this period."
+          : "Half were shorter, half longer (" + r.minutes_min + " to " + r.minutes_max + " minutes)."),
+      figure("trained", "Supporters trained", number(r.supporters_trained),
+        "Colleagues who finished the training in this period."));
+
+    const declined = Object.values(im.decline_reasons || {}).reduce((s, n) => s + n, 0);
+    put("acceptance-figures",
+      figure("acceptance", "Accepted the offer", percent(ad.outreach_acceptance_rate),
+        "Of the physicians who answered the first call, the share who said yes."),
+      figure("declined", "Declined the offer", number(declined),
+        "Physicians who said no thank you when first contacted."));
+
+    const ratio = im.physicians_per_active_supporter;
+    put("implementation-figures",
+      figure("within-48h", "Contacted within 48 hours", percent(im.outreach_within_48h_rate),
+        "Referrals first contacted within 48 hours, the program's standard."),
+      figure("hours-to-outreach", "Typical time to first contact", number(im.hours_to_outreach_median, "hours"),
+        "Half the referrals were contacted sooner than this."),
+      figure("ratio", "Physicians per supporter", number(ratio),
+        "Per active supporter; the goal is " + RATIO_GOAL + " or fewer.",
+        missing(ratio) ? "" : ratio <= RATIO_GOAL ? "good" : "warn"),
+      figure("without-supporter", "Referrals with no supporter", number(im.referrals_without_supporter),
+        "No trained supporter could be found for them.",
+        im.referrals_without_supporter > 0 ? "warn" : ""));
+
+    put("maintenance-figures",
+      figure("retention", "Supporters still active", percent(m.supporter_retention_rate),
+        "Of everyone trained so far, the share still serving."),
+      figure("supporters-active", "Active supporters", number(m.supporters_active),
+        "Supporters available at the end of the period."),
+      figure("departments-active", "Departments still running it", percent(m.departments_active_rate),
+        "Of the departments that launched it, the share that have not stopped."));
+
+    put("effectiveness-figures",
+      figure("respondents", "Surveyed after support", number(e.respondents_with_interaction),
+        "Answers from physicians who had a conversation; the rates are among them."),
+      figure("helpful", "Found it helpful", percent(e.helpful_rate),
+        "Rated it 4 or 5 out of 5."),
+      figure("wellbeing", "Felt better", percent(e.wellbeing_improved_rate),
+        "Said their well-being improved."),
+      figure("comfort", "More at ease with emotions", percent(e.comfort_improved_rate),
+        "Said talking about emotions became easier."),
+      figure("escalation", "Helped on to further care", percent(e.escalation_rate),
+        "Conversations that led on to more help, such as the employee assistance program or mental health care."));
+
+    put("adoption-figures",
+      figure("hospitals", "Hospitals taking part", number(ad.hospitals_adopted),
+        "Hospitals with a department running the program."),
+      figure("departments", "Departments launched", number(ad.departments_launched),
+        "Started the program, including any that stopped."),
+      figure("coverage", "Physicians covered", percent(ad.physician_coverage),
+        "Share of the hospitals' physicians in a department running it."),
+      figure("no-referrals", "Departments without a referral", number(ad.departments_without_referrals),
+        "Running the program, but no referral in this period."),
+      figure("recommend", "Would recommend it", percent(ad.would_recommend_rate),
+        "Of the survey respondents who knew the program."));
+  }
+
+  // --- charts -----------------------------------------------------------------------------
+
+  function widthOf(container, fallback) {
+    return Math.max(280, Math.floor(container.clientWidth || fallback));
+  }
+
+  // A round step (1, 2 or 5 times a power of ten, at least 1: counts are whole) for about
+  // four grid lines, and the top of the axis at a whole number of steps.
+  function axis(max) {
+    const rough = Math.max(max, 1) / 4;
+    const power = Math.pow(10, Math.floor(Math.log10(rough)));
+    const step = Math.max(1, [1, 2, 5, 10].map((k) => k * power).find((s) => s >= rough));
+    return { step: step, top: Math.max(step, Math.ceil(max / step) * step) };
+  }
+
+  // Vertical bars: items are {key, label, value, title, axis} where axis is an extra label
+  // line (the year under January).
+  function columnChart(container, items, options) {
+    container.replaceChildren();
+    if (!items.length) {
+      container.append(el("p", { class: "empty" }, NO_DATA));
+      return null;
+    }
+    const width = widthOf(container, 900);
+    const height = options.height || 220;
+    const left = 44, right = 8, top = 22, bottom = 44;
+    const plotW = width - left - right, plotH = height - top - bottom;
+    const { step, top: max } = axis(Math.max(...items.map((i) => i.value)));
+    const slot = plotW / items.length;
+    const barW = Math.max(2, slot * 0.72);
+    const chart = svg("svg", {
+      width: width, height: height, viewBox: "0 0 " + width + " " + height,
+      role: "img", "aria-label": options.label, class: "columns", id: options.id,
+    });
+    chart.append(svg("title", {}, options.label));
+    for (let v = 0; v <= max; v += step) {
+      const y = top + plotH - (plotH * v) / max;
+      chart.append(svg("line", { x1: left, x2: width - right, y1: y, y2: y, class: "grid" }));
+      chart.append(svg("text", { x: left - 6, y: y + 4, class: "tick", "text-anchor": "end" }, v));
+    }
+    const labelEvery = Math.max(1, Math.ceil(34 / slot));
+    items.forEach((item, i) => {
+      const h = (plotH * item.value) / max;
+      const x = left + slot * i + (slot - barW) / 2;
+      const bar = svg("rect", {
+        x: x, y: top + plotH - h, width: barW, height: Math.max(h, 0), class: "bar",
+        "data-key": item.key, "data-value": item.value,
+      });
+      bar.append(svg("title", {}, item.title));
+      chart.append(bar);
+      const cx = x + barW / 2;
+      if (slot >= 22 || options.values) {
+        chart.append(svg("text", { x: cx, y: top + plotH - h - 5, class: "bar-value",
+          "text-anchor": "middle" }, number(item.value)));
+      }
+      if (i % labelEvery === 0) {
+        chart.append(svg("text", { x: cx, y: height - bottom + 16, class: "tick",
+          "text-anchor": "middle" }, item.label));
+      }
+      if (item.axis) {
+        chart.append(svg("text", { x: cx, y: height - bottom + 32, class: "tick strong",
+          "text-anchor": "middle" }, item.axis));
+      }
+    });
+    container.append(chart);
+    return chart;
+  }
+
+  // Horizontal bars, one row per item {key, label, value}, with the value after the bar.
+  function rowChart(container, items, id, label) {
+    container.replaceChildren();
+    const shown = items.filter((i) => i.value > 0);
+    if (!shown.length) {
+      container.append(el("p", { class: "empty" }, "None in this period."));
+      return;
+    }
+    const width = widthOf(container, 500);
+    const rowH = 26, labelW = Math.min(200, width * 0.42), valueW = 44;
+    const height = rowH * shown.length + 4;
+    const max = Math.max(...shown.map((i) => i.value));
+    const chart = svg("svg", { width: width, height: height, viewBox: "0 0 " + width + " " + height,
+      role: "img", "aria-label": label, class: "rows", id: id });
+    chart.append(svg("title", {}, label));
+    shown.forEach((item, i) => {
+      const y = i * rowH + 2;
+      const w = Math.max(2, ((width - labelW - valueW - 12) * item.value) / max);
+      chart.append(svg("text", { x: labelW - 8, y: y + 17, class: "row-label", "text-anchor": "end" }, item.label));
+      const bar = svg("rect", { x: labelW, y: y + 3, width: w, height: rowH - 8, class: "bar",
+        "data-key": item.key, "data-value": item.value });
+      bar.append(svg("title", {}, item.label + ": " + item.value));
+      chart.append(bar);
+      chart.append(svg("text", { x: labelW + w + 6, y: y + 17, class: "bar-value" }, number(item.value)));
+    });
+    container.append(chart);
+  }
+
+  // A scale from 0 with the goal marked: the bar is green at or under the goal.
+  function ratioChart(container, ratio) {
+    container.replaceChildren();
+    if (missing(ratio)) {
+      container.append(el("p", { class: "empty" }, NO_DATA + ": no active supporter or no eligible physician"));
+      return;
+    }
+    const width = widthOf(container, 500), height = 70, left = 10, right = 10;
+    const top = axis(Math.max(ratio, RATIO_GOAL) * 1.25).top;
+    const scale = (v) => left + ((width - left - right) * v) / top;
+    const chart = svg("svg", { width: width, height: height, viewBox: "0 0 " + width + " " + height,
+      role: "img", class: "ratio", id: "ratio-svg",
+      "aria-label": number(ratio) + " physicians per active supporter; goal " + RATIO_GOAL + " or fewer" });
+    chart.append(svg("rect", { x: left, y: 18, width: width - left - right, height: 22, class: "track" }));
+    chart.append(svg("rect", { x: left, y: 18, width: Math.max(2, scale(ratio) - left), height: 22,
+      class: ratio <= RATIO_GOAL ? "bar good" : "bar warn", "data-value": ratio }));
+    const goalX = scale(RATIO_GOAL);
+    chart.append(svg("line", { x1: goalX, x2: goalX, y1: 10, y2: 48, class: "goal" }));
+    chart.append(svg("text", { x: goalX, y: 62, class: "tick strong", "text-anchor": "middle" },
+      "goal: " + RATIO_GOAL));
+    chart.append(svg("text", { x: left, y: 12, class: "tick" }, "0"));
+    chart.append(svg("text", { x: width - right, y: 12, class: "tick", "text-anchor": "end" }, top));
+    container.append(chart);
+    const verdict = ratio <= RATIO_GOAL
+      ? "Goal met: each supporter covers " + number(ratio) + " physicians."
+      : "Above the goal: each supporter covers " + number(ratio) +
+        " physicians. Training more supporters would bring this down.";
+    container.append(el("p", { class: "note" }, verdict));
+  }
+
+  function renderCharts(a) {
+    const monthly = a.reach.monthly || [];
+    const months = monthly.map((m, i) => {
+      const [y, mm] = m.month.split("-").map(Number);
+      return {
+        key: m.month, value: m.interactions, label: MONTHS[mm - 1],
+        title: monthWords(m.month) + ": " + m.interactions + " " + plural(m.interactions, "conversation", "conversations"),
+        axis: mm === 1 || i === 0 ? String(y) : "",
+      };
+    });
+    const monthlyChart = columnChart(document.getElementById("monthly-chart"), months,
+      { id: "monthly-svg", height: 230, label: "Support conversations per month" });
+    if (monthlyChart) monthlyChart.setAttribute("data-total", a.reach.interactions);
+    document.getElementById("monthly-note").textContent = monthly.length
+      ? "In total " + number(a.reach.interactions) + " conversations over " + monthly.length + " " +
+        plural(monthly.length, "month", "months") + ": on average " + number(a.reach.monthly_mean) +
+        " a month (fewest " + number(a.reach.monthly_min) + ", most " + number(a.reach.monthly_max) + ")."
+      : "";
+
+    const sources = a.reach.referrals_by_source || {};
+    rowChart(document.getElementById("sources-chart"),
+      Object.keys(sources).map((k) => ({ key: k, label: SOURCE_WORDS[k] || k, value: sources[k] })),
+      "sources-svg", "Where referrals came from");
+
+    const byDepartment = a.reach.interactions_by_department || {};
+    rowChart(document.getElementById("departments-chart"),
+      Object.keys(byDepartment).sort((x, y) => byDepartment[y] - byDepartment[x])
+        .map((k) => ({ key: k, label: k, value: byDepartment[k] })),
+      "departments-svg", "Support conversations by department");
+
+    const declines = a.implementation.decline_reasons || {};
+    rowChart(document.getElementById("declines-chart"),
+      Object.keys(declines).map((k) => ({ key: k, label: DECLINE_WORDS[k] || k, value: declines[k] })),
+      "declines-svg", "Reasons physicians gave for declining");
+
+    ratioChart(document.getElementById("ratio-chart"), a.implementation.physicians_per_active_supporter);
+
+    const years = a.maintenance.interactions_by_program_year || [];
+    const rates = a.maintenance.monthly_rate_by_program_year || [];
+    columnChart(document.getElementById("years-chart"), years.map((n, i) => ({
+      key: String(i + 1), value: n, label: "Year " + (i + 1),
+      title: "Program year " + (i + 1) + ": " + n + " conversations",
+      axis: missing(rates[i]) ? "" : number(rates[i]) + " a month",
+    })), { id: "years-svg", height: 190, values: true, label: "Support conversations per program year" });
+  }
+
+  // --- the page ---------------------------------------------------------------------------
+
+  function describe(a) {
+    const scope = a.scope.level === "region" ? "the whole region"
+      : a.scope.level === "hospital" ? "hospital " + a.scope.hospital + ", all departments"
+        : "hospital " + a.scope.hospital + ", department " + a.scope.department;
+    const first = a.reach.monthly && a.reach.monthly.length ? a.reach.monthly[0].month : null;
+    const start = a.period.from ? "from " + dayWords(a.period.from)
+      : first ? "since the program started (" + monthWords(first) + ")" : "since the start";
+    const end = !a.period.to ? " to the latest record"
+      : a.period.from && a.period.from >= a.period.to
+        ? " (nothing was recorded after " + dayWords(shiftDay(a.period.to, -1)) + ")"
+        : " through " + dayWords(shiftDay(a.period.to, -1));
+    return "Showing " + scope + ", " + start + end + ".";
+  }
+
+  function render(a) {
+    renderFigures(a);
+    renderCharts(a);
+  }
+
+  async function fetchJson(path) {
+    const response = await fetch(path, { headers: { Accept: "application/json" } });
+    const body = await response.json().catch(() => null);
+    if (!response.ok) {
+      const detail = body && body.detail ? body.detail : "the service answered " + response.status;
+      throw new Error(typeof detail === "string" ? detail : JSON.stringify(detail));
+    }
+    return body;
+  }
+
+  async function load() {
+    // Only the latest request may draw: a slow earlier answer must not overwrite it.
+    const ticket = ++loads;
+    const view = readView();
+    const status = document.getElementById("status");
+    const main = document.getElementById("dashboard");
+    document.body.dataset.state = "loading";
+    status.textContent = "Loading the figures…";
+    fillDates(view);
+    const path = apiPath(view);
+    document.getElementById("json-link").setAttribute("href", path);
+    try {
+      const [list, answer] = await Promise.all([fetchJson("hospitals"), fetchJson(path)]);
+      if (ticket !== loads) return;
+      hospitals = list;
+      fillHospitals(view);
+      lastAnswer = answer;
+      document.getElementById("showing").textContent = describe(answer);
+      main.hidden = false;
+      render(answer);
+      status.textContent = hospitals.length ? "" : "No hospital has sent any records yet.";
+      document.body.dataset.state = "ready";
+    } catch (error) {
+      if (!hospitals.length) {
+        hospitals = await fetchJson("hospitals").catch(() => []);
+      }
+      if (ticket !== loads) return;
+      fillHospitals(view);
+      main.hidden = true;
+      document.getElementById("showing").textContent = "";
+      status.textContent = "These figures could not be shown: " + error.message + ".";
+      document.body.dataset.state = "error";
+    }
+  }
+
+  function start() {
+    const form = document.getElementById("filters");
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      go(viewFromForm());
+    });
+    document.getElementById("pick-hospital").addEventListener("change", () => {
+      const view = viewFromForm();
+      view.department = "";
+      go(view);
+    });
+    document.getElementById("pick-department").addEventListener("change", () => go(viewFromForm()));
+    document.getElementById("all-time").addEventListener("click", () => {
+      const view = viewFromForm();
+      view.from = view.to = "";
+      go(view);
+    });
+    window.addEventListener("popstate", load);
+    let pending = 0;
+    window.addEventListener("resize", () => {
+      clearTimeout(pending);
+      pending = setTimeout(() => lastAnswer && document.body.dataset.state === "ready" && renderCharts(lastAnswer), 150);
+    });
+    load();
+  }
+
+  start();
+})();
