@@ -115,7 +115,10 @@ def period_of(facts: Facts, period_from: date | None, period_to: date | None) ->
     if period_to is not None:
         return Period(period_from, period_to)
     span = facts.business_span()
-    return Period(period_from, span[1] + timedelta(days=1) if span else None)
+    end = span[1] + timedelta(days=1) if span else None
+    if end is not None and period_from is not None and end < period_from:
+        end = period_from  # a `from` after the last fact: an empty period, not a reversed one
+    return Period(period_from, end)
 
 
 # --- first outcomes -------------------------------------------------------------------------

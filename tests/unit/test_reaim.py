@@ -316,6 +316,17 @@ def test_without_to_the_period_ends_after_the_day_of_the_last_business_date_of_a
     assert figures(closed)["maintenance"]["departments_active_rate"] == 0.0
 
 
+def test_a_from_after_the_last_fact_is_an_empty_period_not_a_reversed_one() -> None:
+    facts = Facts(
+        departments=[launch("em", "2020-01-15", 10)],
+        interactions=[interaction("r1", "2020-02-10")],
+    )
+    answer = figures(facts, period_from="2030-01-01")
+    assert answer["reach"]["interactions"] == 0
+    assert answer["reach"]["monthly"] == []
+    assert answer["reach"]["reach_rate"] is None or answer["reach"]["reach_rate"] == 0
+
+
 def test_a_retirement_is_a_business_date_too() -> None:
     facts = Facts(
         departments=[launch("em", "2020-01-01", 10)],
