@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install system-deps lint typecheck unit integration e2e up clean
+.PHONY: demo test install system-deps lint typecheck unit integration e2e up asyncapi clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ integration: $(STAMP)
 
 e2e: $(STAMP) system-deps
 	$(BIN)/pytest -q tests/e2e
+
+## the AsyncAPI document of every subject, command and event, generated from the code
+asyncapi: $(STAMP)
+	$(BIN)/python -m shared.asyncapi > docs/asyncapi.yaml
 
 clean:
 	rm -rf $(VENV) .post-data
