@@ -1,7 +1,9 @@
 """Consuming the POST stream: one durable pull consumer per service, handled in order.
 
 Every message is handled in one PostgreSQL transaction that also records its id in
-``processed``: a redelivered message has no second effect. Outcomes:
+``processed``: a redelivered message has no second effect. Messages fetched together are
+handled in order in one transaction, each in its own savepoint (one commit for the batch, and
+still all or nothing per message); their acks go out after the commit. Outcomes:
 
 - success: the handler's events are appended (and queued in the outbox); ack.
 - ``Rejected`` (a command): nothing of the handler is kept; a ``CommandRejected`` is appended
@@ -33,7 +35,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from shared.clock import Clock
@@ -162,6 +164,16 @@ class Incoming:
     stored_at: datetime | None
 
 
+@dataclass
+class Handled:
+    """How one message of a batch ended, kept until the batch has committed."""
+
+    outcome: str
+    error: BaseException | None = None
+    reason: str = ""  # why a dead letter
+    seconds: float = 0.0
+
+
 class StreamConsumer:
     """The durable consumer of one service and the handling of each message."""
 
@@ -172,6 +184,7 @@ class StreamConsumer:
         self.subjects = [cmd_subject("*", t) for t in service.command_handlers] + [
             evt_subject("*", t) for t in service.event_handlers
         ]
+        self._conn: asyncpg.Connection | None = None
 
     async def ensure(self) -> None:
         config = ConsumerConfig(
@@ -185,21 +198,45 @@ class StreamConsumer:
         )
         try:
             info = await self.js.consumer_info(STREAM_NAME, self.name)
-            if sorted(info.config.filter_subjects or []) != sorted(self.subjects):
-                await self.js.add_consumer(STREAM_NAME, config)  # a new handler: widen the filter
         except NotFoundError:
             await self.js.add_consumer(STREAM_NAME, config)
+            return
+        if info.num_ack_pending:
+            # A process died holding messages: they would come back only after ack_wait,
+            # behind newer ones. Resume from the first unacknowledged one instead, in order;
+            # whatever was handled after it is skipped by `processed`. (One consumer process
+            # per service, as ordering requires.)
+            resume = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+            log.warning("consumer_resumed", from_stream_seq=resume, unacked=info.num_ack_pending)
+            await self.js.delete_consumer(STREAM_NAME, self.name)
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = resume
+            await self.js.add_consumer(STREAM_NAME, config)
+        elif sorted(info.config.filter_subjects or []) != sorted(self.subjects):
+            await self.js.add_consumer(STREAM_NAME, config)  # a new handler: widen the filter
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.ensure()
         sub = await self.js.pull_subscribe_bind(durable=self.name, stream=STREAM_NAME)
+        try:
+            await self._consume(sub, stop)
+        finally:
+            await self._release()
+
+    async def _consume(self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event) -> None:
+        backlog = True
         while not stop.is_set():
             try:
-                msgs = await sub.fetch(self.service.settings.fetch_batch, timeout=1.0)
+                # nats-py's fetch of n, once one message came, waits for all n until the pull
+                # expires: caught up, ask for one (it comes the moment it is stored); behind,
+                # for a batch (what is waiting comes at once).
+                msgs = await sub.fetch(self.service.settings.fetch_batch if backlog else 1, 1.0)
             except (NatsTimeoutError, TimeoutError):
+                backlog = False
                 continue
-            for msg in msgs:  # in order: aggregates and projections need it
-                await self.handle(msg)
+            last = msgs[-1].metadata if msgs else None
+            backlog = bool(last and last.num_pending)
+            await self.handle_batch(msgs)
 
     async def report_lag(self) -> None:
         info = await self.js.consumer_info(STREAM_NAME, self.name)
@@ -207,13 +244,59 @@ class StreamConsumer:
         CONSUMER_ACK_PENDING.labels(self.name).set(info.num_ack_pending or 0)
 
     async def handle(self, msg: Msg) -> None:
-        meta = msg.metadata
+        await self.handle_batch([msg])
+
+    async def handle_batch(self, msgs: Sequence[Msg]) -> None:
+        """Handle fetched messages in order. Several share one transaction (one commit, one disk
+        flush), each in its own savepoint: one that fails or must wait leaves nothing, the
+        others stand. Acks go out only once the batch has committed."""
+        items = [(msg, self._incoming(msg)) for msg in msgs]
+        done: list[Handled] = []
+        try:
+            conn = await self._connection()
+            if len(msgs) == 1:
+                done.append(await self._process(items[0][1], conn))
+            else:
+                async with conn.transaction():
+                    for _, incoming in items:
+                        done.append(await self._process(incoming, conn))
+        except Exception as exc:  # the commit or the connection failed: nothing of it stands
+            done = [Handled("error", exc) for _ in items]
+            await self._release()  # a connection PostgreSQL dropped is never used again
+        if len(msgs) > 1:
+            self.service.wake_relay()
+        for (msg, incoming), handled in zip(items, done, strict=True):
+            await self._settle(msg, incoming, handled)
+
+    async def _connection(self) -> asyncpg.Connection:
+        """The consumer's own connection, kept from batch to batch (a pooled one is reset on
+        every release: one more round trip per message); replaced once it has failed."""
+        if self._conn is not None:
+            try:
+                broken = self._conn.is_closed()
+            except asyncpg.InterfaceError:  # detached from the pool when the server went away
+                broken = True
+            if broken:
+                await self._release()
+        if self._conn is None:
+            self._conn = await self.service.pool.acquire()
+        return self._conn
+
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await self.service.pool.release(conn)
+            except Exception as exc:  # already broken or detached: the pool replaces it
+                log.debug("connection_release_failed", error=repr(exc)[:200])
+
+    def _incoming(self, msg: Msg) -> Incoming | None:
         try:
             hospital, kind, type_ = parse_subject(msg.subject)
         except ValueError:
-            await msg.ack()
-            return
-        incoming = Incoming(
+            return None
+        meta = msg.metadata
+        return Incoming(
             subject=msg.subject,
             hospital=hospital,
             kind=kind,
@@ -223,32 +306,52 @@ class StreamConsumer:
             attempt=meta.num_delivered if meta else 1,
             stored_at=meta.timestamp if meta else None,
         )
+
+    async def _process(self, incoming: Incoming | None, conn: asyncpg.Connection | None) -> Handled:
+        if incoming is None:
+            return Handled("ignored")
         started = time.perf_counter()
-        outcome = "error"
-        structlog.contextvars.bind_contextvars(event_type=type_, hospital=hospital)
+        structlog.contextvars.bind_contextvars(event_type=incoming.type, hospital=incoming.hospital)
         try:
-            outcome = await self.service.process(incoming)
+            outcome = await self.service.process(incoming, conn)
+            reason = self.service.last_unanswerable if outcome == "dead_letter" else ""
+            return Handled(outcome, None, reason, time.perf_counter() - started)
         except Exception as exc:  # transient: retry with back-off, then dead-letter
-            if incoming.attempt >= self.service.settings.max_deliver:
-                await self.dead_letter(incoming, f"failed {incoming.attempt} times: {exc!r}"[:500])
-                if kind == "cmd":
-                    await self.service.answer_unprocessable(incoming, repr(exc)[:200])
-                outcome = "dead_letter"
-                await msg.ack()
-            else:
-                log.warning("handler_failed", error=repr(exc), attempt=incoming.attempt)
-                await msg.nak(delay=backoff_seconds(incoming.attempt))
-        else:
-            if outcome == "retry":
+            return Handled("error", exc, "", time.perf_counter() - started)
+        finally:
+            structlog.contextvars.unbind_contextvars("event_type", "hospital", "correlation_id")
+
+    async def _settle(self, msg: Msg, incoming: Incoming | None, handled: Handled) -> None:
+        if incoming is None:  # not a POST subject
+            await msg.ack()
+            return
+        outcome, exc = handled.outcome, handled.error
+        structlog.contextvars.bind_contextvars(event_type=incoming.type, hospital=incoming.hospital)
+        try:
+            if exc is not None:
+                if incoming.attempt >= self.service.settings.max_deliver:
+                    reason = f"failed {incoming.attempt} times: {exc!r}"[:500]
+                    await self.dead_letter(incoming, reason)
+                    if incoming.kind == "cmd":
+                        try:
+                            await self.service.answer_unprocessable(incoming, repr(exc)[:200])
+                        except Exception as failed:  # dead-lettered already: go on, never loop
+                            log.error("answer_failed", error=repr(failed)[:200])
+                    outcome = "dead_letter"
+                    await msg.ack()
+                else:
+                    log.warning("handler_failed", error=repr(exc), attempt=incoming.attempt)
+                    await msg.nak(delay=backoff_seconds(incoming.attempt))
+            elif outcome == "retry":
                 await msg.nak(delay=backoff_seconds(incoming.attempt))
             else:
                 if outcome == "dead_letter":
-                    await self.dead_letter(incoming, self.service.last_unanswerable)
+                    await self.dead_letter(incoming, handled.reason)
                 await msg.ack()
         finally:
-            MESSAGES_HANDLED.labels(self.name, type_, outcome).inc()
-            HANDLER_SECONDS.labels(self.name, type_).observe(time.perf_counter() - started)
-            structlog.contextvars.unbind_contextvars("event_type", "hospital", "correlation_id")
+            MESSAGES_HANDLED.labels(self.name, incoming.type, outcome).inc()
+            HANDLER_SECONDS.labels(self.name, incoming.type).observe(handled.seconds)
+            structlog.contextvars.unbind_contextvars("event_type", "hospital")
 
     async def dead_letter(self, incoming: Incoming, reason: str) -> None:
         DEAD_LETTERS.labels(self.name, incoming.type).inc()

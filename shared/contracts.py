@@ -37,6 +37,7 @@ HospitalId = Annotated[str, StringConstraints(pattern=HOSPITAL_PATTERN)]
 DepartmentId = Annotated[str, StringConstraints(pattern=HOSPITAL_PATTERN)]
 PseudonymousId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 _HOSPITAL_RE = re.compile(HOSPITAL_PATTERN)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class Rank(StrEnum):
@@ -102,6 +103,14 @@ class Message(BaseModel):
 
 class Command(Message):
     owner: ClassVar[str]
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_control_characters(cls, value: Any) -> Any:
+        # NUL cannot be stored in PostgreSQL, and no field of the contract needs a control.
+        if isinstance(value, str) and _CONTROL.search(value):
+            raise ValueError("control characters are not allowed")
+        return value
 
 
 class Event(Message):
@@ -498,14 +507,26 @@ def describe_validation_error(error: ValidationError) -> Rejected:
     return Rejected(ReasonCode.invalid_payload, "; ".join(parts)[:500])
 
 
+def usable_id(value: Any) -> bool:
+    """An id the platform can store and answer under: 1 to 256 characters, no control
+    character, no unpaired surrogate. A command without one cannot be answered."""
+    if not isinstance(value, str) or not 1 <= len(value) <= 256 or _CONTROL.search(value):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_envelope(body: bytes) -> CloudEvent:
     """Bytes -> CloudEvent, or Unanswerable when there is nothing to answer to (no JSON, no id)."""
     try:
         raw = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Unanswerable(f"body is not JSON: {type(exc).__name__}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
-        raise Unanswerable("body is not a CloudEvent: no string id")
+    if not isinstance(raw, dict) or not usable_id(raw.get("id")):
+        raise Unanswerable("body is not a CloudEvent: no usable id (1 to 256 characters)")
     try:
         return CloudEvent.model_validate(raw)
     except ValidationError as exc:

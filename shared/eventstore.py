@@ -60,13 +60,14 @@ class NewEvent:
         return self.event_id or str(uuid.uuid4())
 
 
+# One encoder for every value: json.dumps with arguments builds a new one on each call.
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for typ in ("jsonb", "json"):
         await conn.set_type_codec(
-            typ,
-            encoder=lambda v: json.dumps(v, separators=(",", ":")),
-            decoder=json.loads,
-            schema="pg_catalog",
+            typ, encoder=_encode_json, decoder=json.loads, schema="pg_catalog"
         )
 
 
@@ -128,7 +129,33 @@ _COLUMNS = (
 
 
 def _stored(row: asyncpg.Record) -> StoredEvent:
-    return StoredEvent(**dict(row))
+    return StoredEvent(*row)  # _COLUMNS are StoredEvent's fields, in order
+
+
+# Appends hold this lock shared, so they run side by side and their commits share a disk flush;
+# `read_all` takes it exclusively for an instant to learn a position every append has passed.
+_APPEND_LOCK = "hashtext(current_schema() || '.events')"
+
+# One round trip: the shared lock (taken before any position is drawn), the version check, the
+# events and their outbox rows. Nothing is inserted when the stream is not at the expected version.
+APPEND_SQL = f"""
+WITH locked AS (
+    SELECT pg_advisory_xact_lock_shared({_APPEND_LOCK})
+), cur AS (
+    SELECT coalesce(max(stream_version), 0) AS version FROM events WHERE stream_id = $1
+), ins AS (
+    INSERT INTO events (stream_id, stream_version, event_id, event_type, data, metadata)
+    SELECT $1, cur.version + u.n, u.e, u.t, u.d, u.m
+    FROM locked, cur,
+        unnest($2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[])
+            WITH ORDINALITY AS u(e, t, d, m, n)
+    WHERE cur.version = $6
+    RETURNING position
+), queued AS (
+    INSERT INTO outbox (position) SELECT position FROM ins WHERE $7
+)
+SELECT (SELECT version FROM cur) AS version, ARRAY(SELECT position FROM ins ORDER BY position)
+"""
 
 
 class EventStore:
@@ -143,48 +170,33 @@ class EventStore:
         *,
         publish: bool = True,
     ) -> list[int]:
-        """Append in the caller's transaction and, with ``publish``, queue them in the outbox.
+        """Append in the caller's transaction (alone, the one statement is atomic) and, with
+        ``publish``, queue them in the outbox.
 
-        Positions follow commit order: appends of one schema are serialised by a transaction
-        advisory lock, so a reader of "everything after N" never skips a late commit.
+        Appends to different streams do not wait for each other. Of two appends to one stream at
+        the same version, the second sees the new version, or waits on the first's
+        (stream_id, stream_version) key and fails when the first commits.
         """
         if not events:
             return []
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.events'))")
-        current = await conn.fetchval(
-            "SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1", stream_id
-        )
-        if current != expected_version:
-            raise ConcurrencyError(stream_id, expected_version, current)
-        n = len(events)
         try:
-            positions = await conn.fetch(
-                """
-                WITH ins AS (
-                    INSERT INTO events
-                        (stream_id, stream_version, event_id, event_type, data, metadata)
-                    SELECT $1, v, e, t, d, m
-                    FROM unnest($2::int[], $3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])
-                        AS u(v, e, t, d, m)
-                    RETURNING position
-                ), queued AS (
-                    INSERT INTO outbox (position) SELECT position FROM ins WHERE $7
-                )
-                SELECT position FROM ins ORDER BY position
-                """,
+            version, positions = await conn.fetchrow(
+                APPEND_SQL,
                 stream_id,
-                list(range(expected_version + 1, expected_version + n + 1)),
-                [uuid.UUID(e.id()) for e in events],
+                [uuid.UUID(e.event_id) if e.event_id else uuid.uuid4() for e in events],
                 [e.event.type_name for e in events],
                 [e.event.to_data() for e in events],
                 [e.metadata for e in events],
+                expected_version,
                 publish,
             )
         except asyncpg.UniqueViolationError as exc:
             if "event_id" in str(exc.constraint_name or ""):
                 raise
             raise ConcurrencyError(stream_id, expected_version, None) from exc
-        return [r["position"] for r in positions]
+        if version != expected_version:
+            raise ConcurrencyError(stream_id, expected_version, version)
+        return list(positions)
 
     async def read_stream(self, conn: asyncpg.Connection, stream_id: str) -> list[StoredEvent]:
         rows = await conn.fetch(
@@ -196,9 +208,20 @@ class EventStore:
     async def read_all(
         self, conn: asyncpg.Connection, after: int = 0, limit: int = 1000
     ) -> list[StoredEvent]:
+        """Events after a position, in position order, and never one that commits later below
+        it: only up to the horizon, the last position when no append was under way (appends
+        draw positions in parallel, so they may commit out of order). Not for a transaction
+        with an older snapshot (repeatable read) than this call."""
+        await conn.execute(f"SELECT pg_advisory_lock({_APPEND_LOCK})")
+        try:
+            horizon = await conn.fetchval("SELECT coalesce(max(position), 0) FROM events")
+        finally:
+            await conn.execute(f"SELECT pg_advisory_unlock({_APPEND_LOCK})")
         rows = await conn.fetch(
-            f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
+            f"SELECT {_COLUMNS} FROM events WHERE position > $1 AND position <= $2"
+            " ORDER BY position LIMIT $3",
             after,
+            horizon,
             limit,
         )
         return [_stored(r) for r in rows]

@@ -26,9 +26,15 @@ log = structlog.get_logger()
 PENDING_SQL = """
 SELECT o.position, e.event_id::text AS event_id, e.event_type, e.data, e.metadata, e.recorded_at
 FROM outbox o JOIN events e USING (position)
+WHERE o.position > $2
 ORDER BY o.position
 LIMIT $1
 """
+DELETE_SQL = "DELETE FROM outbox WHERE position = ANY($1::bigint[])"
+# The rows of the batch JetStream has acknowledged go as the next batch is read: one round trip.
+DELETE_AND_NEXT_SQL = f"""
+WITH published AS (DELETE FROM outbox WHERE position = ANY($3::bigint[]))
+{PENDING_SQL}"""
 
 
 def cloudevent_of(row: asyncpg.Record | dict[str, Any], service: str) -> tuple[str, dict[str, Any]]:
@@ -47,6 +53,10 @@ def cloudevent_of(row: asyncpg.Record | dict[str, Any], service: str) -> tuple[s
     return evt_subject(hospital, row["event_type"]), ce
 
 
+# The backlog gauge costs a count: taken now and then, not on every wake-up.
+BACKLOG_EVERY_SECONDS = 5.0
+
+
 class OutboxRelay:
     def __init__(
         self, service: str, pool: asyncpg.Pool, js: JetStreamContext, batch_size: int = 500
@@ -57,32 +67,53 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.wakeup = asyncio.Event()
 
-    async def publish_pending(self) -> int:
-        """Publish one batch of pending events; returns how many were published."""
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(PENDING_SQL, self.batch_size)
-            if not rows:
-                return 0
-            started = time.perf_counter()
-            publishes = []
-            for row in rows:
-                subject, ce = cloudevent_of(row, self.service)
-                publishes.append(
-                    self.js.publish(subject, encode(ce), headers={"Nats-Msg-Id": ce["id"]})
-                )
-            # Sent in order, acknowledged together: pipelining is ~10x one-at-a-time.
-            await asyncio.gather(*publishes)
-            await conn.execute(
-                "DELETE FROM outbox WHERE position = ANY($1::bigint[])",
-                [r["position"] for r in rows],
-            )
-        OUTBOX_PUBLISH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
-        OUTBOX_PUBLISHED.labels(self.service).inc(len(rows))
-        return len(rows)
+    async def publish_pending(self, conn: asyncpg.Connection | None = None) -> int:
+        """Publish what is pending, batch after batch; returns how many were published.
 
-    async def backlog(self) -> int:
-        async with self.pool.acquire() as conn:
-            n = int(await conn.fetchval("SELECT count(*) FROM outbox"))
+        While JetStream acknowledges one batch, the next is read (a position past it) and the
+        one before is deleted: the database and the publishing overlap. A row goes only once
+        JetStream has acknowledged it. One committed late below a published position waits for
+        the next call (appends commit out of position order); its own stream's order holds,
+        since an append to a stream follows the commit of the one before.
+        """
+        if conn is None:
+            async with self.pool.acquire() as pooled:
+                return await self.publish_pending(pooled)
+        total = 0
+        rows = await conn.fetch(PENDING_SQL, self.batch_size, 0)
+        acked: list[int] = []
+        while rows:
+            started = time.perf_counter()
+            # Sent in order, acknowledged together: pipelining is ~10x one-at-a-time.
+            acks = asyncio.gather(*(self._publish(row) for row in rows))
+            following: list[asyncpg.Record] = []
+            try:
+                if len(rows) == self.batch_size:
+                    following = await conn.fetch(
+                        DELETE_AND_NEXT_SQL, self.batch_size, rows[-1]["position"], acked
+                    )
+                elif acked:
+                    await conn.execute(DELETE_SQL, acked)
+            finally:
+                await acks  # never leave publishes behind, even when the database failed
+            acked = [r["position"] for r in rows]
+            OUTBOX_PUBLISH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
+            OUTBOX_PUBLISHED.labels(self.service).inc(len(rows))
+            total += len(rows)
+            rows = following
+        if acked:
+            await conn.execute(DELETE_SQL, acked)
+        return total
+
+    async def _publish(self, row: asyncpg.Record) -> None:
+        subject, ce = cloudevent_of(row, self.service)
+        await self.js.publish(subject, encode(ce), headers={"Nats-Msg-Id": ce["id"]})
+
+    async def backlog(self, conn: asyncpg.Connection | None = None) -> int:
+        if conn is None:
+            async with self.pool.acquire() as pooled:
+                return await self.backlog(pooled)
+        n = int(await conn.fetchval("SELECT count(*) FROM outbox"))
         OUTBOX_BACKLOG.labels(self.service).set(n)
         return n
 
@@ -99,7 +130,7 @@ class OutboxRelay:
                         await asyncio.sleep(poll_seconds)
                         continue
                     try:
-                        await self._loop(poll_seconds)
+                        await self._loop(lock_conn, poll_seconds)
                     finally:
                         await lock_conn.execute(
                             "SELECT pg_advisory_unlock(hashtext(current_schema() || '.relay'))"
@@ -110,11 +141,14 @@ class OutboxRelay:
                 log.warning("outbox_relay_failed", error=repr(exc))
                 await asyncio.sleep(poll_seconds)
 
-    async def _loop(self, poll_seconds: float) -> None:
+    async def _loop(self, conn: asyncpg.Connection, poll_seconds: float) -> None:
+        """On the connection that holds the lock: no pool round trips for each wake-up."""
+        reported = 0.0
         while True:
             self.wakeup.clear()
-            if await self.publish_pending() == self.batch_size:
-                continue
-            await self.backlog()
+            await self.publish_pending(conn)
+            if time.monotonic() - reported > BACKLOG_EVERY_SECONDS:
+                await self.backlog(conn)
+                reported = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), timeout=poll_seconds)

@@ -70,6 +70,16 @@ class _Retry(Exception):
     """Internal: roll the transaction back and have the message redelivered later."""
 
 
+class _Refused(Exception):
+    """Internal: roll the handler's work back; the message ends as `outcome`, a command refused
+    for `rejected` is answered with CommandRejected."""
+
+    def __init__(self, outcome: str, rejected: Rejected | None = None) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+        self.rejected = rejected
+
+
 # --- HTTP errors ------------------------------------------------------------------------------
 
 HTTP_STATUS = {
@@ -280,9 +290,12 @@ class Service:
 
     # -- handling ----------------------------------------------------------------------------
 
-    def _wake_relay(self) -> None:
+    def wake_relay(self) -> None:
+        """Events were committed: the relay publishes them now, not at its next poll."""
         if self.relay is not None:
             self.relay.wakeup.set()
+
+    _wake_relay = wake_relay
 
     @asynccontextmanager
     async def unit_of_work(
@@ -300,8 +313,10 @@ class Service:
             )
         self._wake_relay()
 
-    async def process(self, incoming: Incoming) -> str:
-        """Handle one message from the stream; returns how it ended (a metric label)."""
+    async def process(self, incoming: Incoming, conn: asyncpg.Connection | None = None) -> str:
+        """Handle one message from the stream; returns how it ended (a metric label). With
+        `conn` (the consumer's), on it: in a transaction of its own, or as one savepoint of the
+        batch's transaction when `conn` is in one."""
         try:
             ce = parse_envelope(incoming.body)
         except Unanswerable as exc:
@@ -312,29 +327,39 @@ class Service:
                 self.last_unanswerable = rejected.detail
                 return "dead_letter"
             raw_id = str(json.loads(incoming.body)["id"])
-            return await self._reject_alone(incoming, raw_id, rejected)
+            return await self._reject_alone(incoming, raw_id, rejected, conn)
         if incoming.kind == "cmd":
             mismatch = None
             if ce.type != incoming.type:
-                mismatch = f"type {ce.type[:64]!r} does not match the subject's {incoming.type}"
+                # Not echoed: an envelope's attributes are the sender's text.
+                mismatch = f"the type does not match the subject's {incoming.type}"
             elif ce.hospital != incoming.hospital:
                 mismatch = "the source's hospital does not match the subject's hospital"
             if mismatch:
                 return await self._reject_alone(
-                    incoming, ce.id, Rejected(ReasonCode.invalid_payload, mismatch)
+                    incoming, ce.id, Rejected(ReasonCode.invalid_payload, mismatch), conn
                 )
-        structlog.contextvars.bind_contextvars(correlation_id=ce.correlationid or ce.id)
+        # A command starts its chain: a correlationid it carries is the sender's text, not logged.
+        chain = ce.id if incoming.kind == "cmd" else (ce.correlationid or ce.id)
+        structlog.contextvars.bind_contextvars(correlation_id=chain)
         try:
-            return await self._handle(incoming, ce.id, ce.correlationid, ce.data)
+            return await self._handle(incoming, ce.id, ce.correlationid, ce.data, conn)
         except _Retry:
             return "retry"
 
     async def _handle(
-        self, incoming: Incoming, ce_id: str, correlation: str | None, data: dict[str, Any]
+        self,
+        incoming: Incoming,
+        ce_id: str,
+        correlation: str | None,
+        data: dict[str, Any],
+        batch: asyncpg.Connection | None = None,
     ) -> str:
         is_command = incoming.kind == "cmd"
-        async with self.pool.acquire() as conn, conn.transaction():
-            uow = UnitOfWork(
+        key = f"{incoming.hospital}:{ce_id}"
+
+        def unit(conn: asyncpg.Connection) -> UnitOfWork:
+            return UnitOfWork(
                 self.name,
                 conn,
                 incoming.hospital,
@@ -345,42 +370,49 @@ class Service:
                 stream_seq=incoming.stream_seq,
                 message_time=incoming.stored_at,
             )
-            if not await mark_processed(conn, f"{incoming.hospital}:{ce_id}", incoming.stream_seq):
-                return "duplicate"
-            try:
-                async with conn.transaction():  # a savepoint: a rejection keeps nothing of it
+
+        try:
+            async with self._transaction(batch) as conn:
+                uow = unit(conn)
+                if not await mark_processed(conn, key, incoming.stream_seq):
+                    return "duplicate"
+                try:
                     if is_command:
                         message: Any = parse_payload(COMMANDS[incoming.type], data)
                         await self.command_handlers[incoming.type](message, uow)
                     else:
                         message = parse_payload(EVENTS[incoming.type], data)
                         await self.event_handlers[incoming.type](message, uow)
-            except Rejected as rejected:
-                if not is_command:
-                    log.warning(
-                        "event_refused", reason=rejected.reason_code, detail=rejected.detail
-                    )
-                    return "ignored"
-                uow.emitted.clear()
-                await self._append_rejection(uow, ce_id, incoming.type, rejected)
-                outcome = "rejected"
-            except NotYetKnown as pending:
-                limit = self.settings.not_yet_known_seconds
-                if stored_age_seconds(incoming, self.clock) < limit:
-                    log.info("not_yet_known", detail=pending.detail, attempt=incoming.attempt)
-                    raise _Retry() from None
-                if not is_command:
-                    self.last_unanswerable = f"not known after {limit:.0f}s: {pending.detail}"
-                    return "dead_letter"
-                uow.emitted.clear()
-                await self._append_rejection(
-                    uow, ce_id, incoming.type, Rejected(pending.reason_code, pending.detail)
-                )
-                outcome = "rejected"
-            else:
+                except Rejected as rejected:
+                    if not is_command:
+                        log.warning(
+                            "event_refused", reason=rejected.reason_code, detail=rejected.detail
+                        )
+                        raise _Refused("ignored") from None
+                    raise _Refused("rejected", rejected) from None
+                except NotYetKnown as pending:
+                    limit = self.settings.not_yet_known_seconds
+                    if stored_age_seconds(incoming, self.clock) < limit:
+                        log.info("not_yet_known", detail=pending.detail, attempt=incoming.attempt)
+                        raise _Retry() from None
+                    if not is_command:
+                        self.last_unanswerable = f"not known after {limit:.0f}s: {pending.detail}"
+                        raise _Refused("dead_letter") from None
+                    raise _Refused(
+                        "rejected", Rejected(pending.reason_code, pending.detail)
+                    ) from None
                 outcome = "ok"
                 if is_command and not uow.emitted:
                     log.error("command_without_answer", command_type=incoming.type)
+        except _Refused as refused:
+            # Rolled back: nothing of the handler is kept (no savepoint around it, which would
+            # cost two more round trips on every message). Recorded anew, with the answer.
+            async with self._transaction(batch) as conn:
+                if not await mark_processed(conn, key, incoming.stream_seq):
+                    return "duplicate"
+                if refused.rejected is not None:
+                    await self._append_rejection(unit(conn), ce_id, incoming.type, refused.rejected)
+            outcome = refused.outcome
         self._wake_relay()
         return outcome
 
@@ -398,9 +430,28 @@ class Service:
         )
         await uow.append(f"rejected:{uow.hospital}:{command_id}", 0, [event])
 
-    async def _reject_alone(self, incoming: Incoming, command_id: str, rejected: Rejected) -> str:
-        """Answer a command refused before its payload was read (bad envelope or subject)."""
+    @asynccontextmanager
+    async def _transaction(
+        self, batch: asyncpg.Connection | None
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """On the consumer's connection: a transaction, or a savepoint of its batch's; else a
+        pooled connection's own transaction."""
+        if batch is not None:
+            async with batch.transaction():
+                yield batch
+            return
         async with self.pool.acquire() as conn, conn.transaction():
+            yield conn
+
+    async def _reject_alone(
+        self,
+        incoming: Incoming,
+        command_id: str,
+        rejected: Rejected,
+        batch: asyncpg.Connection | None = None,
+    ) -> str:
+        """Answer a command refused before its payload was read (bad envelope or subject)."""
+        async with self._transaction(batch) as conn:
             if not await mark_processed(
                 conn, f"{incoming.hospital}:{command_id}", incoming.stream_seq
             ):
@@ -480,7 +531,10 @@ class Service:
         @app.exception_handler(HttpRejection)
         async def _rejection(request: Request, exc: HttpRejection) -> JSONResponse:
             return JSONResponse(
-                {"reason_code": exc.reason_code, "detail": exc.detail}, status_code=exc.status
+                {"reason_code": exc.reason_code, "detail": exc.detail},
+                status_code=exc.status,
+                # A 401 names its scheme (WWW-Authenticate): see shared/auth.py.
+                headers=getattr(exc, "headers", None),
             )
 
         @app.exception_handler(RequestValidationError)
