@@ -167,8 +167,34 @@ def cmd_onboard(args: argparse.Namespace) -> None:
     print(connection_help(user, password, args.server))
 
 
+def cmd_token(args: argparse.Namespace) -> None:
+    """`postctl hospital token`: the token alone on stdout (for scripts), the help on stderr."""
+    import sys
+
+    from shared import auth
+
+    path = Path(args.file) if args.file else auth.tokens_file()
+    try:
+        if args.revoke:
+            found = auth.revoke_token(args.hospital, path)
+            print(f"{'revoked' if found else 'no token to revoke for'} {args.hospital} in {path}")
+            return
+        token = auth.issue_token(args.hospital, path)
+    except ValueError as exc:
+        raise SystemExit(f"postctl hospital token: {exc}") from None
+    print(token)
+    print(
+        f"\nThe API token of hospital {args.hospital}, shown once: only its SHA-256 is kept, in"
+        f" {path}.\nIt replaces any earlier one at once; the services need no restart. Send"
+        " it over a secure channel.\nUse it on the HTTP routes that change state:\n"
+        f"  Authorization: Bearer <token>   e.g. POST /hospitals/{args.hospital}/referrals",
+        file=sys.stderr,
+    )
+
+
 def add_cli(subparsers: Any) -> None:
-    """Registers `postctl hospital onboard <hospital> [--conf ...] [--server ...]`."""
+    """Registers `postctl hospital onboard <hospital> [--conf ...] [--server ...]` and
+    `postctl hospital token <hospital> [--file ...] [--revoke]`."""
     hospital = subparsers.add_parser("hospital", help="tenant operations")
     actions = hospital.add_subparsers(dest="action", required=True)
     onboard = actions.add_parser(
@@ -180,3 +206,12 @@ def add_cli(subparsers: Any) -> None:
         "--server", default="nats://localhost:4222", help="the NATS URL given to the hospital"
     )
     onboard.set_defaults(func=cmd_onboard)
+    token = actions.add_parser(
+        "token", help="issue (or replace) a hospital's API token for the HTTP intakes"
+    )
+    token.add_argument("hospital", help="the hospital id (a slug)")
+    token.add_argument(
+        "--file", help="the tokens file (default $POST_API_TOKENS_FILE or $POST_DATA_DIR/...)"
+    )
+    token.add_argument("--revoke", action="store_true", help="remove the hospital's token")
+    token.set_defaults(func=cmd_token)

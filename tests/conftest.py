@@ -10,6 +10,7 @@ Fixtures:
 - ``hospital``: a fresh hospital id for this test (tests share the stack, not tenants).
 - ``advance_clock(service, seconds)``: moves a running service's clock forward.
 - ``http(service)``: an httpx.AsyncClient on that service.
+- ``api_token(hospital)``: issues the hospital's API token on the stack (``Bearer`` it).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shared.auth import issue_token, tokens_file
 from shared.client import PlatformClient
 from shared.runtime import SERVICES, Platform, free_port
 
@@ -91,3 +93,14 @@ def http(stack: Platform) -> Callable[[str], httpx.AsyncClient]:
         return httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.service_ports[service]}")
 
     return make
+
+
+@pytest.fixture
+def api_token(stack: Platform) -> Callable[[str], str]:
+    # The same file the services read: their environment is the stack's over this process's.
+    path = tokens_file({**os.environ, **stack.env()})
+
+    def issue(hospital: str) -> str:
+        return issue_token(hospital, path)
+
+    return issue

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 from collections import defaultdict
 from datetime import date
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import asyncpg
 from fastapi import APIRouter, Query, Request
@@ -14,10 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.analytics import domain, reaim
 from shared.contracts import ReasonCode, Rejected
+from shared.http import problem, service_of
 from shared.service import HttpRejection, http_error
-
-if TYPE_CHECKING:
-    from shared.service import Service
 
 router = APIRouter(tags=["analytics"])
 
@@ -186,28 +184,12 @@ class HospitalEntry(BaseModel):
     departments: list[DepartmentEntry]
 
 
-_ERROR = {
-    "description": "refused, with a reason code",
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "properties": {"reason_code": {"type": "string"}, "detail": {"type": "string"}},
-                "required": ["reason_code", "detail"],
-            }
-        }
-    },
-}
+_ERROR = problem()
 _RESPONSES: dict[int | str, dict[str, Any]] = {404: _ERROR, 422: _ERROR}
 _FROM = Query(None, alias="from", description="ISO date, inclusive")
 _TO = Query(None, alias="to", description="ISO date, exclusive")
 
 # --- routes ---------------------------------------------------------------------------------
-
-
-def _service(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
 
 
 def _date(value: str | None, name: str) -> date | None:
@@ -232,7 +214,7 @@ async def _answer(
     request: Request, scope: domain.Scope, period_from: str | None, period_to: str | None
 ) -> dict[str, Any]:
     start, end = _period(period_from, period_to)
-    async with _service(request).pool.acquire() as conn:
+    async with service_of(request).pool.acquire() as conn:
         facts = await load_facts(conn, scope)
     if scope.hospital is not None and not (facts.hospitals or facts.departments):
         raise HttpRejection(404, ReasonCode.unknown_hospital, "no such hospital")
@@ -281,7 +263,7 @@ async def reaim_department(
 @router.get("/hospitals", response_model=list[HospitalEntry])
 async def hospitals(request: Request) -> list[dict[str, Any]]:
     """Every hospital seen, with its departments (for dashboard pickers)."""
-    async with _service(request).pool.acquire() as conn:
+    async with service_of(request).pool.acquire() as conn:
         registered = await conn.fetch("SELECT hospital, physician_count FROM hospitals")
         departments = await conn.fetch(
             "SELECT hospital, department, physician_count, launched_on, closed_on"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import date
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import asyncpg
 from fastapi import APIRouter, Request
@@ -12,26 +12,13 @@ from pydantic import BaseModel
 
 from services.matching import domain
 from shared.contracts import HOSPITAL_PATTERN, Rank, ReasonCode, Rejected
+from shared.http import problem, service_of
 from shared.service import http_error
-
-if TYPE_CHECKING:
-    from shared.service import Service
 
 router = APIRouter(tags=["matching"])
 
 _HOSPITAL = re.compile(HOSPITAL_PATTERN)
-_ERROR = {
-    "description": "refused, with a reason code",
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "properties": {"reason_code": {"type": "string"}, "detail": {"type": "string"}},
-                "required": ["reason_code", "detail"],
-            }
-        }
-    },
-}
+_ERROR = problem()
 
 
 class DepartmentView(BaseModel):
@@ -54,11 +41,6 @@ class SupporterView(BaseModel):
     open_assignments: int
 
 
-def _service(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
-
-
 async def _known_hospital(pool: asyncpg.Pool, hospital: str) -> None:
     if not _HOSPITAL.match(hospital):
         raise http_error(Rejected(ReasonCode.invalid_payload, "hospital: not a hospital id"))
@@ -73,7 +55,7 @@ async def _known_hospital(pool: asyncpg.Pool, hospital: str) -> None:
 )
 async def list_departments(hospital: str, request: Request) -> list[DepartmentView]:
     """The hospital's departments, with active supporters and the 1:10 supporter ratio."""
-    pool = _service(request).pool
+    pool = service_of(request).pool
     await _known_hospital(pool, hospital)
     rows = await pool.fetch(
         "SELECT d.department, d.physician_count, d.launched_on, d.closed_on,"
@@ -110,7 +92,7 @@ async def list_departments(hospital: str, request: Request) -> list[DepartmentVi
 )
 async def list_supporters(hospital: str, request: Request) -> list[SupporterView]:
     """The hospital's trained supporters, their status and open assignments."""
-    pool = _service(request).pool
+    pool = service_of(request).pool
     await _known_hospital(pool, hospital)
     rows = await pool.fetch(
         "SELECT s.supporter_id, s.department, s.rank, s.interventional, s.retired_on,"

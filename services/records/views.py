@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
+from shared.auth import AUTH_RESPONSES, require_hospital_token
 from shared.contracts import (
     HOSPITAL_PATTERN,
     Command,
@@ -15,30 +16,16 @@ from shared.contracts import (
     RecordOutreach,
     Rejected,
     SubmitSurveyResponse,
-    parse_payload,
 )
+from shared.http import command_body, problem, read_command, service_of
 from shared.service import http_error
-
-if TYPE_CHECKING:
-    from shared.service import Service
 
 router = APIRouter(tags=["records"])
 
 _HOSPITAL = re.compile(HOSPITAL_PATTERN)
 # A client's retry of the same request carries the same key and is recorded once.
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,256}$")
-_ERROR = {
-    "description": "refused, with a reason code",
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "properties": {"reason_code": {"type": "string"}, "detail": {"type": "string"}},
-                "required": ["reason_code", "detail"],
-            }
-        }
-    },
-}
+_ERROR = problem()
 _ACCEPTED = {
     "description": "recorded; `event` is the event emitted, or null when it was recorded before",
     "content": {
@@ -58,10 +45,7 @@ _ACCEPTED = {
 
 def _openapi(model: type[Command]) -> dict[str, Any]:
     return {
-        "requestBody": {
-            "content": {"application/json": {"schema": model.model_json_schema()}},
-            "required": True,
-        },
+        **command_body(model),
         "parameters": [
             {
                 "name": "Idempotency-Key",
@@ -75,28 +59,17 @@ def _openapi(model: type[Command]) -> dict[str, Any]:
     }
 
 
-def _service(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
-
-
 async def _intake(hospital: str, model: type[Command], request: Request) -> dict[str, Any]:
     if not _HOSPITAL.match(hospital):
         raise http_error(Rejected(ReasonCode.invalid_payload, "hospital: not a hospital id"))
-    try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise http_error(Rejected(ReasonCode.invalid_payload, "body is not JSON")) from None
-    if not isinstance(body, dict):
-        raise http_error(Rejected(ReasonCode.invalid_payload, "body is not a JSON object"))
+    command = await read_command(request, model)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not _IDEMPOTENCY_KEY.match(key):
         raise http_error(
             Rejected(ReasonCode.invalid_payload, "Idempotency-Key: 1 to 256 printable")
         )
     try:
-        command = parse_payload(model, body)
-        events = await _service(request).execute(hospital, command, command_id=key)
+        events = await service_of(request).execute(hospital, command, command_id=key)
     except Rejected as rejected:
         raise http_error(rejected) from None
     if not events:
@@ -107,6 +80,8 @@ async def _intake(hospital: str, model: type[Command], request: Request) -> dict
 @router.post(
     "/hospitals/{hospital}/outreach",
     status_code=202,
+    responses=AUTH_RESPONSES,
+    dependencies=[Depends(require_hospital_token)],  # a hospital's API token: shared/auth.py
     summary="Record an outreach outcome (RecordOutreach)",
     openapi_extra=_openapi(RecordOutreach),
 )
@@ -117,6 +92,8 @@ async def record_outreach(hospital: str, request: Request) -> dict[str, Any]:
 @router.post(
     "/hospitals/{hospital}/interactions",
     status_code=202,
+    responses=AUTH_RESPONSES,
+    dependencies=[Depends(require_hospital_token)],  # a hospital's API token: shared/auth.py
     summary="Record a completed, de-identified interaction (RecordInteraction)",
     openapi_extra=_openapi(RecordInteraction),
 )
@@ -127,6 +104,8 @@ async def record_interaction(hospital: str, request: Request) -> dict[str, Any]:
 @router.post(
     "/hospitals/{hospital}/surveys",
     status_code=202,
+    responses=AUTH_RESPONSES,
+    dependencies=[Depends(require_hospital_token)],  # a hospital's API token: shared/auth.py
     summary="Submit an anonymous survey response (SubmitSurveyResponse)",
     openapi_extra=_openapi(SubmitSurveyResponse),
 )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from services.referral import domain
+from shared.auth import AUTH_RESPONSES, require_hospital_token
 from shared.contracts import (
     HOSPITAL_PATTERN,
     ID_PATTERN,
@@ -16,9 +17,9 @@ from shared.contracts import (
     ReferralCreated,
     Rejected,
     RequestReferral,
-    parse_payload,
 )
-from shared.service import Service, http_error
+from shared.http import command_body, problem, read_command, service_of
+from shared.service import http_error
 
 router = APIRouter(tags=["referrals"])
 
@@ -42,13 +43,8 @@ class ReferralStatus(BaseModel):
     requested_at: str
 
 
-class Problem(BaseModel):
-    reason_code: str
-    detail: str
-
-
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem, "description": why}
+    code: problem(why)
     for code, why in (
         (404, "unknown_hospital"),
         (409, "conflicting_duplicate, already_referred"),
@@ -57,34 +53,19 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _service(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
-
-
 @router.post(
     "/hospitals/{hospital}/referrals",
     status_code=202,
     response_model=ReferralAccepted,
-    responses=_PROBLEMS,
-    openapi_extra={
-        "requestBody": {
-            "content": {"application/json": {"schema": RequestReferral.model_json_schema()}},
-            "required": True,
-        }
-    },
+    responses={**AUTH_RESPONSES, **_PROBLEMS},
+    dependencies=[Depends(require_hospital_token)],  # a hospital's API token: shared/auth.py
+    openapi_extra=command_body(RequestReferral),
 )
 async def request_referral(hospital: HospitalPath, request: Request) -> JSONResponse:
     """Refer a physician (the `RequestReferral` payload): 202 once the referral exists."""
+    command = await read_command(request, RequestReferral)
+    service = service_of(request)
     try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise http_error(Rejected(ReasonCode.invalid_payload, "body is not JSON")) from None
-    if not isinstance(body, dict):
-        raise http_error(Rejected(ReasonCode.invalid_payload, "body is not a JSON object"))
-    service = _service(request)
-    try:
-        command = parse_payload(RequestReferral, body)
         emitted = await service.execute(hospital, command)
     except Rejected as rejected:
         raise http_error(rejected) from None
@@ -105,13 +86,13 @@ async def request_referral(hospital: HospitalPath, request: Request) -> JSONResp
 @router.get(
     "/hospitals/{hospital}/referrals/{referral_id}",
     response_model=ReferralStatus,
-    responses={404: {"model": Problem, "description": "unknown_referral"}},
+    responses={404: problem("unknown_referral")},
 )
 async def referral_status(
     hospital: HospitalPath, referral_id: ReferralPath, request: Request
 ) -> dict[str, Any]:
     """Where a referral stands (pseudonymous ids only: no physician)."""
-    async with _service(request).pool.acquire() as conn:
+    async with service_of(request).pool.acquire() as conn:
         row = await conn.fetchrow(
             """
             SELECT hospital, referral_id, department, source, status, supporter_id, interactions,

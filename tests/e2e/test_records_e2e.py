@@ -279,11 +279,15 @@ async def test_an_extra_field_is_refused_and_nothing_is_stored(
 
 
 async def test_the_http_intake(
-    client: PlatformClient, hospital: str, http: Callable[[str], httpx.AsyncClient]
+    client: PlatformClient,
+    hospital: str,
+    http: Callable[[str], httpx.AsyncClient],
+    api_token: Callable[[str], str],
 ) -> None:
     await open_program(client, hospital)
     referral_id, supporter_id = await assigned_referral(client, hospital)
     async with http("records") as api:
+        api.headers["Authorization"] = f"Bearer {api_token(hospital)}"
         # Records learns of the assignment from the stream: wait until it has.
         for _ in range(50):
             resp = await api.post(

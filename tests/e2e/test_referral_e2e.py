@@ -308,11 +308,12 @@ async def test_the_same_command_twice_creates_one_referral(
 
 
 async def test_the_http_intake_creates_the_same_referral_as_nats(
-    client: PlatformClient, hospital: str, http: Http
+    client: PlatformClient, hospital: str, http: Http, api_token: Callable[[str], str]
 ) -> None:
     await onboard(client, hospital)
     data = referral_data(source="third_party", referrer_id="lead-1")
     async with http("referral") as web:
+        web.headers["Authorization"] = f"Bearer {api_token(hospital)}"
         answer = await web.post(f"/hospitals/{hospital}/referrals", json=data)
         assert answer.status_code == 202, answer.text
         assert answer.json() == {"referral_id": data["referral_id"], "status": "requested"}
@@ -332,9 +333,10 @@ async def test_the_http_intake_creates_the_same_referral_as_nats(
         assert "sad" not in unknown.text
         not_json = await web.post(f"/hospitals/{hospital}/referrals", content=b"{oops")
         assert not_json.json()["reason_code"] == "invalid_payload"
+        # The token is checked first, and it is not valid for that (bad) hospital.
         bad_slug = await web.post("/hospitals/Not_A_Slug/referrals", json=data)
-        assert bad_slug.status_code == 422
-        assert bad_slug.json()["reason_code"] == "invalid_payload"
+        assert bad_slug.status_code == 403
+        assert bad_slug.json()["reason_code"] == "forbidden"
         spec = (await web.get("/openapi.json")).json()
         assert "/hospitals/{hospital}/referrals" in spec["paths"]
     event = await client.wait(
