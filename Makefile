@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install system-deps lint typecheck unit integration e2e up asyncapi clean
+.PHONY: demo test install system-deps lint typecheck unit integration e2e badinput security fault soak up asyncapi clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,20 @@ integration: $(STAMP)
 
 e2e: $(STAMP) system-deps
 	$(BIN)/pytest -q tests/e2e
+
+badinput: $(STAMP)
+	$(BIN)/pytest -q tests/badinput
+
+security: $(STAMP)
+	$(BIN)/pytest -q tests/security tests/unit/test_auth.py
+
+## the fault suite: kills and restarts services, nats-server, PostgreSQL, a cluster node, under load
+fault: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider tests/fault
+
+## a soak against a running `make up`: throughput, latency, and nothing lost
+soak: $(STAMP)
+	$(BIN)/postctl load --rate 100 --duration 60
 
 ## the AsyncAPI document of every subject, command and event, generated from the code
 asyncapi: $(STAMP)

@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     sim.add_argument("--years", type=int, default=3)
     sim.add_argument("--seed", type=int, default=1)
     sim.set_defaults(func=cmd_simulate)
+    from postctl import load
+
+    load.add_cli(sub)  # postctl load --rate R --duration D [--hospitals N] [--seed S]
     analytics = sub.add_parser("analytics", help="analytics operations")
     asub = analytics.add_subparsers(dest="action", required=True)
     asub.add_parser("rebuild", help="drop the read models and replay the stream").set_defaults(

@@ -1,0 +1,66 @@
+"""A dedicated platform for each fault test: real processes on free ports, its own data dir.
+
+The session's `stack` is never used here: these tests kill things. Keep the data with
+``POST_KEEP_TEST_DATA=1`` (the services' logs are under ``logs/``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from shared.runtime import SERVICES, Platform, Postgres, free_port
+
+MakePlatform = Callable[..., Platform]
+
+
+def _fault_env() -> dict[str, str]:
+    return {"POST_LOG_LEVEL": "info", "POST_TIMER_INTERVAL": "0.5"}
+
+
+@pytest.fixture
+def make_platform() -> Iterator[MakePlatform]:
+    """make_platform(nats_url=None, extra_env={}): servers and the four services, ready.
+
+    With `nats_url` (a cluster's servers) only PostgreSQL is started here."""
+    made: list[Platform] = []
+
+    def make(nats_url: str | None = None, extra_env: Mapping[str, str] | None = None) -> Platform:
+        data_dir = Path(tempfile.mkdtemp(prefix="post-fault-"))
+        os.chmod(data_dir, 0o755)  # PostgreSQL runs as `nobody` when the tests run as root
+        env = {**_fault_env(), **(extra_env or {})}
+        if nats_url is not None:
+            env["POST_NATS_URL"] = nats_url
+        platform = Platform(
+            data_dir=data_dir,
+            nats_port=free_port(),
+            nats_monitor_port=free_port(),
+            pg_port=free_port(),
+            service_ports={name: free_port() for name in SERVICES},
+            extra_env=env,
+        )
+        made.append(platform)
+        if nats_url is None:
+            platform.start_servers()
+        else:
+            platform.postgres = Postgres(data_dir / "postgres", platform.pg_port).start()
+        platform.start_services()
+        platform.wait_ready()
+        return platform
+
+    yield make
+    for platform in made:
+        platform.stop()
+        if os.environ.get("POST_KEEP_TEST_DATA") != "1":
+            shutil.rmtree(platform.data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def fault_platform(make_platform: MakePlatform) -> Platform:
+    """The embedded platform (one nats-server, one PostgreSQL), the four services running."""
+    return make_platform()
