@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install system-deps lint typecheck unit integration e2e badinput security fault soak up asyncapi clean
+.PHONY: demo test install system-deps lint typecheck unit integration e2e badinput security fault soak bench up asyncapi clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,8 +31,8 @@ test: $(STAMP) system-deps lint typecheck
 	$(BIN)/pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(BIN)/ruff check shared services postctl tests
-	$(BIN)/ruff format --check shared services postctl tests
+	$(BIN)/ruff check shared services postctl tests bench
+	$(BIN)/ruff format --check shared services postctl tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy shared services
@@ -59,6 +59,11 @@ fault: $(STAMP)
 ## a soak against a running `make up`: throughput, latency, and nothing lost
 soak: $(STAMP)
 	$(BIN)/postctl load --rate 100 --duration 60
+
+## make bench: the benchmark harness (10-12 minutes): a table, and bench/results/*.json
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python -m bench
 
 ## the AsyncAPI document of every subject, command and event, generated from the code
 asyncapi: $(STAMP)

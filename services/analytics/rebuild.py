@@ -1,7 +1,7 @@
 """`postctl analytics rebuild`: drop the read models and replay the whole POST stream.
 
 It empties the fact tables and ``processed``, then reads every event message up to the
-stream's last sequence at start with an ordered (ephemeral) consumer, and writes the same rows as
+stream's last sequence at start with a bounded ephemeral consumer, and writes the same rows as
 the live handlers (``handlers.row_of``) in batched transactions, recording each message in
 ``processed`` like the live consumer does. Both insert into ``processed`` first and apply
 only what they inserted, so the running service may keep consuming meanwhile: each message
@@ -21,6 +21,7 @@ import asyncpg
 import nats
 import structlog
 from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.analytics import handlers
 from shared.contracts import (
@@ -42,6 +43,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 BATCH = 1000
 IDLE_SECONDS = 2.0
 DEADLOCK_RETRIES = 5
+IN_FLIGHT_BATCHES = 4  # batches the server may send ahead of the database
 
 
 @dataclass
@@ -164,29 +166,31 @@ async def _replay(
 ) -> None:
     """Read every event message with a sequence up to `last_seq`, in order, in batches.
 
-    An ordered push consumer (nats-py's pull fetch is several times slower); the batches are
-    written inside its callback, so flow control holds the server back while the database works.
+    A push consumer that acknowledges each batch once it is written (AckPolicy.ALL) and may
+    have at most a few batches unacknowledged: the server waits for the database, memory stays
+    bounded, and nothing is dropped. (An unbounded push consumer overran the client on a
+    million events: nats-py dropped messages as a slow consumer and the rebuild ended early.)
+    The end is the stream's last sequence at start, or the last event before it.
     """
     batch: list[Message] = []
     done = asyncio.Event()
     failures: list[BaseException] = []
-    state = {"busy": False, "last_seen": time.monotonic()}
 
-    async def flush() -> None:
+    async def flush(ack: Msg) -> None:
         if batch:
             applied = await _apply_with_retry(pool, batch)
             counts["events_applied"] += applied
             counts["skipped"] += len(batch) - applied
             batch.clear()
+        await ack.ack()  # AckPolicy.ALL: this message and every one before it
 
     async def on_message(msg: Msg) -> None:
         if done.is_set():
             return
-        state["busy"] = True
         try:
             meta = msg.metadata
             if meta.sequence.stream > last_seq:  # the live consumer handles what came after
-                await flush()
+                await flush(msg)
                 done.set()
                 return
             counts["messages"] += 1
@@ -197,29 +201,36 @@ async def _replay(
                 batch.append(message)
             last = meta.sequence.stream == last_seq or meta.num_pending == 0
             if last or len(batch) >= batch_size:
-                await flush()
+                await flush(msg)
             if last:
                 done.set()
         except Exception as exc:  # raised below, once the subscription is gone
             failures.append(exc)
             done.set()
-        finally:
-            state["busy"] = False
-            state["last_seen"] = time.monotonic()
 
     sub = await js.subscribe(
-        evt_subject("*", ">"), stream=STREAM_NAME, ordered_consumer=True, cb=on_message
+        evt_subject("*", ">"),
+        stream=STREAM_NAME,
+        cb=on_message,
+        manual_ack=True,
+        config=ConsumerConfig(
+            ack_policy=AckPolicy.ALL,
+            deliver_policy=DeliverPolicy.ALL,
+            max_ack_pending=batch_size * IN_FLIGHT_BATCHES,
+            ack_wait=120,
+            inactive_threshold=60,
+        ),
     )
     try:
         while not done.is_set():
             try:
                 await asyncio.wait_for(done.wait(), timeout=idle_seconds)
             except TimeoutError:
-                idle = time.monotonic() - float(state["last_seen"]) > idle_seconds
-                if idle and not state["busy"]:
-                    break  # nothing more to read: every earlier message has been seen
+                # A stream with no event at all up to last_seq never calls back: ask the server.
+                info = await sub.consumer_info()
+                if not info.num_pending and not info.num_ack_pending and not batch:
+                    break
     finally:
         await sub.unsubscribe()
     if failures:
         raise failures[0]
-    await flush()
