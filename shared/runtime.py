@@ -306,6 +306,24 @@ class Platform:
     postgres: Postgres | None = None
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
 
+    @classmethod
+    def on_free_ports(
+        cls, prefix: str = "post-", extra_env: Mapping[str, str] | None = None
+    ) -> Platform:
+        """A platform in a new temporary data dir with every port free (tests, benchmarks)."""
+        import tempfile
+
+        data_dir = Path(tempfile.mkdtemp(prefix=prefix))
+        os.chmod(data_dir, 0o755)  # PostgreSQL runs as `nobody` when started by root
+        return cls(
+            data_dir=data_dir,
+            nats_port=free_port(),
+            nats_monitor_port=free_port(),
+            pg_port=free_port(),
+            service_ports={name: free_port() for name in SERVICES},
+            extra_env=dict(extra_env or {}),
+        )
+
     @property
     def nats_url(self) -> str:
         return f"nats://127.0.0.1:{self.nats_port}"

@@ -17,42 +17,49 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from contextlib import contextmanager
 
 import httpx
 import pytest
 
 from shared.auth import issue_token, tokens_file
 from shared.client import PlatformClient
-from shared.runtime import SERVICES, Platform, free_port
+from shared.runtime import Platform
+
+
+def _discard(plat: Platform) -> None:
+    plat.stop()
+    if os.environ.get("POST_KEEP_TEST_DATA") != "1":
+        shutil.rmtree(plat.data_dir, ignore_errors=True)
+
+
+@contextmanager
+def dedicated_platform(prefix: str, **extra_env: str) -> Iterator[Platform]:
+    """A whole platform of its own (servers and the four services, ready), for tests whose
+    region-wide figures must hold only their own data, or that break things."""
+    plat = Platform.on_free_ports(prefix, {"POST_LOG_LEVEL": "warning", **extra_env})
+    try:
+        plat.start_servers()
+        plat.start_services()
+        plat.wait_ready()
+        yield plat
+    finally:
+        _discard(plat)
 
 
 @pytest.fixture(scope="session")
 def platform() -> Iterator[Platform]:
-    data_dir = Path(tempfile.mkdtemp(prefix="post-test-"))
-    os.chmod(data_dir, 0o755)  # PostgreSQL runs as `nobody` when the tests run as root
-    plat = Platform(
-        data_dir=data_dir,
-        nats_port=free_port(),
-        nats_monitor_port=free_port(),
-        pg_port=free_port(),
-        service_ports={name: free_port() for name in SERVICES},
-        extra_env={
-            "POST_TEST_CLOCK": "1",
-            "POST_TIMER_INTERVAL": "0.2",
-            "POST_LOG_LEVEL": "info",
-        },
+    plat = Platform.on_free_ports(
+        "post-test-",
+        {"POST_TEST_CLOCK": "1", "POST_TIMER_INTERVAL": "0.2", "POST_LOG_LEVEL": "info"},
     )
-    plat.start_servers()
     try:
+        plat.start_servers()
         yield plat
     finally:
-        plat.stop()
-        if os.environ.get("POST_KEEP_TEST_DATA") != "1":
-            shutil.rmtree(data_dir, ignore_errors=True)
+        _discard(plat)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,8 @@ import pytest
 
 from postctl.cli import wait_consumed
 from postctl.simulate import run_post_2023
-from shared.runtime import SERVICES, Platform, free_port
+from shared.runtime import Platform
+from tests.conftest import dedicated_platform
 
 pytestmark = pytest.mark.e2e
 
@@ -236,25 +237,8 @@ def selected(page: Node, select_id: str) -> str:
 @pytest.fixture(scope="module")
 def dashboard_platform() -> Iterator[Platform]:
     assert os.access(CHROMIUM, os.X_OK), "install Debian's chromium: apt-get install -y chromium"
-    data_dir = Path(tempfile.mkdtemp(prefix="post-dashboard-"))
-    os.chmod(data_dir, 0o755)  # PostgreSQL runs as `nobody` when the tests run as root
-    platform = Platform(
-        data_dir=data_dir,
-        nats_port=free_port(),
-        nats_monitor_port=free_port(),
-        pg_port=free_port(),
-        service_ports={name: free_port() for name in SERVICES},
-        extra_env={"POST_LOG_LEVEL": "warning"},
-    )
-    platform.start_servers()
-    try:
-        platform.start_services()
-        platform.wait_ready()
+    with dedicated_platform("post-dashboard-") as platform:
         yield platform
-    finally:
-        platform.stop()
-        if os.environ.get("POST_KEEP_TEST_DATA") != "1":
-            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

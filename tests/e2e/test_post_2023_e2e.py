@@ -9,11 +9,7 @@ where other tests' hospitals would count too.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,33 +18,17 @@ import pytest
 from postctl import paper
 from postctl.cli import wait_consumed
 from postctl.simulate import post_2023_scenario, run_post_2023
-from shared.runtime import SERVICES, Platform, free_port
+from shared.runtime import Platform
 from shared.settings import Settings
+from tests.conftest import dedicated_platform
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def post_platform() -> Iterator[Platform]:
-    data_dir = Path(tempfile.mkdtemp(prefix="post-2023-"))
-    os.chmod(data_dir, 0o755)  # PostgreSQL runs as `nobody` when the tests run as root
-    platform = Platform(
-        data_dir=data_dir,
-        nats_port=free_port(),
-        nats_monitor_port=free_port(),
-        pg_port=free_port(),
-        service_ports={name: free_port() for name in SERVICES},
-        extra_env={"POST_LOG_LEVEL": "warning"},
-    )
-    platform.start_servers()
-    try:
-        platform.start_services()
-        platform.wait_ready()
+    with dedicated_platform("post-2023-") as platform:
         yield platform
-    finally:
-        platform.stop()
-        if os.environ.get("POST_KEEP_TEST_DATA") != "1":
-            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

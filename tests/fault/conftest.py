@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 
 import pytest
 
-from shared.runtime import SERVICES, Platform, Postgres, free_port
+from shared.runtime import Platform, Postgres
 
 MakePlatform = Callable[..., Platform]
 
@@ -31,19 +29,11 @@ def make_platform() -> Iterator[MakePlatform]:
     made: list[Platform] = []
 
     def make(nats_url: str | None = None, extra_env: Mapping[str, str] | None = None) -> Platform:
-        data_dir = Path(tempfile.mkdtemp(prefix="post-fault-"))
-        os.chmod(data_dir, 0o755)  # PostgreSQL runs as `nobody` when the tests run as root
         env = {**_fault_env(), **(extra_env or {})}
         if nats_url is not None:
             env["POST_NATS_URL"] = nats_url
-        platform = Platform(
-            data_dir=data_dir,
-            nats_port=free_port(),
-            nats_monitor_port=free_port(),
-            pg_port=free_port(),
-            service_ports={name: free_port() for name in SERVICES},
-            extra_env=env,
-        )
+        platform = Platform.on_free_ports("post-fault-", env)
+        data_dir = platform.data_dir
         made.append(platform)
         if nats_url is None:
             platform.start_servers()
