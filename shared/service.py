@@ -23,9 +23,11 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
@@ -119,8 +121,14 @@ class ClockAdvance(BaseModel):
 # --- the stream -------------------------------------------------------------------------------
 
 
-async def ensure_stream(js: JetStreamContext, replicas: int = 1) -> None:
-    """The one `POST` stream of CONTRACT.md: subjects post.>, file storage."""
+async def ensure_stream(js: JetStreamContext, replicas: int = 1, timeout: float = 60.0) -> None:
+    """The one `POST` stream of CONTRACT.md: subjects post.>, file storage.
+
+    A cluster that has just started is still electing its JetStream meta leader and then
+    the stream's leader: its API answers late (a request timeout) or with 503 until then.
+    Both are waited out, up to ``timeout``, so the services of a starting region come up in
+    any order; anything else (bad credentials, a conflicting stream config) fails at once.
+    """
     config = StreamConfig(
         name=STREAM_NAME,
         subjects=STREAM_SUBJECTS,
@@ -128,20 +136,27 @@ async def ensure_stream(js: JetStreamContext, replicas: int = 1) -> None:
         num_replicas=replicas,
         duplicate_window=120.0,
     )
-    try:
-        await js.stream_info(STREAM_NAME)
-    except NotFoundError:
+    deadline = asyncio.get_running_loop().time() + timeout
+    waited_for = "the JetStream API"
+    while asyncio.get_running_loop().time() < deadline:
         try:
-            await js.add_stream(config)
-        except Exception:  # another process created it first
-            await js.stream_info(STREAM_NAME)
-    # In a cluster a new stream elects its leader first: until then a publish finds no one.
-    for _ in range(300):
-        info = await js.stream_info(STREAM_NAME)
-        if info.cluster is None or info.cluster.leader:
-            return
-        await asyncio.sleep(0.1)
-    raise TimeoutError(f"stream {STREAM_NAME} has no leader after 30 s")
+            try:
+                info = await js.stream_info(STREAM_NAME)
+            except NotFoundError:
+                try:
+                    info = await js.add_stream(config)
+                except BadRequestError:  # another process created it first
+                    info = await js.stream_info(STREAM_NAME)
+            # In a cluster a new stream elects its leader first: until then a publish finds
+            # no one.
+            if info.cluster is None or info.cluster.leader:
+                return
+            waited_for = f"a leader of stream {STREAM_NAME}"
+        except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError):
+            waited_for = "the JetStream API"
+        log.info("stream.waiting", waiting_for=waited_for)
+        await asyncio.sleep(0.25)
+    raise TimeoutError(f"no answer from {waited_for} after {timeout:.0f} s")
 
 
 # --- the service ------------------------------------------------------------------------------
