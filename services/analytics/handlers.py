@@ -18,7 +18,7 @@ import structlog
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from services.analytics import domain, reaim, views
+from services.analytics import answers, domain, reaim, views
 from shared.consumer import UnitOfWork
 from shared.contracts import (
     AssignmentOverdue,
@@ -263,13 +263,34 @@ def row_of(event: Event, stream_seq: int | None, event_id: str) -> Row | None:
     return PROJECTIONS[event.type_name](event, stream_seq, event_id)
 
 
+# Every fact row bumps its hospital's version (answers.py), in the same statement: each row's
+# first argument is its hospital.
+BUMP_SQL = """
+INSERT INTO scope_versions AS v (hospital, version) SELECT DISTINCT unnest($1::text[]), 1
+ON CONFLICT (hospital) DO UPDATE SET version = v.version + 1
+"""
+_BUMP_CTE = (
+    "WITH bumped AS (INSERT INTO scope_versions AS v (hospital, version) VALUES ($1, 1)"
+    " ON CONFLICT (hospital) DO UPDATE SET version = v.version + 1) "
+)
+_VERSIONED: dict[str, str] = {}
+
+
+def versioned(sql: str) -> str:
+    """The row's upsert and its hospital's version bump as one statement."""
+    found = _VERSIONED.get(sql)
+    if found is None:
+        found = _VERSIONED[sql] = _BUMP_CTE + sql.strip()
+    return found
+
+
 async def project(
     conn: asyncpg.Connection, event: Event, stream_seq: int | None, event_id: str
 ) -> None:
-    """Write one event's fact, in the caller's transaction."""
+    """Write one event's fact and bump its hospital's version, in the caller's transaction."""
     row = row_of(event, stream_seq, event_id)
     if row is not None:
-        await conn.execute(row.sql, *row.args)
+        await conn.execute(versioned(row.sql), *row.args)
     EVENTS_PROJECTED.labels(event.type_name).inc()
     COLLECTOR.changes += 1
 
@@ -288,10 +309,10 @@ BREAKDOWNS = {
 _LABELS = ["hospital", "department"]
 
 
-@dataclass(frozen=True)
-class Sample:
-    labels: tuple[str, ...]  # hospital, department ("" for all of them), then any breakdown
-    value: float
+# A gauge sample: its labels (hospital, department ("" for all of them), then any breakdown)
+# and its value. A plain tuple, not an object: a region has a couple of hundred thousand, and
+# the garbage collector stops tracking a tuple of strings and floats (not a NamedTuple).
+Sample = tuple[tuple[str, ...], float]
 
 
 Snapshot = dict[str, list[Sample]]
@@ -314,17 +335,21 @@ def samples_of(
     base = (hospital, department)
     for key, value in reaim.numeric_figures(figures).items():
         if value is not None:
-            yield key, Sample(base, float(value))
+            yield key, (base, float(value))
     for key in BREAKDOWNS:
         for item, count in figures[GAUGES[key]][key].items():
-            yield key, Sample((*base, item), float(count))
+            yield key, ((*base, item), float(count))
     for year, count in enumerate(figures["maintenance"]["interactions_by_program_year"], 1):
-        yield "interactions_by_program_year", Sample((*base, str(year)), float(count))
+        yield "interactions_by_program_year", ((*base, str(year)), float(count))
 
 
-def snapshot_of(facts: domain.Facts) -> Snapshot:
+Computed = Callable[[domain.Scope, domain.Facts, dict[str, Any]], None]
+
+
+def snapshot_of(facts: domain.Facts, computed: Computed | None = None) -> Snapshot:
     """Every gauge sample: the region (hospital ""), each registered hospital (department ""),
-    and each launched department of a registered hospital. Pure; run in a worker thread."""
+    and each launched department of a registered hospital. Pure; run in a worker thread.
+    `computed` is shown each scope's all-time figures as they are computed."""
     snapshot: Snapshot = {key: [] for key in GAUGES}
 
     def add(samples: Iterable[tuple[str, Sample]]) -> None:
@@ -332,7 +357,10 @@ def snapshot_of(facts: domain.Facts) -> Snapshot:
             snapshot[key].append(sample)
 
     def figures(part: domain.Facts, scope: domain.Scope) -> dict[str, Any]:
-        return reaim.compute(part, scope=scope, period_from=None, period_to=None)
+        result = reaim.compute(part, scope=scope, period_from=None, period_to=None)
+        if computed is not None:
+            computed(scope, part, result)
+        return result
 
     add(samples_of(figures(facts, domain.Scope()), "", ""))
     by_hospital = views.facts_by_hospital(facts)
@@ -366,8 +394,8 @@ class ReaimCollector:
                 ' region, department="" the whole hospital.',
                 labels=[*_LABELS, *extra],
             )
-            for sample in samples:
-                family.add_metric(list(sample.labels), sample.value)
+            for labels, value in samples:
+                family.add_metric(list(labels), value)
             yield family
 
 
@@ -375,12 +403,26 @@ COLLECTOR = ReaimCollector()
 REGISTRY.register(COLLECTOR)  # type: ignore[arg-type]
 
 
-async def refresh_gauges_once(pool: asyncpg.Pool) -> float:
-    """Recompute every gauge; returns how long it took."""
+async def refresh_gauges_once(
+    pool: asyncpg.Pool, cache: answers.AnswerCache | None = None
+) -> float:
+    """Recompute every gauge, and keep the all-time answers computed on the way in `cache`;
+    returns how long it took."""
     started = time.perf_counter()
-    async with pool.acquire() as conn:
+    async with pool.acquire() as conn, views.snapshot(conn):
+        versions = await views.hospital_versions(conn)
         facts = await views.load_facts(conn, domain.Scope())
-    COLLECTOR.snapshot = await asyncio.to_thread(snapshot_of, facts)
+
+    def keep(scope: domain.Scope, part: domain.Facts, figures: dict[str, Any]) -> None:
+        assert cache is not None
+        hospital = scope.hospital
+        version = sum(versions.values()) if hospital is None else versions.get(hospital, 0)
+        body = views.render(scope, part, figures, None, None)
+        cache.put(views.answer_key(scope, None, None), version, body)
+
+    COLLECTOR.snapshot = await asyncio.to_thread(
+        snapshot_of, facts, None if cache is None else keep
+    )
     took = time.perf_counter() - started
     GAUGE_REFRESH_SECONDS.observe(took)
     return took
@@ -397,7 +439,7 @@ async def refresh_gauges(service: Service) -> None:
             # One more round after a change: an event counted here may commit after our read.
             trailing, seen = changed, COLLECTOR.changes
             try:
-                took = await refresh_gauges_once(service.pool)
+                took = await refresh_gauges_once(service.pool, answers.cache_for(service.name))
                 refreshed = time.monotonic()
             except Exception as exc:  # the next round tries again; the last snapshot stays
                 log.warning("gauge_refresh_failed", error=repr(exc))

@@ -94,8 +94,12 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[Message]) -> int:
             by_sql[m.row.sql].append(m.row.args)
             applied += 1
     # Upserts are order-independent across statements; within one, executemany keeps order.
+    hospitals: set[str] = set()
     for sql, args in by_sql.items():
         await conn.executemany(sql, args)
+        hospitals.update(a[0] for a in args)
+    if hospitals:  # once per hospital and batch, not per row as live
+        await conn.execute(handlers.BUMP_SQL, sorted(hospitals))
     return applied
 
 
@@ -132,7 +136,10 @@ async def rebuild(
             await lock.execute("SELECT pg_advisory_lock(hashtext($1))", f"rebuild:{schema}")
             try:
                 tables = ", ".join((*handlers.FACT_TABLES, "processed"))
-                await lock.execute(f"TRUNCATE {tables}")
+                async with lock.transaction():
+                    await lock.execute(f"TRUNCATE {tables}")
+                    # Every answer computed before is void (answers.py).
+                    await lock.execute("UPDATE scope_versions SET version = version + 1")
                 js = nc.jetstream()
                 last_seq = (await js.stream_info(STREAM_NAME)).state.last_seq
                 if last_seq:

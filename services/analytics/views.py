@@ -10,9 +10,10 @@ from typing import Any, Literal
 
 import asyncpg
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.analytics import domain, reaim
+from services.analytics import answers, domain, reaim
 from shared.contracts import ReasonCode, Rejected
 from shared.http import problem, service_of
 from shared.service import HttpRejection, http_error
@@ -36,17 +37,39 @@ _SELECT = {
 }
 
 
+def snapshot(conn: asyncpg.Connection) -> Any:
+    """A read-only transaction whose queries all see one snapshot: versions and facts agree."""
+    return conn.transaction(isolation="repeatable_read", readonly=True)
+
+
+async def scope_version(conn: asyncpg.Connection, scope: domain.Scope) -> int:
+    """The version of the scope's facts (answers.py): its hospital's, or the region's sum."""
+    if scope.hospital is None:
+        return int(await conn.fetchval("SELECT coalesce(sum(version), 0) FROM scope_versions"))
+    found = await conn.fetchval(
+        "SELECT version FROM scope_versions WHERE hospital = $1", scope.hospital
+    )
+    return int(found or 0)
+
+
+async def hospital_versions(conn: asyncpg.Connection) -> dict[str, int]:
+    return {r[0]: r[1] for r in await conn.fetch("SELECT hospital, version FROM scope_versions")}
+
+
 async def load_facts(conn: asyncpg.Connection, scope: domain.Scope) -> domain.Facts:
-    """The scope's fact rows, one indexed query per table, from one consistent snapshot."""
+    """The scope's fact rows, one indexed query per table, from one consistent snapshot (the
+    caller's, when it has opened one)."""
+    if not conn.is_in_transaction():
+        async with snapshot(conn):
+            return await load_facts(conn, scope)
     rows: dict[str, list[Any]] = {}
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        for table, cls in _TABLES.items():
-            sql, args = _SELECT[table], []
-            if scope.hospital is not None:
-                sql, args = sql + " WHERE hospital = $1", [scope.hospital]
-                if scope.department is not None and table != "hospitals":
-                    sql, args = sql + " AND department = $2", [scope.hospital, scope.department]
-            rows[table] = [cls(*record) for record in await conn.fetch(sql, *args)]
+    for table, cls in _TABLES.items():
+        sql, args = _SELECT[table], []
+        if scope.hospital is not None:
+            sql, args = sql + " WHERE hospital = $1", [scope.hospital]
+            if scope.department is not None and table != "hospitals":
+                sql, args = sql + " AND department = $2", [scope.hospital, scope.department]
+        rows[table] = [cls(*record) for record in await conn.fetch(sql, *args)]
     return domain.Facts(**rows)
 
 
@@ -210,32 +233,61 @@ def _period(period_from: str | None, period_to: str | None) -> tuple[date | None
     return start, end
 
 
-async def _answer(
-    request: Request, scope: domain.Scope, period_from: str | None, period_to: str | None
-) -> dict[str, Any]:
-    start, end = _period(period_from, period_to)
-    async with service_of(request).pool.acquire() as conn:
-        facts = await load_facts(conn, scope)
-    if scope.hospital is not None and not (facts.hospitals or facts.departments):
-        raise HttpRejection(404, ReasonCode.unknown_hospital, "no such hospital")
-    if scope.department is not None and not any(d.launched_on for d in facts.departments):
-        raise HttpRejection(404, ReasonCode.unknown_department, "no such department launched")
-    # CPU-bound for a big region: off the event loop, so the consumer keeps going.
-    figures = await asyncio.to_thread(
-        reaim.compute, facts, scope=scope, period_from=start, period_to=end
-    )
-    effective = reaim.period_of(facts.within(scope), start, end)
-    return {
+def render(
+    scope: domain.Scope,
+    facts: domain.Facts,
+    figures: dict[str, Any],
+    period_from: date | None,
+    period_to: date | None,
+) -> bytes:
+    """The answer as served: JSON of `ReaimAnswer` (its aliases: `from`)."""
+    effective = reaim.period_of(facts.within(scope), period_from, period_to)
+    answer = {
         "scope": scope.as_dict(),
         "period": {"from": effective.start, "to": effective.end},
         **figures,
     }
+    return ReaimAnswer.model_validate(answer).model_dump_json(by_alias=True).encode()
+
+
+def answer_key(scope: domain.Scope, start: date | None, end: date | None) -> answers.Key:
+    return (scope.hospital, scope.department, start, end)
+
+
+def _compute_and_render(
+    facts: domain.Facts, scope: domain.Scope, start: date | None, end: date | None
+) -> bytes:
+    figures = reaim.compute(facts, scope=scope, period_from=start, period_to=end)
+    return render(scope, facts, figures, start, end)
+
+
+async def _answer(
+    request: Request, scope: domain.Scope, period_from: str | None, period_to: str | None
+) -> Response:
+    start, end = _period(period_from, period_to)
+    service = service_of(request)
+    cache = answers.cache_for(service.name)
+    key = answer_key(scope, start, end)
+    async with service.pool.acquire() as conn, snapshot(conn):
+        version = await scope_version(conn, scope)
+        body = cache.get(key, version)
+        if body is None:
+            facts = await load_facts(conn, scope)
+    if body is None:
+        if scope.hospital is not None and not (facts.hospitals or facts.departments):
+            raise HttpRejection(404, ReasonCode.unknown_hospital, "no such hospital")
+        if scope.department is not None and not any(d.launched_on for d in facts.departments):
+            raise HttpRejection(404, ReasonCode.unknown_department, "no such department launched")
+        # CPU-bound for a big region: off the event loop, so the consumer keeps going.
+        body = await asyncio.to_thread(_compute_and_render, facts, scope, start, end)
+        cache.put(key, version, body)
+    return Response(body, media_type="application/json")
 
 
 @router.get("/reaim", response_model=ReaimAnswer, responses=_RESPONSES)
 async def reaim_region(
     request: Request, period_from: str | None = _FROM, period_to: str | None = _TO
-) -> dict[str, Any]:
+) -> Response:
     """The RE-AIM figures of the whole region (every hospital)."""
     return await _answer(request, domain.Scope(), period_from, period_to)
 
@@ -243,7 +295,7 @@ async def reaim_region(
 @router.get("/reaim/{hospital}", response_model=ReaimAnswer, responses=_RESPONSES)
 async def reaim_hospital(
     request: Request, hospital: str, period_from: str | None = _FROM, period_to: str | None = _TO
-) -> dict[str, Any]:
+) -> Response:
     """The RE-AIM figures of one hospital."""
     return await _answer(request, domain.Scope(hospital), period_from, period_to)
 
@@ -255,7 +307,7 @@ async def reaim_department(
     department: str,
     period_from: str | None = _FROM,
     period_to: str | None = _TO,
-) -> dict[str, Any]:
+) -> Response:
     """The RE-AIM figures of one department of a hospital."""
     return await _answer(request, domain.Scope(hospital, department), period_from, period_to)
 

@@ -22,7 +22,7 @@ import pytest
 from nats.js.api import DeliverPolicy
 from prometheus_client import REGISTRY
 
-from services.analytics import handlers, views
+from services.analytics import answers, handlers, views
 from services.analytics.domain import Scope
 from services.analytics.rebuild import MIGRATIONS, rebuild
 from shared.consumer import mark_processed
@@ -432,6 +432,71 @@ async def test_projection_http_gauges_and_rebuild(platform: Platform, analytics:
     after = {path: (await api.get(path)).json() for path in before}
     assert after == before
     await api.aclose()
+
+
+async def test_a_kept_answer_never_outlives_the_next_fact_of_its_hospital(
+    platform: Platform, analytics: Service
+) -> None:
+    """Answers are kept in memory under their hospital's version: a repeat is a lookup, and
+    the next fact of the hospital (or of any hospital, for the region) makes it computed anew."""
+    h, other = f"h-{uuid.uuid4().hex[:10]}", f"h-{uuid.uuid4().hex[:10]}"
+    nc = await nats.connect(platform.nats_url)
+    js = nc.jetstream()
+    await ensure_stream(js)
+    ids = [await publish(js, e) for e in [*program(h), *program(other)]]
+    api = httpx.AsyncClient(transport=httpx.ASGITransport(app=analytics.http), base_url="http://t")
+
+    async def processed(count: int) -> bool:
+        async with analytics.pool.acquire() as conn:
+            return bool(await conn.fetchval("SELECT count(*) FROM processed") >= count)
+
+    def lookups(result: str) -> float:
+        return gauge("post_analytics_answer_lookups_total", result=result) or 0.0
+
+    try:
+        await settle(lambda: processed(len(ids)))
+        first = (await api.get(f"/reaim/{h}")).json()
+        region = (await api.get("/reaim")).json()
+        hits = lookups("hit")
+        assert (await api.get(f"/reaim/{h}")).json() == first
+        assert lookups("hit") == hits + 1  # served as kept
+
+        # The gauge refresh keeps every all-time answer it computed: a department never asked.
+        fresh = answers.AnswerCache()
+        await handlers.refresh_gauges_once(analytics.pool, fresh)
+        assert len(fresh) == 1 + 2 + 4  # the region, two hospitals, their launched departments
+        cache = answers.cache_for(analytics.name)
+        await handlers.refresh_gauges_once(analytics.pool, cache)
+        hits = lookups("hit")
+        icu = (await api.get(f"/reaim/{h}/icu")).json()
+        assert lookups("hit") == hits + 1
+        assert icu["reach"]["interactions"] == 1
+
+        # A new fact of the hospital: the kept answers of it and of the region give way.
+        late = InteractionCompleted(
+            hospital=h,
+            referral_id="r1",
+            supporter_id="s1",
+            department="emergency-medicine",
+            occurred_on=day("2020-03-20"),
+            minutes=15,
+            follow_up=True,
+        )
+        await publish(js, late)
+        await settle(lambda: processed(len(ids) + 1))
+        now = (await api.get(f"/reaim/{h}")).json()
+        assert now["reach"]["interactions"] == first["reach"]["interactions"] + 1
+        assert now["reach"]["minutes_min"] == 15
+        now_region = (await api.get("/reaim")).json()
+        assert now_region["reach"]["interactions"] == region["reach"]["interactions"] + 1
+        # The other hospital's kept answer still stands.
+        hits = lookups("hit")
+        await api.get(f"/reaim/{other}")
+        await api.get(f"/reaim/{other}")
+        assert lookups("hit") >= hits + 1
+    finally:
+        await nc.close()
+        await api.aclose()
 
 
 async def test_arrival_order_and_redelivery_do_not_change_the_facts(platform: Platform) -> None:

@@ -941,7 +941,7 @@ def test_gauge_snapshot_covers_region_hospitals_and_launched_departments_without
     from services.analytics.handlers import snapshot_of
 
     snapshot = snapshot_of(_two_hospitals())
-    interactions = {s.labels: s.value for s in snapshot["interactions"]}
+    interactions = dict(snapshot["interactions"])
     assert interactions == {
         ("", ""): 2.0,
         (A, ""): 2.0,
@@ -951,9 +951,9 @@ def test_gauge_snapshot_covers_region_hospitals_and_launched_departments_without
         (B, "em"): 0.0,
     }
     # B has no interaction: its reach_rate is 0, the helpful_rate of everyone is null.
-    assert (B, "") in {s.labels for s in snapshot["reach_rate"]}
+    assert (B, "") in {labels for labels, _ in snapshot["reach_rate"]}
     assert snapshot["helpful_rate"] == []
-    reasons = {s.labels: s.value for s in snapshot["decline_reasons"]}
+    reasons = dict(snapshot["decline_reasons"])
     assert reasons[(A, "icu", "no_need")] == 1.0
-    years = {s.labels: s.value for s in snapshot["interactions_by_program_year"]}
+    years = dict(snapshot["interactions_by_program_year"])
     assert years[("", "", "1")] == 2.0
