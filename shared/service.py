@@ -8,6 +8,7 @@ the durable consumer, the outbox relay, background timers and the HTTP app (Fast
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -182,6 +183,7 @@ class Service:
         # service or a rebuilt one sees the whole history; tests of a throw-away consumer
         # may start at NEW.
         self.deliver_policy = deliver_policy
+        self._own_process = False  # run by main(): the process is this service alone
         self.command_handlers = dict(command_handlers or {})
         self.event_handlers = dict(event_handlers or {})
         for t in self.command_handlers:
@@ -294,6 +296,7 @@ class Service:
     def main(self) -> None:
         """The process entrypoint: ``python -m services.<name>``."""
         configure_logging(self.name, self.settings.log_level)
+        self._own_process = True
         uvicorn.run(
             self.http,
             host=self.settings.http_host,
@@ -530,6 +533,13 @@ class Service:
         @asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await self.start()
+            if self._own_process:
+                # What exists once started (modules, routes, models, pools) lives as long as
+                # the process: out of the collector's sight, a full collection walks only what
+                # requests and messages create, not some 70,000 objects every time (a 20 ms
+                # pause in a request's tail). Not in a test process that starts many services.
+                gc.collect()
+                gc.freeze()
             try:
                 yield
             finally:
