@@ -15,6 +15,9 @@ still all or nothing per message); their acks go out after the commit. Outcomes:
   with ``CommandRejected`` ``internal_error``) and the consumer goes on.
 - not a CloudEvent at all (not JSON, no id): dead-letter subject with the reason; ack.
 
+A command message that was refused, a duplicate or dead-lettered is then erased from the
+stream (``erase``): only accepted commands and the platform's events stay in it.
+
 FastStream's JetStream subscribers bind one subject per consumer; a service needs one
 *ordered* consumer over several subjects (a hospital's ``RegisterHospital`` must be handled
 before its ``LaunchDepartment``), so this loop drives nats-py's pull consumer directly with
@@ -59,6 +62,7 @@ from shared.contracts import (
 )
 from shared.eventstore import EventStore, NewEvent
 from shared.observability import (
+    COMMANDS_ERASED,
     COMMANDS_REJECTED,
     CONSUMER_ACK_PENDING,
     CONSUMER_PENDING,
@@ -71,6 +75,9 @@ if TYPE_CHECKING:
     from shared.service import Service
 
 log = structlog.get_logger()
+
+# How a command's handling ended for it to be erased from the stream once answered (see erase).
+ERASED_OUTCOMES = frozenset({"rejected", "duplicate", "dead_letter"})
 
 Handler = Callable[[Any, "UnitOfWork"], Awaitable[None]]
 
@@ -348,10 +355,31 @@ class StreamConsumer:
                 if outcome == "dead_letter":
                     await self.dead_letter(incoming, handled.reason)
                 await msg.ack()
+            # A duplicate on a redelivery is this very message, handled before a crash: it
+            # may have been accepted, so it stays.
+            redelivered = outcome == "duplicate" and incoming.attempt > 1
+            if incoming.kind == "cmd" and outcome in ERASED_OUTCOMES and not redelivered:
+                await self.erase(incoming)
         finally:
             MESSAGES_HANDLED.labels(self.name, incoming.type, outcome).inc()
             HANDLER_SECONDS.labels(self.name, incoming.type).observe(handled.seconds)
             structlog.contextvars.unbind_contextvars("event_type", "hospital")
+
+    async def erase(self, incoming: Incoming) -> None:
+        """Erase an answered command the platform did not take from the stream (JetStream
+        overwrites it): a refused one may carry names or notes in the fields that got it
+        refused, a duplicate adds nothing, a dead letter's copy is on the dead-letter subject.
+        Its answer and its id in `processed` stay, so a copy sent later is still answered once.
+        Accepted commands stay as sent (only validated fields were read from them)."""
+        if incoming.stream_seq is None:
+            return
+        try:
+            await self.js.delete_msg(STREAM_NAME, incoming.stream_seq)
+            COMMANDS_ERASED.labels(self.name, incoming.type).inc()
+        except NotFoundError:
+            pass  # erased already, by a process that died before its ack
+        except Exception as exc:  # the answer stands; the message stays until retention ends
+            log.warning("command_not_erased", error=repr(exc)[:200], seq=incoming.stream_seq)
 
     async def dead_letter(self, incoming: Incoming, reason: str) -> None:
         DEAD_LETTERS.labels(self.name, incoming.type).inc()

@@ -52,6 +52,12 @@ DEAD_LETTERS = Counter(
     "Messages sent to a dead-letter subject, by type.",
     ["service", "message_type"],
 )
+COMMANDS_ERASED = Counter(
+    "post_commands_erased_total",
+    "Command messages erased from the stream once answered: refused, duplicate or dead-lettered"
+    " (their bodies may hold what the platform never keeps).",
+    ["service", "command_type"],
+)
 OUTBOX_BACKLOG = Gauge(
     "post_outbox_backlog", "Committed events not yet published to JetStream.", ["service"]
 )
