@@ -43,13 +43,14 @@ from shared.contracts import (
     RequestReferral,
 )
 from shared.runtime import SERVICES, Platform
+from shared.service import ensure_stream
 from tests.fault.conftest import MakePlatform
 from tests.integration.test_deploy import (  # the cluster of the deploy configs, as it is tested
     NODES,
     PLATFORM_PASSWORD,
     Cluster,
-    _wait_healthy,
     cluster,  # noqa: F401 (a module-scoped fixture)
+    settle_stream,
 )
 
 pytestmark = pytest.mark.fault
@@ -325,8 +326,15 @@ async def test_a_cluster_losing_the_stream_leader_mid_load_loses_and_doubles_not
     cluster: Cluster,  # noqa: F811 (the fixture imported above)
     make_platform: MakePlatform,
 ) -> None:
-    for port in cluster.monitor_ports:
-        await _wait_healthy(port)
+    # The stream made and settled on every node first: what is under test is losing its leader
+    # mid-load; services starting during the cluster's first elections are
+    # tests/integration/test_cluster_start.py's.
+    nc = await cluster.connect_platform()
+    try:
+        await ensure_stream(nc.jetstream(), replicas=3)
+    finally:
+        await nc.close()
+    await settle_stream(cluster)
     url = ",".join(
         f"nats://{tenants.PLATFORM_USER}:{PLATFORM_PASSWORD}@127.0.0.1:{port}"
         for port in cluster.client_ports

@@ -31,7 +31,7 @@ import nats
 import pytest
 import yaml
 from nats.aio.client import Client as NATS
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from postctl import tenants
 from shared.client import PlatformClient
@@ -259,8 +259,31 @@ async def platform_nc(cluster: Cluster) -> AsyncIterator[NATS]:
         await _wait_healthy(port)
     nc = await cluster.connect_platform()
     await ensure_stream(nc.jetstream(), replicas=3)
+    await settle_stream(cluster)
     yield nc
     await nc.close()
+
+
+async def settle_stream(cluster: Cluster, timeout: float = 30.0) -> None:
+    """A new R3 stream elects its own leader and catches its replicas up; until then a node's
+    /healthz says 503 and a publish through a node may find no responder. Wait until every
+    node is healthy and takes a publish (as compose's health checks do before the services)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    for node, port in enumerate(cluster.monitor_ports):
+        await _wait_healthy(port, timeout)
+        nc = await nats.connect(
+            cluster.url(node), user=tenants.PLATFORM_USER, password=PLATFORM_PASSWORD
+        )
+        try:
+            while True:
+                try:
+                    await nc.jetstream().publish(f"post.probe-{node}.evt.ClusterReady", b"{}")
+                    break
+                except (nats.errors.TimeoutError, NoStreamResponseError):
+                    assert asyncio.get_running_loop().time() < deadline, "the stream never settled"
+                    await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
 
 
 async def _wait_healthy(monitor_port: int, timeout: float = 30.0) -> None:
