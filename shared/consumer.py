@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -122,15 +123,43 @@ class UnitOfWork:
         stored = await self.store.read_stream(self.conn, stream_id)
         return [s.to_event() for s in stored], (stored[-1].stream_version if stored else 0)
 
-    async def append(self, stream_id: str, expected_version: int, events: Sequence[Event]) -> None:
-        meta = {"correlation_id": self.correlation_id, "causation_id": self.message_id}
+    def caused_by(self, event_id: str, correlation_id: str) -> None:
+        """For a timer's unit: the stored event its work follows from (an assignment gone
+        overdue), so what it emits carries that chain's ids like any handled message's."""
+        self.message_id, self.correlation_id = event_id, correlation_id or event_id
+
+    async def append(
+        self,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[Event],
+        *,
+        chained: bool = False,
+    ) -> None:
+        """Append in this unit's transaction. Each event's `causationid` is the handled
+        message; `chained`, each after the first is caused by the one before it instead (an
+        AssignmentOverdue, then the reassignment it leads to)."""
+        if chained:
+            ids = [str(uuid.uuid4()) for _ in events]
+            causes = [self.message_id, *ids[:-1]]
+        else:  # the store draws the ids
+            ids, causes = [""] * len(events), [self.message_id] * len(events)
         await self.store.append(
             self.conn,
             stream_id,
             expected_version,
             [
-                NewEvent(e, {**meta, "hospital": e.hospital, "service": self.service})
-                for e in events
+                NewEvent(
+                    e,
+                    {
+                        "correlation_id": self.correlation_id,
+                        "causation_id": cause,
+                        "hospital": e.hospital,
+                        "service": self.service,
+                    },
+                    event_id,
+                )
+                for e, event_id, cause in zip(events, ids, causes, strict=True)
             ],
         )
         self.emitted.extend(events)
@@ -170,6 +199,11 @@ class Incoming:
     attempt: int
     stored_at: datetime | None
 
+    @property
+    def label(self) -> str:
+        """The type as a metric label: a subject's last token may be anything, labels not."""
+        return self.type if self.type in COMMANDS or self.type in EVENTS else "unknown"
+
 
 @dataclass
 class Handled:
@@ -188,9 +222,14 @@ class StreamConsumer:
         self.service = service
         self.js = js
         self.name = service.name
-        self.subjects = [cmd_subject("*", t) for t in service.command_handlers] + [
-            evt_subject("*", t) for t in service.event_handlers
-        ]
+        # The service that answers unknown command types sees every command (and lets the
+        # ones other services own pass: see Service.process).
+        commands = (
+            [cmd_subject("*", "*")]
+            if service.answers_unknown_commands
+            else [cmd_subject("*", t) for t in service.command_handlers]
+        )
+        self.subjects = commands + [evt_subject("*", t) for t in service.event_handlers]
         self._conn: asyncpg.Connection | None = None
 
     async def ensure(self) -> None:
@@ -361,8 +400,8 @@ class StreamConsumer:
             if incoming.kind == "cmd" and outcome in ERASED_OUTCOMES and not redelivered:
                 await self.erase(incoming)
         finally:
-            MESSAGES_HANDLED.labels(self.name, incoming.type, outcome).inc()
-            HANDLER_SECONDS.labels(self.name, incoming.type).observe(handled.seconds)
+            MESSAGES_HANDLED.labels(self.name, incoming.label, outcome).inc()
+            HANDLER_SECONDS.labels(self.name, incoming.label).observe(handled.seconds)
             structlog.contextvars.unbind_contextvars("event_type", "hospital")
 
     async def erase(self, incoming: Incoming) -> None:
@@ -375,14 +414,14 @@ class StreamConsumer:
             return
         try:
             await self.js.delete_msg(STREAM_NAME, incoming.stream_seq)
-            COMMANDS_ERASED.labels(self.name, incoming.type).inc()
+            COMMANDS_ERASED.labels(self.name, incoming.label).inc()
         except NotFoundError:
             pass  # erased already, by a process that died before its ack
         except Exception as exc:  # the answer stands; the message stays until retention ends
             log.warning("command_not_erased", error=repr(exc)[:200], seq=incoming.stream_seq)
 
     async def dead_letter(self, incoming: Incoming, reason: str) -> None:
-        DEAD_LETTERS.labels(self.name, incoming.type).inc()
+        DEAD_LETTERS.labels(self.name, incoming.label).inc()
         log.error("dead_letter", reason=reason, subject=incoming.subject)
         await self.js.publish(
             dlq_subject(incoming.hospital, incoming.type),

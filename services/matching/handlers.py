@@ -185,10 +185,12 @@ async def _set_referral_status(
     )
 
 
-async def _record(uow: UnitOfWork, stream: str, version: int, events: Sequence[Event]) -> None:
+async def _record(
+    uow: UnitOfWork, stream: str, version: int, events: Sequence[Event], *, chained: bool = False
+) -> None:
     if not events:
         return
-    await uow.append(stream, version, events)
+    await uow.append(stream, version, events, chained=chained)
     await project(uow.conn, events, uow.now())
 
 
@@ -490,7 +492,14 @@ async def expire_assignment(uow: UnitOfWork, referral_id: str, supporter_id: str
     if referral is None:
         return False
     stream = domain.assignment_stream(uow.hospital, referral_id)
-    history, version = await uow.load(stream)
+    stored = await uow.store.read_stream(uow.conn, stream)
+    history = [s.to_event() for s in stored]
+    version = stored[-1].stream_version if stored else 0
+    # No message woke the timer: its events follow from the assignment that went overdue, in
+    # the chain of the command that started it (the referral's RequestReferral).
+    assigned = [s for s in stored if s.event_type == "SupporterAssigned"]
+    if assigned:
+        uow.caused_by(assigned[-1].event_id, assigned[-1].metadata.get("correlation_id", ""))
     candidates, department_open = await _candidates(uow.conn, referral)
     choice, events = domain.expire_assignment(
         referral,
@@ -502,7 +511,7 @@ async def expire_assignment(uow: UnitOfWork, referral_id: str, supporter_id: str
     if choice is None:
         log.warning("overdue_row_without_open_assignment", referral_stream=stream)
         return False
-    await _record(uow, stream, version, events)
+    await _record(uow, stream, version, events, chained=True)  # the reassignment: of the overdue
     OVERDUE.labels(uow.hospital).inc()
     _count(uow.hospital, choice)
     return True

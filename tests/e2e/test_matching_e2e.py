@@ -181,7 +181,7 @@ async def test_an_unanswered_assignment_is_reassigned_after_48_hours(
         hospital, "SupporterTrained", lambda e: e["data"]["supporter_id"] == "s-2"
     )
     unanswered, answered = _id("r"), _id("r")
-    await client.send(hospital, request("surgery", unanswered))
+    requested = await client.send(hospital, request("surgery", unanswered))
     first = await client.wait_for(hospital, "SupporterAssigned", of_referral(unanswered))
     await client.send(hospital, request("surgery", answered))
     other = await client.wait_for(hospital, "SupporterAssigned", of_referral(answered))
@@ -204,6 +204,12 @@ async def test_an_unanswered_assignment_is_reassigned_after_48_hours(
     assert overdue["data"]["due_at"] == first["data"]["due_at"]
     assert again["data"]["supporter_id"] != first["data"]["supporter_id"]
     assert client.events.index(overdue) < client.events.index(again)
+    # The timer's events stay in the referral's chain: the overdue follows from the assignment
+    # it expires, the reassignment from the overdue.
+    assert first["correlationid"] == overdue["correlationid"] == again["correlationid"]
+    assert first["correlationid"] == requested
+    assert overdue["causationid"] == first["id"]
+    assert again["causationid"] == overdue["id"]
     await asyncio.sleep(1.0)  # a few timer ticks
     assert not [
         e for e in client.of_type(hospital, "AssignmentOverdue") if of_referral(answered)(e)
