@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -46,6 +47,7 @@ from shared.consumer import (
 from shared.contracts import (
     COMMANDS,
     EVENTS,
+    HOSPITAL_PATTERN,
     STREAM_NAME,
     STREAM_SUBJECTS,
     Command,
@@ -65,6 +67,8 @@ from shared.settings import Settings
 __all__ = ["NotYetKnown", "Service", "UnitOfWork", "ensure_stream", "http_error"]
 
 log = structlog.get_logger()
+
+_HOSPITAL = re.compile(HOSPITAL_PATTERN)
 
 Background = Callable[["Service"], Awaitable[None]]
 
@@ -177,8 +181,12 @@ class Service:
         settings: Settings | None = None,
         clock: Clock | None = None,
         deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
+        answers_unknown_commands: bool = False,
     ) -> None:
         self.name = name
+        # One service of the platform answers commands of a type nobody owns (a typo in a
+        # hospital's integration): a CommandRejected, never silence.
+        self.answers_unknown_commands = answers_unknown_commands
         # A new durable consumer reads the stream from its first message (ALL), so a new
         # service or a rebuilt one sees the whole history; tests of a throw-away consumer
         # may start at NEW.
@@ -335,6 +343,15 @@ class Service:
         """Handle one message from the stream; returns how it ended (a metric label). With
         `conn` (the consumer's), on it: in a transaction of its own, or as one savepoint of the
         batch's transaction when `conn` is in one."""
+        owned = incoming.type in self.command_handlers
+        unowned = incoming.type not in COMMANDS and self.answers_unknown_commands
+        if incoming.kind == "cmd" and not (owned or unowned):
+            return "ignored"  # another service's command: its owner answers it
+        if not _HOSPITAL.match(incoming.hospital):
+            # No tenant can have this id (CONTRACT.md: hospital ids are slugs), so there is no
+            # hospital to answer: a dead letter, at once (an answer could not even be built).
+            self.last_unanswerable = "the subject's hospital is not a hospital id"
+            return "dead_letter"
         try:
             ce = parse_envelope(incoming.body)
         except Unanswerable as exc:
@@ -357,6 +374,9 @@ class Service:
                 return await self._reject_alone(
                     incoming, ce.id, Rejected(ReasonCode.invalid_payload, mismatch), conn
                 )
+            if incoming.type not in COMMANDS:
+                refused = Rejected(ReasonCode.invalid_payload, "no command of this type exists")
+                return await self._reject_alone(incoming, ce.id, refused, conn)
         # A command starts its chain: a correlationid it carries is the sender's text, not logged.
         chain = ce.id if incoming.kind == "cmd" else (ce.correlationid or ce.id)
         structlog.contextvars.bind_contextvars(correlation_id=chain)
@@ -437,7 +457,8 @@ class Service:
     async def _append_rejection(
         self, uow: UnitOfWork, command_id: str, command_type: str, rejected: Rejected
     ) -> None:
-        COMMANDS_REJECTED.labels(self.name, command_type, rejected.reason_code).inc()
+        label = command_type if command_type in COMMANDS else "unknown"
+        COMMANDS_REJECTED.labels(self.name, label, rejected.reason_code).inc()
         log.info("command_rejected", reason_code=rejected.reason_code, detail=rejected.detail)
         event = CommandRejected(
             hospital=uow.hospital,

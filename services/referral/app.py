@@ -13,6 +13,9 @@ service = Service(
     event_handlers=handlers.EVENT_HANDLERS,
     migrations=Path(__file__).parent / "migrations",
     routers=[views.router],
+    # The front door also answers commands of a type no service owns (CONTRACT.md: never
+    # silence): a CommandRejected, invalid_payload.
+    answers_unknown_commands=True,
     description=(
         "Intake of self, third-party and safety-event referrals (`RequestReferral`), "
         "and the status of each referral as the other services move it."

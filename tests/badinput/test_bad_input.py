@@ -803,6 +803,67 @@ async def test_bodies_that_are_not_cloudevents_go_to_the_dead_letter_subject(
     assert sorted(dead) == expected  # each exactly once, unchanged, with where it came from
 
 
+async def test_a_subject_whose_hospital_is_no_hospital_id_is_dead_lettered_at_once(
+    client: PlatformClient, stack: Platform, tenant: Tenant
+) -> None:
+    """`post.{hospital}` must name a slug: a good command under any other token names no
+    tenant there could be to answer. It is dead-lettered at once (not retried for minutes,
+    not answered) and its owner goes on."""
+    tokens = ["Bad_Hosp", "UPPER", "-dash-first", "x" * 64]
+    dead: list[tuple[str, str]] = []
+    arrived = asyncio.Event()
+
+    async def on_dead_letter(msg: Any) -> None:
+        dead.append((msg.subject, (msg.headers or {}).get("Post-Dead-Letter-Reason", "")))
+        if len(dead) >= len(tokens):
+            arrived.set()
+
+    subs = [await client.nc.subscribe(f"post.{t}.dlq.>", cb=on_dead_letter) for t in tokens]
+    try:
+        await client.nc.flush()
+        messages = []
+        for token in tokens:
+            ce = make_cloudevent(
+                type_="RegisterHospital",
+                source=f"/hospitals/{token}/x",
+                data=BASE["RegisterHospital"],
+            )
+            messages.append((cmd_subject(token, "RegisterHospital"), encode(ce), str(ce["id"])))
+        await publish_all(client, messages)
+        await asyncio.wait_for(arrived.wait(), timeout=30)  # retried, it would take minutes
+        await still_healthy_and_nothing_stored(client, stack, tenant)
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+    assert sorted(subject for subject, _ in dead) == sorted(
+        f"post.{t}.dlq.RegisterHospital" for t in tokens
+    )
+    assert all("not a hospital id" in reason for _, reason in dead)
+
+
+async def test_a_command_of_a_type_nobody_owns_is_refused_not_ignored(
+    client: PlatformClient, stack: Platform, tenant: Tenant
+) -> None:
+    """A typo in an integration (`RecordOutReach`) or a command the contract does not have: a
+    `CommandRejected`, invalid_payload, from the front door, never silence; the commands the
+    services own are still answered once each, by their owners."""
+    h = tenant.hospital
+    types = ["RecordOutReach", "DeleteReferral", "requestreferral"]
+    messages = []
+    for type_ in types:
+        ce = make_cloudevent(type_=type_, source=f"/hospitals/{h}/x", data=BASE["RecordOutreach"])
+        messages.append((cmd_subject(h, type_), encode(ce), str(ce["id"])))
+    await publish_all(client, messages)
+    got = await answers(client, [m[2] for m in messages])
+    for (_, _, command_id), type_ in zip(messages, types, strict=True):
+        answer = got[command_id]
+        assert answer["type"] == "CommandRejected"
+        assert answer["data"]["reason_code"] == "invalid_payload"
+        assert answer["data"]["command_type"] == type_
+        assert answer["correlationid"] == command_id
+    await still_healthy_and_nothing_stored(client, stack, tenant)
+
+
 async def test_a_new_hospitals_name_with_control_characters_is_refused(
     client: PlatformClient, stack: Platform, tenant: Tenant
 ) -> None:
