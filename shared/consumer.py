@@ -61,7 +61,7 @@ from shared.contracts import (
     parse_payload,
     parse_subject,
 )
-from shared.eventstore import EventStore, NewEvent
+from shared.eventstore import EventStore, NewEvent, StoredEvent
 from shared.observability import (
     COMMANDS_ERASED,
     COMMANDS_REJECTED,
@@ -96,6 +96,11 @@ class Unprocessable(Exception):
     """Raised by ``Service.execute`` for HTTP: a message never got to its handler."""
 
 
+def events_and_version(stored: Sequence[StoredEvent]) -> tuple[list[Event], int]:
+    """A stream as read: its events and the version an append must expect."""
+    return [s.to_event() for s in stored], (stored[-1].stream_version if stored else 0)
+
+
 @dataclass
 class UnitOfWork:
     """One handled message (or timer tick): a transaction, its tenant and the events it emits."""
@@ -121,7 +126,7 @@ class UnitOfWork:
 
     async def load(self, stream_id: str) -> tuple[list[Event], int]:
         stored = await self.store.read_stream(self.conn, stream_id)
-        return [s.to_event() for s in stored], (stored[-1].stream_version if stored else 0)
+        return events_and_version(stored)
 
     def caused_by(self, event_id: str, correlation_id: str) -> None:
         """For a timer's unit: the stored event its work follows from (an assignment gone

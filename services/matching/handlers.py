@@ -16,6 +16,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.matching import domain
+from shared.consumer import events_and_version
 from shared.contracts import (
     AssignmentOverdue,
     CloseDepartment,
@@ -493,8 +494,7 @@ async def expire_assignment(uow: UnitOfWork, referral_id: str, supporter_id: str
         return False
     stream = domain.assignment_stream(uow.hospital, referral_id)
     stored = await uow.store.read_stream(uow.conn, stream)
-    history = [s.to_event() for s in stored]
-    version = stored[-1].stream_version if stored else 0
+    history, version = events_and_version(stored)
     # No message woke the timer: its events follow from the assignment that went overdue, in
     # the chain of the command that started it (the referral's RequestReferral).
     assigned = [s for s in stored if s.event_type == "SupporterAssigned"]
