@@ -55,8 +55,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import Counter
 
 from shared.contracts import HOSPITAL_PATTERN
-from shared.http import problem
-from shared.service import HttpRejection
+from shared.http import HttpRejection, problem
 
 __all__ = [
     "AUTH_RESPONSES",

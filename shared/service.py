@@ -21,8 +21,7 @@ import asyncpg
 import nats
 import structlog
 import uvicorn
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
@@ -34,16 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from shared.clock import Clock, ControlledClock, SystemClock
-from shared.consumer import (
-    Handler,
-    Incoming,
-    NotYetKnown,
-    StreamConsumer,
-    UnitOfWork,
-    Unprocessable,
-    mark_processed,
-    stored_age_seconds,
-)
+from shared.consumer import Incoming, StreamConsumer, Unprocessable, stored_age_seconds
 from shared.contracts import (
     COMMANDS,
     EVENTS,
@@ -60,11 +50,11 @@ from shared.contracts import (
     parse_payload,
 )
 from shared.eventstore import ConcurrencyError, create_pool, migrate
+from shared.http import install_error_handlers
 from shared.observability import COMMANDS_REJECTED, SERVICE_UP, configure_logging
 from shared.outbox import OutboxRelay
 from shared.settings import Settings
-
-__all__ = ["NotYetKnown", "Service", "UnitOfWork", "ensure_stream", "http_error"]
+from shared.unit_of_work import Handler, NotYetKnown, UnitOfWork, mark_processed
 
 log = structlog.get_logger()
 
@@ -85,38 +75,6 @@ class _Refused(Exception):
         super().__init__(outcome)
         self.outcome = outcome
         self.rejected = rejected
-
-
-# --- HTTP errors ------------------------------------------------------------------------------
-
-HTTP_STATUS = {
-    ReasonCode.invalid_payload: 422,
-    ReasonCode.unknown_field: 422,
-    ReasonCode.unknown_department: 422,
-    ReasonCode.unknown_supporter: 422,
-    ReasonCode.unknown_hospital: 404,
-    ReasonCode.unknown_referral: 404,
-    ReasonCode.conflicting_duplicate: 409,
-    ReasonCode.already_referred: 409,
-    ReasonCode.invalid_transition: 409,
-    ReasonCode.not_assigned_supporter: 409,
-    ReasonCode.internal_error: 500,
-}
-
-
-class HttpRejection(Exception):
-    def __init__(self, status: int, reason_code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.reason_code = reason_code
-        self.detail = detail
-
-
-def http_error(rejected: Rejected) -> HttpRejection:
-    """Raise this: ``raise http_error(r)``; answered as ``{"reason_code", "detail"}``."""
-    return HttpRejection(
-        HTTP_STATUS.get(rejected.reason_code, 422), rejected.reason_code, rejected.detail
-    )
 
 
 class ClockAdvance(BaseModel):
@@ -574,25 +532,7 @@ class Service:
         )
         app.state.service = self
 
-        @app.exception_handler(HttpRejection)
-        async def _rejection(request: Request, exc: HttpRejection) -> JSONResponse:
-            return JSONResponse(
-                {"reason_code": exc.reason_code, "detail": exc.detail},
-                status_code=exc.status,
-                # A 401 names its scheme (WWW-Authenticate): see shared/auth.py.
-                headers=getattr(exc, "headers", None),
-            )
-
-        @app.exception_handler(RequestValidationError)
-        async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-            parts = [
-                f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
-                for e in exc.errors()[:5]
-            ]
-            return JSONResponse(
-                {"reason_code": "invalid_payload", "detail": "; ".join(parts)[:500]},
-                status_code=422,
-            )
+        install_error_handlers(app)
 
         @app.get("/healthz", tags=["operations"])
         async def healthz() -> dict[str, str]:

@@ -19,7 +19,6 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from services.analytics import answers, domain, reaim, views
-from shared.consumer import UnitOfWork
 from shared.contracts import (
     AssignmentOverdue,
     DepartmentClosed,
@@ -37,6 +36,7 @@ from shared.contracts import (
     SupporterTrained,
     SurveyResponseRecorded,
 )
+from shared.unit_of_work import UnitOfWork
 
 if TYPE_CHECKING:
     from shared.service import Service

@@ -15,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.analytics import answers, domain, reaim
 from shared.contracts import ReasonCode, Rejected
-from shared.http import problem, service_of
-from shared.service import HttpRejection, http_error
+from shared.http import HttpRejection, http_error, problem, service_of
 
 router = APIRouter(tags=["analytics"])
 

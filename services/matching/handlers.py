@@ -16,7 +16,6 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.matching import domain
-from shared.consumer import events_and_version
 from shared.contracts import (
     AssignmentOverdue,
     CloseDepartment,
@@ -41,7 +40,7 @@ from shared.contracts import (
     SupporterRetired,
     SupporterTrained,
 )
-from shared.service import UnitOfWork
+from shared.unit_of_work import UnitOfWork, events_and_version
 
 if TYPE_CHECKING:
     from shared.service import Service

@@ -12,8 +12,7 @@ from pydantic import BaseModel
 
 from services.matching import domain
 from shared.contracts import HOSPITAL_PATTERN, Rank, ReasonCode, Rejected
-from shared.http import problem, service_of
-from shared.service import http_error
+from shared.http import http_error, problem, service_of
 
 router = APIRouter(tags=["matching"])
 

@@ -22,7 +22,7 @@ from shared.contracts import (
     SupporterAssigned,
     SurveyResponseRecorded,
 )
-from shared.service import NotYetKnown, UnitOfWork
+from shared.unit_of_work import NotYetKnown, UnitOfWork
 
 log = structlog.get_logger()
 

@@ -23,7 +23,7 @@ from shared.contracts import (
     Rejected,
     RequestReferral,
 )
-from shared.service import UnitOfWork
+from shared.unit_of_work import UnitOfWork
 
 log = structlog.get_logger()
 

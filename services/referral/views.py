@@ -18,8 +18,7 @@ from shared.contracts import (
     Rejected,
     RequestReferral,
 )
-from shared.http import command_body, problem, read_command, service_of
-from shared.service import http_error
+from shared.http import command_body, http_error, problem, read_command, service_of
 
 router = APIRouter(tags=["referrals"])
 

@@ -25,7 +25,6 @@ from prometheus_client import REGISTRY
 from services.analytics import answers, handlers, views
 from services.analytics.domain import Scope
 from services.analytics.rebuild import MIGRATIONS, rebuild
-from shared.consumer import mark_processed
 from shared.contracts import (
     STREAM_NAME,
     AssignmentOverdue,
@@ -53,6 +52,7 @@ from shared.eventstore import create_pool, migrate
 from shared.runtime import Platform
 from shared.service import Service, ensure_stream
 from shared.settings import Settings
+from shared.unit_of_work import mark_processed
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,6 @@ import nats
 import pytest
 from nats.js.api import DeliverPolicy
 
-from shared.consumer import UnitOfWork
 from shared.contracts import (
     HospitalRegistered,
     LaunchDepartment,
@@ -35,6 +34,7 @@ from shared.outbox import OutboxRelay
 from shared.runtime import Platform
 from shared.service import Service, ensure_stream
 from shared.settings import Settings
+from shared.unit_of_work import UnitOfWork
 
 pytestmark = pytest.mark.integration
 
@@ -305,7 +305,7 @@ async def test_a_command_waiting_for_a_fact_is_rejected_when_the_wait_expires(
 ) -> None:
     from shared.client import PlatformClient
     from shared.contracts import RecordOutreach
-    from shared.service import NotYetKnown
+    from shared.unit_of_work import NotYetKnown
 
     attempts: list[int] = []
 
