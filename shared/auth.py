@@ -54,7 +54,7 @@ from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import Counter
 
-from shared.contracts import HOSPITAL_PATTERN
+from shared.contracts import HOSPITAL_PATTERN, is_hospital_id
 from shared.http import HttpRejection, problem
 
 __all__ = [
@@ -76,7 +76,6 @@ TOKENS_FILE_NAME = "api-tokens.json"
 FORMAT = "post-api-tokens/1"
 TOKEN_PREFIX = "post_"
 SCHEME_NAME = "hospitalToken"
-_HOSPITAL_RE = re.compile(HOSPITAL_PATTERN)
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # Compared against when a hospital has no token, so both paths take the same time.
 _NO_HASH = "0" * 64
@@ -130,7 +129,7 @@ def revoke_token(hospital: str, path: Path | None = None) -> bool:
 
 
 def _check_hospital(hospital: str) -> None:
-    if not _HOSPITAL_RE.match(hospital):
+    if not is_hospital_id(hospital):
         raise ValueError("a hospital id is a slug: [a-z0-9][a-z0-9-]{0,62}")
 
 
@@ -160,7 +159,7 @@ def _read_hospitals(path: Path) -> dict[str, dict[str, str]]:
     for hospital, entry in hospitals.items():
         if (
             not isinstance(hospital, str)
-            or not _HOSPITAL_RE.match(hospital)
+            or not is_hospital_id(hospital)
             or not isinstance(entry, dict)
             or not isinstance(entry.get("sha256"), str)
             or not _SHA256_RE.match(entry["sha256"])

@@ -1,37 +1,33 @@
-"""Consuming the POST stream: one durable pull consumer per service, handled in order.
+"""Consuming the stream: the partitions this instance holds, each read and written in order.
 
-Every message is handled in one PostgreSQL transaction that also records its id in
-``processed``: a redelivered message has no second effect. Messages fetched together are
-handled in order in one transaction, each in its own savepoint (one commit for the batch, and
-still all or nothing per message); their acks go out after the commit. Outcomes:
+`Ownership` keeps this instance's fair share of the service's partitions (shared/partitions.py):
+it beats a heartbeat, counts the live instances, takes free partitions up to
+ceil(partitions / instances), takes any partition left free (its holder died), and hands back
+what is over its share when another instance joins.
 
-- success: the handler's events are appended (and queued in the outbox); ack.
-- ``Rejected`` (a command): nothing of the handler is kept; a ``CommandRejected`` is appended
-  instead; ack. For an event (a fact), it is logged and skipped.
-- ``NotYetKnown``: rolled back and redelivered with back-off until ``not_yet_known_seconds``
-  after the message was stored, then rejected with its reason code.
-- anything else (database away, a concurrent append): rolled back, redelivered with back-off;
-  after ``max_deliver`` attempts it goes to the dead-letter subject (a command is also answered
-  with ``CommandRejected`` ``internal_error``) and the consumer goes on.
-- not a CloudEvent at all (not JSON, no id): dead-letter subject with the reason; ack.
+A `PartitionWorker` holds one partition: the advisory lock on a connection of its own, and
+everything of the partition is written on that connection — the handled messages, the waiting
+ones, the publishing of the partition's outbox. It reads the partition's durable consumer of
+the service's work stream in stream order, a fetched batch in one transaction (one savepoint a
+message, decided by `shared/dispatch.py`), then publishes what the batch appended, and only
+then acknowledges: an acknowledged message's consequences are in the stream. On taking the
+partition it creates the consumer anew, so what the previous holder left unacknowledged comes
+first, in order (the work stream keeps every message until it is acknowledged).
 
-A command message that was refused, a duplicate or dead-lettered is then erased from the
-stream (``erase``): only accepted commands and the platform's events stay in it.
-
-FastStream's JetStream subscribers bind one subject per consumer; a service needs one
-*ordered* consumer over several subjects (a hospital's ``RegisterHospital`` must be handled
-before its ``LaunchDepartment``), so this loop drives nats-py's pull consumer directly with
-``filter_subjects``.
+Why not FastStream subscribers: a subscriber here exists only while its partition's lease is
+held, on the lease's own connection, and is recreated at every takeover; acks must follow the
+commit and the publishing of the outbox. FastStream 0.7 could host the fetch loop, but the
+lease, the transaction and the ack order would still be this module: see docs/decisions.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
@@ -41,16 +37,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from shared.clock import Clock
-from shared.contracts import (
-    COMMANDS,
-    EVENTS,
-    STREAM_NAME,
-    cmd_subject,
-    dlq_subject,
-    evt_subject,
-    parse_subject,
-)
+from shared.contracts import COMMANDS, STREAM_NAME, dlq_subject, parse_subject
+from shared.dispatch import WAITING, Dispatcher, Incoming, Outcome, waiting_messages
+from shared.eventstore import connect
 from shared.observability import (
     COMMANDS_ERASED,
     CONSUMER_ACK_PENDING,
@@ -58,19 +47,29 @@ from shared.observability import (
     DEAD_LETTERS,
     HANDLER_SECONDS,
     MESSAGES_HANDLED,
+    PARTITIONS_HELD,
 )
-
-if TYPE_CHECKING:
-    from shared.service import Service
+from shared.outbox import OutboxRelay
+from shared.partitions import (
+    HEARTBEAT_SQL,
+    LIVE_SQL,
+    PARTITIONS,
+    consumer_name,
+    fair_share,
+    held_partitions,
+    lock_key,
+    original_subject,
+    sleep_or_stop,
+    source_sequence,
+    work_filter,
+    work_stream,
+)
+from shared.settings import Settings
 
 log = structlog.get_logger()
 
-# How a command's handling ended for it to be erased from the stream once answered (see erase).
-ERASED_OUTCOMES = frozenset({"rejected", "duplicate", "dead_letter"})
-
-
-class Unprocessable(Exception):
-    """Raised by ``Service.execute`` for HTTP: a message never got to its handler."""
+# The services whose facts another service's command may wait for: the owners of commands.
+PRODUCERS = sorted({model.owner for model in COMMANDS.values()})
 
 
 def backoff_seconds(attempt: int) -> float:
@@ -78,239 +77,279 @@ def backoff_seconds(attempt: int) -> float:
 
 
 @dataclass
-class Incoming:
-    subject: str
-    hospital: str
-    kind: str
-    type: str
-    body: bytes
-    stream_seq: int | None
-    attempt: int
-    stored_at: datetime | None
-
-    @property
-    def label(self) -> str:
-        """The type as a metric label: a subject's last token may be anything, labels not."""
-        return self.type if self.type in COMMANDS or self.type in EVENTS else "unknown"
-
-
-@dataclass
 class Handled:
     """How one message of a batch ended, kept until the batch has committed."""
 
-    outcome: str
+    outcome: Outcome
     error: BaseException | None = None
-    reason: str = ""  # why a dead letter
     seconds: float = 0.0
 
 
-class StreamConsumer:
-    """The durable consumer of one service and the handling of each message."""
+class LostPartition(Exception):
+    """The partition's connection (and with it the lease) is gone."""
 
-    def __init__(self, service: Service, js: JetStreamContext) -> None:
+
+class PartitionWorker:
+    """One partition of one service, while this instance holds it."""
+
+    def __init__(
+        self,
+        service: str,
+        partition: int,
+        dispatcher: Dispatcher,
+        js: JetStreamContext,
+        settings: Settings,
+        instance: str,
+    ) -> None:
         self.service = service
+        self.partition = partition
+        self.dispatcher = dispatcher
         self.js = js
-        self.name = service.name
-        # The service that answers unknown command types sees every command (and lets the
-        # ones other services own pass: see Service.process).
-        commands = (
-            [cmd_subject("*", "*")]
-            if service.answers_unknown_commands
-            else [cmd_subject("*", t) for t in service.command_handlers]
-        )
-        self.subjects = commands + [evt_subject("*", t) for t in service.event_handlers]
+        self.settings = settings
+        self.instance = instance
+        self.relay = OutboxRelay(service, js)
+        self.stop = asyncio.Event()
+        self.wake = asyncio.Event()  # events were committed elsewhere in this process
+        self.held = False
+        self.waiting = 0
         self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()  # one user of the connection at a time
+        self._quiet_before = False
 
-    async def ensure(self) -> None:
-        config = ConsumerConfig(
-            durable_name=self.name,
-            filter_subjects=self.subjects,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=self.service.deliver_policy,
-            ack_wait=60,
-            max_deliver=-1,  # the limit is ours: see handle()
-            max_ack_pending=10_000,
+    # -- holding the partition -------------------------------------------------------------
+
+    async def run(self) -> None:
+        lease_ms = str(int(self.settings.lease_seconds * 1000))
+        conn = await connect(
+            self.settings.database_url,
+            self.service,
+            application_name=f"{self.service}:{self.instance}",
+            # The lease: a frozen holder's session ends, and its lock with it.
+            idle_session_timeout=lease_ms,
+            idle_in_transaction_session_timeout=lease_ms,
         )
+        publisher: asyncio.Task[None] | None = None
         try:
-            info = await self.js.consumer_info(STREAM_NAME, self.name)
-        except NotFoundError:
-            await self.js.add_consumer(STREAM_NAME, config)
-            return
-        if info.num_ack_pending:
-            # A process died holding messages: they would come back only after ack_wait,
-            # behind newer ones. Resume from the first unacknowledged one instead, in order;
-            # whatever was handled after it is skipped by `processed`. (One consumer process
-            # per service, as ordering requires.)
-            resume = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
-            log.warning("consumer_resumed", from_stream_seq=resume, unacked=info.num_ack_pending)
-            await self.js.delete_consumer(STREAM_NAME, self.name)
-            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-            config.opt_start_seq = resume
-            await self.js.add_consumer(STREAM_NAME, config)
-        elif sorted(info.config.filter_subjects or []) != sorted(self.subjects):
-            await self.js.add_consumer(STREAM_NAME, config)  # a new handler: widen the filter
-
-    async def run(self, stop: asyncio.Event) -> None:
-        await self.ensure()
-        sub = await self.js.pull_subscribe_bind(durable=self.name, stream=STREAM_NAME)
-        try:
-            await self._consume(sub, stop)
+            key = lock_key(self.service)
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", key, self.partition):
+                return
+            self._conn, self.held = conn, True
+            PARTITIONS_HELD.labels(self.service).inc()
+            log.info("partition_taken", partition=self.partition)
+            sub = await self._subscribe()
+            self.waiting = await conn.fetchval(
+                "SELECT count(*) FROM waiting WHERE partition = $1", self.partition
+            )
+            publisher = asyncio.create_task(self._publish_loop())
+            await self._consume(sub)
         finally:
-            await self._release()
+            if publisher is not None:
+                publisher.cancel()
+                await asyncio.gather(publisher, return_exceptions=True)
+            if self.held:
+                PARTITIONS_HELD.labels(self.service).dec()
+                log.info("partition_released", partition=self.partition)
+            self.held, self._conn = False, None
+            try:
+                await asyncio.wait_for(conn.close(), timeout=2)  # the session ends: the lock goes
+            except Exception:
+                conn.terminate()
 
-    async def _consume(self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event) -> None:
+    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+        """The partition's consumer, created anew: it starts at the first message nobody
+        acknowledged, whatever the previous holder had fetched."""
+        stream, name = work_stream(self.service), consumer_name(self.service, self.partition)
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_consumer(stream, name)
+        await self.js.add_consumer(
+            stream,
+            ConsumerConfig(
+                durable_name=name,
+                filter_subject=work_filter(self.service, self.partition),
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=60,
+                max_deliver=-1,  # the limit is ours: see _settle
+                max_ack_pending=10_000,
+            ),
+        )
+        return await self.js.pull_subscribe_bind(durable=name, stream=stream)
+
+    async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
         backlog = True
-        while not stop.is_set():
+        while not self.stop.is_set():
             try:
                 # nats-py's fetch of n, once one message came, waits for all n until the pull
                 # expires: caught up, ask for one (it comes the moment it is stored); behind,
                 # for a batch (what is waiting comes at once).
-                msgs = await sub.fetch(self.service.settings.fetch_batch if backlog else 1, 1.0)
+                msgs = await sub.fetch(self.settings.fetch_batch if backlog else 1, 1.0)
             except (NatsTimeoutError, TimeoutError):
                 backlog = False
+                if self.waiting:
+                    await self.retry_waiting(settle=True)
                 continue
             last = msgs[-1].metadata if msgs else None
             backlog = bool(last and last.num_pending)
             await self.handle_batch(msgs)
 
-    async def report_lag(self) -> None:
-        info = await self.js.consumer_info(STREAM_NAME, self.name)
-        CONSUMER_PENDING.labels(self.name).set(info.num_pending or 0)
-        CONSUMER_ACK_PENDING.labels(self.name).set(info.num_ack_pending or 0)
+    def _connection(self) -> asyncpg.Connection:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            raise LostPartition(f"partition {self.partition}: its connection is gone")
+        return conn
 
-    async def handle(self, msg: Msg) -> None:
-        await self.handle_batch([msg])
+    # -- a batch -------------------------------------------------------------------------
 
     async def handle_batch(self, msgs: Sequence[Msg]) -> None:
-        """Handle fetched messages in order. Several share one transaction (one commit, one disk
-        flush), each in its own savepoint: one that fails or must wait leaves nothing, the
-        others stand. Acks go out only once the batch has committed."""
+        """Handle fetched messages in order: one transaction (one commit, one disk flush), a
+        savepoint each. Messages waiting for a fact of the batch's hospitals are tried again
+        after them. The batch's events are published, then the messages acknowledged."""
         items = [(msg, self._incoming(msg)) for msg in msgs]
         done: list[Handled] = []
-        try:
-            conn = await self._connection()
-            if len(msgs) == 1:
-                done.append(await self._process(items[0][1], conn))
-            else:
+        retried: list[tuple[Incoming, Handled]] = []
+        async with self._lock:
+            conn = self._connection()
+            try:
                 async with conn.transaction():
                     for _, incoming in items:
-                        done.append(await self._process(incoming, conn))
-        except Exception as exc:  # the commit or the connection failed: nothing of it stands
-            done = [Handled("error", exc) for _ in items]
-            await self._release()  # a connection PostgreSQL dropped is never used again
-        if len(msgs) > 1:
-            self.service.wake_relay()
-        for (msg, incoming), handled in zip(items, done, strict=True):
-            await self._settle(msg, incoming, handled)
+                        done.append(await self._dispatch(conn, incoming))
+                    hospitals = sorted({i.hospital for _, i in items if i is not None})
+                    if self.waiting and hospitals:
+                        retried = await self._retry(conn, hospitals, settled=False)
+            except Exception as exc:  # the commit or the connection failed: nothing stands
+                if conn.is_closed():
+                    raise LostPartition(repr(exc)) from exc
+                done = [Handled(Outcome("error"), exc) for _ in items]
+                retried = []
+            self._count_waiting(done, retried)
+            await self.relay.publish_pending(conn, self.partition)
+            for (msg, incoming), handled in zip(items, done, strict=True):
+                await self._settle(conn, msg, incoming, handled)
+            for incoming, handled in retried:
+                await self._settle(conn, None, incoming, handled)
 
-    async def _connection(self) -> asyncpg.Connection:
-        """The consumer's own connection, kept from batch to batch (a pooled one is reset on
-        every release: one more round trip per message); replaced once it has failed."""
-        if self._conn is not None:
-            try:
-                broken = self._conn.is_closed()
-            except asyncpg.InterfaceError:  # detached from the pool when the server went away
-                broken = True
-            if broken:
-                await self._release()
-        if self._conn is None:
-            self._conn = await self.service.pool.acquire()
-        return self._conn
-
-    async def _release(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await self.service.pool.release(conn)
-            except Exception as exc:  # already broken or detached: the pool replaces it
-                log.debug("connection_release_failed", error=repr(exc)[:200])
-
-    def _incoming(self, msg: Msg) -> Incoming | None:
-        try:
-            hospital, kind, type_ = parse_subject(msg.subject)
-        except ValueError:
-            return None
-        meta = msg.metadata
-        return Incoming(
-            subject=msg.subject,
-            hospital=hospital,
-            kind=kind,
-            type=type_,
-            body=msg.data,
-            stream_seq=meta.sequence.stream if meta else None,
-            attempt=meta.num_delivered if meta else 1,
-            stored_at=meta.timestamp if meta else None,
-        )
-
-    async def _process(self, incoming: Incoming | None, conn: asyncpg.Connection | None) -> Handled:
+    async def _dispatch(
+        self, conn: asyncpg.Connection, incoming: Incoming | None, settled: bool = False
+    ) -> Handled:
         if incoming is None:
-            return Handled("ignored")
+            return Handled(Outcome("ignored"))
         started = time.perf_counter()
         structlog.contextvars.bind_contextvars(event_type=incoming.type, hospital=incoming.hospital)
         try:
-            outcome = await self.service.process(incoming, conn)
-            reason = self.service.last_unanswerable if outcome == "dead_letter" else ""
-            return Handled(outcome, None, reason, time.perf_counter() - started)
+            outcome = await self.dispatcher.dispatch(incoming, conn, settled=settled)
+            return Handled(outcome, None, time.perf_counter() - started)
         except Exception as exc:  # transient: retry with back-off, then dead-letter
-            return Handled("error", exc, "", time.perf_counter() - started)
+            if conn.is_closed():
+                raise
+            return Handled(Outcome("error"), exc, time.perf_counter() - started)
         finally:
             structlog.contextvars.unbind_contextvars("event_type", "hospital", "correlation_id")
 
-    async def _settle(self, msg: Msg, incoming: Incoming | None, handled: Handled) -> None:
+    async def _retry(
+        self, conn: asyncpg.Connection, hospitals: list[str] | None, settled: bool
+    ) -> list[tuple[Incoming, Handled]]:
+        retried = []
+        for incoming in await waiting_messages(conn, self.partition, hospitals):
+            retried.append((incoming, await self._dispatch(conn, incoming, settled)))
+        return retried
+
+    def _count_waiting(self, done: list[Handled], retried: list[tuple[Incoming, Handled]]) -> None:
+        self.waiting += sum(1 for h in done if h.outcome is WAITING)
+        self.waiting -= sum(1 for _, h in retried if h.outcome is not WAITING and not h.error)
+
+    async def retry_waiting(self, settle: bool) -> None:
+        """Idle: try the waiting messages again; once the platform has settled (nothing of the
+        partition pending in any service), the ones still waiting are refused."""
+        settled = settle and await self._settled()
+        async with self._lock:
+            conn = self._connection()
+            async with conn.transaction():
+                retried = await self._retry(conn, None, settled)
+            self._count_waiting([], retried)
+            await self.relay.publish_pending(conn, self.partition)
+            for incoming, handled in retried:
+                await self._settle(conn, None, incoming, handled)
+
+    async def _settled(self) -> bool:
+        """Every producing service has sourced `POST` into its work stream, handled all it
+        has of this partition and published what followed (a worker acknowledges only then) —
+        on two checks in a row, a second apart: a fact of one may be on its way to another."""
+        quiet = True
+        try:
+            for service in PRODUCERS:
+                stream = await self.js.stream_info(work_stream(service))
+                info = await self.js.consumer_info(
+                    work_stream(service), consumer_name(service, self.partition)
+                )
+                if any(s.lag for s in stream.sources or []) or (
+                    info.num_pending or info.num_ack_pending
+                ):
+                    quiet = False
+                    break
+        except NotFoundError:  # a service that never ran: what it would answer is pending
+            quiet = False
+        settled, self._quiet_before = quiet and self._quiet_before, quiet
+        return settled
+
+    # -- after the commit --------------------------------------------------------------
+
+    async def _settle(
+        self, conn: asyncpg.Connection, msg: Msg | None, incoming: Incoming | None, handled: Handled
+    ) -> None:
+        """Acknowledge, retry later or dead-letter one message; `msg` is None for one taken
+        from ``waiting`` (acknowledged when it was parked)."""
         if incoming is None:  # not a POST subject
-            await msg.ack()
+            if msg is not None:
+                await msg.ack()
             return
         outcome, exc = handled.outcome, handled.error
         structlog.contextvars.bind_contextvars(event_type=incoming.type, hospital=incoming.hospital)
         try:
             if exc is not None:
-                if incoming.attempt >= self.service.settings.max_deliver:
+                if incoming.attempt >= self.settings.max_deliver:
                     reason = f"failed {incoming.attempt} times: {exc!r}"[:500]
                     await self.dead_letter(incoming, reason)
                     if incoming.kind == "cmd":
                         try:
-                            await self.service.answer_unprocessable(incoming, repr(exc)[:200])
+                            await self.dispatcher.answer_unprocessable(conn, incoming, repr(exc))
+                            await self.relay.publish_pending(conn, self.partition)
                         except Exception as failed:  # dead-lettered already: go on, never loop
                             log.error("answer_failed", error=repr(failed)[:200])
-                    outcome = "dead_letter"
-                    await msg.ack()
+                    outcome = Outcome("dead_letter", reason)
+                    if msg is not None:
+                        await msg.ack()
                 else:
                     log.warning("handler_failed", error=repr(exc), attempt=incoming.attempt)
-                    await msg.nak(delay=backoff_seconds(incoming.attempt))
-            elif outcome == "retry":
-                await msg.nak(delay=backoff_seconds(incoming.attempt))
+                    if msg is not None:
+                        await msg.nak(delay=backoff_seconds(incoming.attempt))
             else:
-                if outcome == "dead_letter":
-                    await self.dead_letter(incoming, handled.reason)
-                await msg.ack()
-            # A duplicate on a redelivery is this very message, handled before a crash: it
-            # may have been accepted, so it stays.
-            redelivered = outcome == "duplicate" and incoming.attempt > 1
-            if incoming.kind == "cmd" and outcome in ERASED_OUTCOMES and not redelivered:
+                if outcome.label == "dead_letter":
+                    await self.dead_letter(incoming, outcome.dead_letter_reason)
+                if msg is not None:
+                    await msg.ack()
+            if incoming.kind == "cmd" and outcome.erases_command:
                 await self.erase(incoming)
         finally:
-            MESSAGES_HANDLED.labels(self.name, incoming.label, outcome).inc()
-            HANDLER_SECONDS.labels(self.name, incoming.label).observe(handled.seconds)
+            MESSAGES_HANDLED.labels(self.service, incoming.label, outcome.label).inc()
+            HANDLER_SECONDS.labels(self.service, incoming.label).observe(handled.seconds)
             structlog.contextvars.unbind_contextvars("event_type", "hospital")
 
     async def erase(self, incoming: Incoming) -> None:
-        """Erase an answered command the platform did not take from the stream (JetStream
-        overwrites it): a refused one may carry names or notes in the fields that got it
-        refused, a duplicate adds nothing, a dead letter's copy is on the dead-letter subject.
-        Its answer and its id in `processed` stay, so a copy sent later is still answered once.
-        Accepted commands stay as sent (only validated fields were read from them)."""
+        """Erase an answered command the platform did not take from `POST` (JetStream
+        overwrites it). Its answer and its id in `processed` stay, so a copy sent later is still
+        answered once. Accepted commands stay as sent (only validated fields were read)."""
         if incoming.stream_seq is None:
             return
         try:
             await self.js.delete_msg(STREAM_NAME, incoming.stream_seq)
-            COMMANDS_ERASED.labels(self.name, incoming.label).inc()
+            COMMANDS_ERASED.labels(self.service, incoming.label).inc()
         except NotFoundError:
-            pass  # erased already, by a process that died before its ack
+            pass  # erased already, by a holder that died before its ack
         except Exception as exc:  # the answer stands; the message stays until retention ends
             log.warning("command_not_erased", error=repr(exc)[:200], seq=incoming.stream_seq)
 
     async def dead_letter(self, incoming: Incoming, reason: str) -> None:
-        DEAD_LETTERS.labels(self.name, incoming.label).inc()
+        DEAD_LETTERS.labels(self.service, incoming.label).inc()
         log.error("dead_letter", reason=reason, subject=incoming.subject)
         await self.js.publish(
             dlq_subject(incoming.hospital, incoming.type),
@@ -318,15 +357,156 @@ class StreamConsumer:
             headers={
                 "Post-Dead-Letter-Reason": reason[:500],
                 "Post-Original-Subject": incoming.subject,
-                "Post-Service": self.name,
+                "Post-Service": self.service,
             },
         )
 
+    def _incoming(self, msg: Msg) -> Incoming | None:
+        try:
+            subject = original_subject(msg.subject)
+            hospital, kind, type_ = parse_subject(subject)
+        except (ValueError, IndexError):
+            return None
+        meta = msg.metadata
+        return Incoming(
+            subject=subject,
+            hospital=hospital,
+            kind=kind,
+            type=type_,
+            body=msg.data,
+            stream_seq=source_sequence(msg.headers),
+            attempt=meta.num_delivered if meta else 1,
+            stored_at=meta.timestamp if meta else None,
+        )
 
-def stored_age_seconds(incoming: Incoming, clock: Clock) -> float:
-    if incoming.stored_at is None:
-        return 0.0
-    stored = incoming.stored_at
-    if stored.tzinfo is None:
-        stored = stored.replace(tzinfo=UTC)
-    return (clock.now() - stored).total_seconds()
+    # -- events committed outside a message (HTTP, timers) -----------------------------
+
+    async def _publish_loop(self) -> None:
+        """Publish the partition's events committed by others (an HTTP intake, a timer, another
+        instance): at once when this process committed them, else within a second."""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=1.0)
+            self.wake.clear()
+            try:
+                async with self._lock:
+                    await self.relay.publish_pending(self._connection(), self.partition)
+            except LostPartition:
+                self.stop.set()
+                return
+            except Exception as exc:  # NATS away for a moment: the rows wait for the next try
+                log.warning("outbox_publish_failed", error=repr(exc)[:200])
+
+    async def report_lag(self) -> None:
+        info = await self.js.consumer_info(
+            work_stream(self.service), consumer_name(self.service, self.partition)
+        )
+        labels = (self.service, str(self.partition))
+        CONSUMER_PENDING.labels(*labels).set(info.num_pending or 0)
+        CONSUMER_ACK_PENDING.labels(*labels).set(info.num_ack_pending or 0)
+
+
+class Ownership:
+    """This instance's share of the service's partitions."""
+
+    def __init__(
+        self,
+        service: str,
+        dispatcher: Dispatcher,
+        pool: asyncpg.Pool,
+        js: JetStreamContext,
+        settings: Settings,
+        http_port: int,
+    ) -> None:
+        self.service = service
+        self.dispatcher = dispatcher
+        self.pool = pool
+        self.js = js
+        self.settings = settings
+        self.http_port = http_port
+        self.instance = uuid.uuid4().hex[:12]
+        self.workers: dict[int, PartitionWorker] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self.running = False
+        # Spread instances that start together over different partitions first.
+        start = int(self.instance, 16) % PARTITIONS
+        self._order = [(start + i) % PARTITIONS for i in range(PARTITIONS)]
+
+    def held(self) -> list[int]:
+        return sorted(p for p, w in self.workers.items() if w.held)
+
+    def wake(self, partition: int) -> None:
+        worker = self.workers.get(partition)
+        if worker is not None:
+            worker.wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.running = True
+        free_before: set[int] = set()
+        try:
+            while not stop.is_set():
+                free_before = await self._rebalance(free_before)
+                if await sleep_or_stop(stop, self.settings.rebalance_seconds):
+                    break
+        finally:
+            self.running = False
+            await self.release_all()
+
+    async def _rebalance(self, free_before: set[int]) -> set[int]:
+        for p, task in list(self._tasks.items()):
+            if task.done():  # lost, released, or never got the lock
+                del self._tasks[p], self.workers[p]
+        async with self.pool.acquire() as conn:
+            await conn.execute(HEARTBEAT_SQL, self.instance, self.http_port)
+            live = await conn.fetchval(LIVE_SQL, self.settings.lease_seconds)
+            held = await held_partitions(conn, self.service)
+        target = fair_share(live)
+        mine = [p for p in self._order if p in self.workers]
+        free = {p for p in range(PARTITIONS) if p not in held and p not in self.workers}
+        if len(mine) > target:
+            for p in mine[target:]:
+                self.workers[p].stop.set()  # handed back after its current batch
+        else:
+            wanted = [p for p in self._order if p in free][: target - len(mine)]
+            # A partition free two rounds running has nobody: take it whatever the share.
+            wanted += [p for p in self._order if p in free & free_before and p not in wanted]
+            for p in wanted:
+                self._start(p)
+        return free
+
+    def _start(self, partition: int) -> None:
+        worker = PartitionWorker(
+            self.service, partition, self.dispatcher, self.js, self.settings, self.instance
+        )
+        self.workers[partition] = worker
+
+        async def run() -> None:
+            try:
+                await worker.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("partition_lost", partition=partition, error=repr(exc)[:300])
+
+        self._tasks[partition] = asyncio.create_task(run(), name=f"{self.service}:p{partition}")
+
+    async def release_all(self) -> None:
+        for worker in self.workers.values():
+            worker.stop.set()
+        tasks = list(self._tasks.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=10)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self.workers.clear()
+        try:
+            await self.pool.execute("DELETE FROM instances WHERE instance_id = $1", self.instance)
+        except Exception as exc:  # the row ages out of the lease anyway
+            log.debug("instance_row_left", error=repr(exc)[:200])
+
+    async def report_lag(self) -> None:
+        for worker in list(self.workers.values()):
+            if worker.held:
+                await worker.report_lag()

@@ -359,8 +359,9 @@ EVENTS: dict[str, type[Event]] = {
 }
 
 
-def commands_owned_by(service: str) -> list[str]:
-    return [name for name, model in COMMANDS.items() if model.owner == service]
+def is_hospital_id(value: str) -> bool:
+    """A hospital (tenant) id: a slug, CONTRACT.md's `[a-z0-9][a-z0-9-]{0,62}`."""
+    return _HOSPITAL_RE.match(value) is not None
 
 
 # --- subjects -------------------------------------------------------------------------------

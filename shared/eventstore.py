@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 
 from shared.contracts import Event, parse_event
+from shared.partitions import partition_of
 
 CORE_MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -56,9 +57,6 @@ class NewEvent:
     metadata: dict[str, Any]
     event_id: str = ""
 
-    def id(self) -> str:
-        return self.event_id or str(uuid.uuid4())
-
 
 # One encoder for every value: json.dumps with arguments builds a new one on each call.
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
@@ -90,6 +88,22 @@ async def create_pool(database_url: str, schema: str, **kwargs: Any) -> asyncpg.
     )
     assert pool is not None
     return pool
+
+
+async def connect(
+    database_url: str, schema: str, application_name: str, **server_settings: str
+) -> asyncpg.Connection:
+    """A connection of its own (not pooled) working in ``schema``: a partition's lease."""
+    conn = await asyncpg.connect(
+        database_url,
+        server_settings={
+            "search_path": schema,
+            "application_name": application_name,
+            **server_settings,
+        },
+    )
+    await _init_connection(conn)
+    return conn
 
 
 async def migrate(pool: asyncpg.Pool, schema: str, service_migrations: Path | None) -> list[str]:
@@ -152,7 +166,7 @@ WITH locked AS (
     WHERE cur.version = $6
     RETURNING position
 ), queued AS (
-    INSERT INTO outbox (position) SELECT position FROM ins WHERE $7
+    INSERT INTO outbox (position, partition) SELECT position, $8 FROM ins WHERE $7
 )
 SELECT (SELECT version FROM cur) AS version, ARRAY(SELECT position FROM ins ORDER BY position)
 """
@@ -189,6 +203,7 @@ class EventStore:
                 [e.metadata for e in events],
                 expected_version,
                 publish,
+                partition_of(events[0].metadata["hospital"]) if publish else 0,
             )
         except asyncpg.UniqueViolationError as exc:
             if "event_id" in str(exc.constraint_name or ""):

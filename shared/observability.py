@@ -72,12 +72,17 @@ OUTBOX_PUBLISH_SECONDS = Histogram(
 )
 CONSUMER_PENDING = Gauge(
     "post_consumer_pending_messages",
-    "Messages in the stream not yet delivered to the service's durable consumer (lag).",
-    ["service"],
+    "Messages of a partition not yet delivered to the service (lag), by the partition's holder.",
+    ["service", "partition"],
 )
 CONSUMER_ACK_PENDING = Gauge(
     "post_consumer_ack_pending_messages",
-    "Messages delivered to the service but not yet acknowledged.",
+    "Messages of a partition delivered to the service but not yet acknowledged.",
+    ["service", "partition"],
+)
+PARTITIONS_HELD = Gauge(
+    "post_partitions_held",
+    "Partitions of the service this instance holds (summed over instances: every partition).",
     ["service"],
 )
 SERVICE_UP = Gauge("post_service_up", "1 while the service is consuming.", ["service"])

@@ -111,6 +111,7 @@ class NatsServer:
     data_dir: Path
     port: int = 4222
     monitor_port: int = 8222
+    sync_interval: str = "always"  # or a duration ("2m", NATS's default): make bench compares
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -120,21 +121,17 @@ class NatsServer:
     def start(self) -> NatsServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "nats-server.log", "ab")
+        config = self.data_dir / "nats-server.conf"
+        # sync_interval always: an acknowledged message is on disk (Jepsen, NATS 2.12.1, 2025:
+        # the default lazy fsync lost acknowledged writes in a coordinated crash).
+        config.write_text(
+            f"listen: 127.0.0.1:{self.port}\n"
+            f"http: 127.0.0.1:{self.monitor_port}\n"
+            "server_name: post-embedded\n"
+            f'jetstream {{ store_dir: "{self.data_dir}", sync_interval: {self.sync_interval} }}\n'
+        )
         self.proc = subprocess.Popen(
-            [
-                nats_server_binary(),
-                "--jetstream",
-                "--store_dir",
-                str(self.data_dir),
-                "--addr",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--http_port",
-                str(self.monitor_port),
-                "--server_name",
-                "post-embedded",
-            ],
+            [nats_server_binary(), "--config", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -204,7 +201,7 @@ class Postgres:
                 "-c",
                 f"unix_socket_directories={self.data_dir}",
                 "-c",
-                "max_connections=200",
+                "max_connections=400",
                 "-c",
                 "shared_buffers=256MB",
             ],
@@ -256,6 +253,7 @@ class ServiceProcess:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    index: int = 0  # which instance of the service
 
     def start(self) -> ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,9 +300,12 @@ class Platform:
     database_url: str | None = None  # a PostgreSQL the user gives: no embedded one then
     extra_env: Mapping[str, str] = field(default_factory=dict)
     services: Sequence[str] = SERVICES
+    instances: int = 1  # of each service (POST_<SERVICE>_PORT + 10 per further instance)
+    free_ports: bool = False  # further instances' ports: free ones, not base + 10
     nats: NatsServer | None = None
     postgres: Postgres | None = None
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    instance_ports: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def on_free_ports(
@@ -322,6 +323,7 @@ class Platform:
             pg_port=free_port(),
             service_ports={name: free_port() for name in SERVICES},
             extra_env=dict(extra_env or {}),
+            free_ports=True,
         )
 
     @property
@@ -352,26 +354,48 @@ class Platform:
         if not self.database_url:
             self.postgres = Postgres(self.data_dir / "postgres", self.pg_port).start()
 
-    def start_service(self, name: str) -> ServiceProcess:
-        process = ServiceProcess(name, self.env(), self.data_dir / "logs" / f"{name}.log").start()
-        self.processes[name] = process
+    @staticmethod
+    def key(name: str, index: int = 0) -> str:
+        """The first instance of a service is `name`; the others `name-2`, `name-3`, ..."""
+        return name if index == 0 else f"{name}-{index + 1}"
+
+    def port(self, name: str, index: int = 0) -> int:
+        key = self.key(name, index)
+        if key not in self.instance_ports:
+            base = self.service_ports[name]
+            self.instance_ports[key] = (
+                base if index == 0 else free_port() if self.free_ports else base + 10 * index
+            )
+        return self.instance_ports[key]
+
+    def start_service(self, name: str, index: int = 0) -> ServiceProcess:
+        key = self.key(name, index)
+        env = {**self.env(), f"POST_{name.upper()}_PORT": str(self.port(name, index))}
+        process = ServiceProcess(name, env, self.data_dir / "logs" / f"{key}.log").start()
+        process.index = index
+        self.processes[key] = process
         return process
 
     def start_services(self) -> None:
-        for name in self.services:
-            self.start_service(name)
+        for index in range(self.instances):
+            for name in self.services:
+                self.start_service(name, index)
+
+    def url(self, key: str, path: str = "") -> str:
+        """The HTTP address of a service instance (`matching`, `matching-2`, ...)."""
+        port = self.instance_ports.get(key) or self.service_ports[key]
+        return f"http://127.0.0.1:{port}{path}"
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         import urllib.request
 
         deadline = time.monotonic() + timeout
-        for name in self.services:
-            url = f"http://127.0.0.1:{self.service_ports[name]}/readyz"
+        for key, proc in list(self.processes.items()):
+            url = self.url(key, "/readyz")
             while True:
-                proc = self.processes[name]
                 if not proc.alive():
                     tail = proc.log_path.read_text()[-3000:] if proc.log_path.exists() else ""
-                    raise RuntimeError(f"service {name} exited:\n{tail}")
+                    raise RuntimeError(f"service {key} exited:\n{tail}")
                 try:
                     with urllib.request.urlopen(url, timeout=2) as resp:
                         if resp.status == 200:
@@ -379,17 +403,17 @@ class Platform:
                 except OSError:
                     pass
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"service {name} not ready after {timeout}s")
+                    raise TimeoutError(f"service {key} not ready after {timeout}s")
                 time.sleep(0.1)
 
     def supervise_once(self) -> list[str]:
         """Restart any service that died; returns their names."""
         restarted = []
-        for name, proc in list(self.processes.items()):
+        for key, proc in list(self.processes.items()):
             if not proc.alive():
                 proc.restarts += 1
-                self.start_service(name).restarts = proc.restarts
-                restarted.append(name)
+                self.start_service(proc.name, proc.index).restarts = proc.restarts
+                restarted.append(key)
         return restarted
 
     def stop(self) -> None:

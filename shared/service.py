@@ -1,19 +1,19 @@
-"""`Service`: the composition root of one service process.
+"""`Service`: the composition root of one service instance.
 
 It owns the PostgreSQL pool (with the service's schema and migrations), the NATS connection,
-the durable consumer, the outbox relay, background timers and the HTTP app (FastAPI:
-``/healthz``, ``/readyz``, ``/metrics``, the service's own routes and its OpenAPI spec).
+the `POST` stream and the service's work stream, its share of the partitions (the consumer and
+the outbox relay of each: shared/consumer.py), background timers and the HTTP app (FastAPI:
+``/healthz``, ``/readyz``, ``/metrics``, the service's own routes and its OpenAPI spec). The fate
+of a message is decided in shared/dispatch.py. Any number of instances may run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import json
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,48 +33,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from shared.clock import Clock, ControlledClock, SystemClock
-from shared.consumer import Incoming, StreamConsumer, Unprocessable, stored_age_seconds
-from shared.contracts import (
-    COMMANDS,
-    EVENTS,
-    HOSPITAL_PATTERN,
-    STREAM_NAME,
-    STREAM_SUBJECTS,
-    Command,
-    CommandRejected,
-    ReasonCode,
-    Rejected,
-    Unanswerable,
-    new_id,
-    parse_envelope,
-    parse_payload,
-)
-from shared.eventstore import ConcurrencyError, create_pool, migrate
+from shared.consumer import Ownership
+from shared.contracts import STREAM_NAME, STREAM_SUBJECTS, Command, cmd_subject, evt_subject, new_id
+from shared.dispatch import Dispatcher
+from shared.eventstore import create_pool, migrate
 from shared.http import install_error_handlers
-from shared.observability import COMMANDS_REJECTED, SERVICE_UP, configure_logging
-from shared.outbox import OutboxRelay
+from shared.observability import SERVICE_UP, configure_logging
+from shared.outbox import report_backlog
+from shared.partitions import ensure_work_stream, partition_of
 from shared.settings import Settings
-from shared.unit_of_work import Handler, NotYetKnown, UnitOfWork, mark_processed
+from shared.unit_of_work import Handler, UnitOfWork
 
 log = structlog.get_logger()
 
-_HOSPITAL = re.compile(HOSPITAL_PATTERN)
-
 Background = Callable[["Service"], Awaitable[None]]
-
-
-class _Retry(Exception):
-    """Internal: roll the transaction back and have the message redelivered later."""
-
-
-class _Refused(Exception):
-    """Internal: roll the handler's work back; the message ends as `outcome`, a command refused
-    for `rejected` is answered with CommandRejected."""
-
-    def __init__(self, outcome: str, rejected: Rejected | None = None) -> None:
-        super().__init__(outcome)
-        self.outcome = outcome
-        self.rejected = rejected
 
 
 class ClockAdvance(BaseModel):
@@ -140,37 +112,44 @@ class Service:
         clock: Clock | None = None,
         deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
         answers_unknown_commands: bool = False,
+        role: str | None = None,
     ) -> None:
+        """`role`: the service whose commands it answers, when not `name` (a test's stand-in
+        for one of the four)."""
         self.name = name
-        # One service of the platform answers commands of a type nobody owns (a typo in a
-        # hospital's integration): a CommandRejected, never silence.
-        self.answers_unknown_commands = answers_unknown_commands
-        # A new durable consumer reads the stream from its first message (ALL), so a new
-        # service or a rebuilt one sees the whole history; tests of a throw-away consumer
-        # may start at NEW.
+        # A new service reads the stream from its first message (ALL), so a new service or a
+        # rebuilt one sees the whole history; tests of a throw-away service may start at NEW.
         self.deliver_policy = deliver_policy
         self._own_process = False  # run by main(): the process is this service alone
-        self.command_handlers = dict(command_handlers or {})
-        self.event_handlers = dict(event_handlers or {})
-        for t in self.command_handlers:
-            assert t in COMMANDS, f"unknown command type {t}"
-        for t in self.event_handlers:
-            assert t in EVENTS, f"unknown event type {t}"
         self.migrations = migrations
         self.background = list(background)
         self.settings = settings or Settings()
         self.clock: Clock = clock or (
             ControlledClock() if self.settings.test_clock else SystemClock()
         )
+        self.dispatcher = Dispatcher(
+            name,
+            self.clock,
+            role=role or name,
+            command_handlers=command_handlers or {},
+            event_handlers=event_handlers or {},
+            answers_unknown_commands=answers_unknown_commands,
+            not_yet_known_seconds=self.settings.not_yet_known_seconds,
+        )
+        # The service that answers unknown command types sees every command (and lets the ones
+        # other services own pass: see shared/dispatch.py).
+        commands = (
+            [cmd_subject("*", "*")]
+            if answers_unknown_commands
+            else [cmd_subject("*", t) for t in self.dispatcher.command_handlers]
+        )
+        self.subjects = commands + [evt_subject("*", t) for t in self.dispatcher.event_handlers]
         self.pool: asyncpg.Pool = None  # type: ignore[assignment]
         self.nc: NATS | None = None
         self.js: JetStreamContext = None  # type: ignore[assignment]
-        self.relay: OutboxRelay | None = None
-        self.consumer: StreamConsumer | None = None
-        self.last_unanswerable = ""
+        self.ownership: Ownership | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self.consuming = False
         self.http = self._make_http(routers, description)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -190,31 +169,59 @@ class Service:
         )
         self.js = self.nc.jetstream()
         await ensure_stream(self.js, self.settings.stream_replicas)
-        self.relay = OutboxRelay(self.name, self.pool, self.js)
         self._stop.clear()
-        self._spawn("outbox", self.relay.run)
-        if self.command_handlers or self.event_handlers:
-            self.consumer = StreamConsumer(self, self.js)
-            await (
-                self.consumer.ensure()
-            )  # exists when start() returns: nothing published after is missed
-            self._spawn("consumer", self._consume)
+        if self.subjects:
+            await self._ensure_work_stream()
+            self.ownership = Ownership(
+                self.name,
+                self.dispatcher,
+                self.pool,
+                self.js,
+                self.settings,
+                self.settings.http_port(self.name),
+            )
+            ownership = self.ownership
+            self._spawn("partitions", lambda: ownership.run(self._stop))
             self._spawn("lag", self._report_lag)
         for fn in self.background:
             self._spawn(fn.__name__, lambda fn=fn: fn(self))  # type: ignore[misc]
         SERVICE_UP.labels(self.name).set(1)
         log.info("service_started", nats=self.settings.nats_hosts)
 
+    async def _ensure_work_stream(self) -> None:
+        """The work stream; a service of the single-consumer releases (a durable consumer on
+        `POST` named after it) goes on from the first message it had not acknowledged."""
+        start_seq, start_time = None, None
+        if self.deliver_policy == DeliverPolicy.NEW:
+            start_time = datetime.now(UTC)
+        try:
+            old = await self.js.consumer_info(STREAM_NAME, self.name)
+            start_seq = (old.ack_floor.stream_seq if old.ack_floor else 0) + 1
+        except NotFoundError:
+            old = None
+        await ensure_work_stream(
+            self.js,
+            self.name,
+            self.subjects,
+            self.settings.stream_replicas,
+            start_seq=start_seq,
+            start_time=start_time,
+        )
+        if old is not None:
+            await self.js.delete_consumer(STREAM_NAME, self.name)
+            log.info("single_consumer_retired", resumed_from_stream_seq=start_seq)
+
     async def stop(self) -> None:
         self._stop.set()
         SERVICE_UP.labels(self.name).set(0)
+        if self.ownership is not None:
+            await self.ownership.release_all()  # hand the partitions over at once
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         if self.nc is not None:
-            # Every publish was already acknowledged, so a plain close loses nothing (a drain
-            # waits on the bound pull subscription).
+            # Every publish was already acknowledged, so a plain close loses nothing.
             await self.nc.close()
             self.nc = None
         if self.pool is not None:
@@ -242,19 +249,12 @@ class Service:
 
         self._tasks.append(asyncio.create_task(supervised(), name=f"{self.name}:{name}"))
 
-    async def _consume(self) -> None:
-        assert self.consumer is not None
-        self.consuming = True
-        try:
-            await self.consumer.run(self._stop)
-        finally:
-            self.consuming = False
-
     async def _report_lag(self) -> None:
-        assert self.consumer is not None
         while not self._stop.is_set():
             try:
-                await self.consumer.report_lag()
+                if self.ownership is not None:
+                    await self.ownership.report_lag()
+                await report_backlog(self.name, self.pool)
             except Exception as exc:
                 log.debug("lag_unavailable", error=repr(exc))
             await asyncio.sleep(5)
@@ -270,16 +270,26 @@ class Service:
             log_config=None,
             log_level="warning",
             access_log=False,
+            timeout_graceful_shutdown=15,
         )
 
-    # -- handling ----------------------------------------------------------------------------
+    # -- partitions --------------------------------------------------------------------------
 
-    def wake_relay(self) -> None:
-        """Events were committed: the relay publishes them now, not at its next poll."""
-        if self.relay is not None:
-            self.relay.wakeup.set()
+    @property
+    def partitions(self) -> list[int]:
+        """The partitions this instance holds now."""
+        return self.ownership.held() if self.ownership is not None else []
 
-    _wake_relay = wake_relay
+    def owns(self, hospital: str) -> bool:
+        """This instance holds the hospital's partition (its gauges are this instance's to
+        export, so that a sum over instances counts each once)."""
+        return partition_of(hospital) in self.partitions
+
+    def wake(self, hospital: str) -> None:
+        """Events of `hospital` were committed: its partition's publisher sends them now, when
+        this instance holds it (else its holder does within a second)."""
+        if self.ownership is not None:
+            self.ownership.wake(partition_of(hospital))
 
     @asynccontextmanager
     async def unit_of_work(
@@ -295,216 +305,16 @@ class Service:
                 message_id=causation_id or new_id(),
                 correlation_id=correlation_id,
             )
-        self._wake_relay()
-
-    async def process(self, incoming: Incoming, conn: asyncpg.Connection | None = None) -> str:
-        """Handle one message from the stream; returns how it ended (a metric label). With
-        `conn` (the consumer's), on it: in a transaction of its own, or as one savepoint of the
-        batch's transaction when `conn` is in one."""
-        owned = incoming.type in self.command_handlers
-        unowned = incoming.type not in COMMANDS and self.answers_unknown_commands
-        if incoming.kind == "cmd" and not (owned or unowned):
-            return "ignored"  # another service's command: its owner answers it
-        if not _HOSPITAL.match(incoming.hospital):
-            # No tenant can have this id (CONTRACT.md: hospital ids are slugs), so there is no
-            # hospital to answer: a dead letter, at once (an answer could not even be built).
-            self.last_unanswerable = "the subject's hospital is not a hospital id"
-            return "dead_letter"
-        try:
-            ce = parse_envelope(incoming.body)
-        except Unanswerable as exc:
-            self.last_unanswerable = str(exc)
-            return "dead_letter"
-        except Rejected as rejected:
-            if incoming.kind != "cmd":
-                self.last_unanswerable = rejected.detail
-                return "dead_letter"
-            raw_id = str(json.loads(incoming.body)["id"])
-            return await self._reject_alone(incoming, raw_id, rejected, conn)
-        if incoming.kind == "cmd":
-            mismatch = None
-            if ce.type != incoming.type:
-                # Not echoed: an envelope's attributes are the sender's text.
-                mismatch = f"the type does not match the subject's {incoming.type}"
-            elif ce.hospital != incoming.hospital:
-                mismatch = "the source's hospital does not match the subject's hospital"
-            if mismatch:
-                return await self._reject_alone(
-                    incoming, ce.id, Rejected(ReasonCode.invalid_payload, mismatch), conn
-                )
-            if incoming.type not in COMMANDS:
-                refused = Rejected(ReasonCode.invalid_payload, "no command of this type exists")
-                return await self._reject_alone(incoming, ce.id, refused, conn)
-        # A command starts its chain: a correlationid it carries is the sender's text, not logged.
-        chain = ce.id if incoming.kind == "cmd" else (ce.correlationid or ce.id)
-        structlog.contextvars.bind_contextvars(correlation_id=chain)
-        try:
-            return await self._handle(incoming, ce.id, ce.correlationid, ce.data, conn)
-        except _Retry:
-            return "retry"
-
-    async def _handle(
-        self,
-        incoming: Incoming,
-        ce_id: str,
-        correlation: str | None,
-        data: dict[str, Any],
-        batch: asyncpg.Connection | None = None,
-    ) -> str:
-        is_command = incoming.kind == "cmd"
-        key = f"{incoming.hospital}:{ce_id}"
-
-        def unit(conn: asyncpg.Connection) -> UnitOfWork:
-            return UnitOfWork(
-                self.name,
-                conn,
-                incoming.hospital,
-                self.clock,
-                message_id=ce_id,
-                # A command starts a chain; an event carries its chain's id on.
-                correlation_id=ce_id if is_command else (correlation or ce_id),
-                stream_seq=incoming.stream_seq,
-                message_time=incoming.stored_at,
-            )
-
-        try:
-            async with self._transaction(batch) as conn:
-                uow = unit(conn)
-                if not await mark_processed(conn, key, incoming.stream_seq):
-                    return "duplicate"
-                try:
-                    if is_command:
-                        message: Any = parse_payload(COMMANDS[incoming.type], data)
-                        await self.command_handlers[incoming.type](message, uow)
-                    else:
-                        message = parse_payload(EVENTS[incoming.type], data)
-                        await self.event_handlers[incoming.type](message, uow)
-                except Rejected as rejected:
-                    if not is_command:
-                        log.warning(
-                            "event_refused", reason=rejected.reason_code, detail=rejected.detail
-                        )
-                        raise _Refused("ignored") from None
-                    raise _Refused("rejected", rejected) from None
-                except NotYetKnown as pending:
-                    limit = self.settings.not_yet_known_seconds
-                    if stored_age_seconds(incoming, self.clock) < limit:
-                        log.info("not_yet_known", detail=pending.detail, attempt=incoming.attempt)
-                        raise _Retry() from None
-                    if not is_command:
-                        self.last_unanswerable = f"not known after {limit:.0f}s: {pending.detail}"
-                        raise _Refused("dead_letter") from None
-                    raise _Refused(
-                        "rejected", Rejected(pending.reason_code, pending.detail)
-                    ) from None
-                outcome = "ok"
-                if is_command and not uow.emitted:
-                    log.error("command_without_answer", command_type=incoming.type)
-        except _Refused as refused:
-            # Rolled back: nothing of the handler is kept (no savepoint around it, which would
-            # cost two more round trips on every message). Recorded anew, with the answer.
-            async with self._transaction(batch) as conn:
-                if not await mark_processed(conn, key, incoming.stream_seq):
-                    return "duplicate"
-                if refused.rejected is not None:
-                    await self._append_rejection(unit(conn), ce_id, incoming.type, refused.rejected)
-            outcome = refused.outcome
-        self._wake_relay()
-        return outcome
-
-    async def _append_rejection(
-        self, uow: UnitOfWork, command_id: str, command_type: str, rejected: Rejected
-    ) -> None:
-        label = command_type if command_type in COMMANDS else "unknown"
-        COMMANDS_REJECTED.labels(self.name, label, rejected.reason_code).inc()
-        log.info("command_rejected", reason_code=rejected.reason_code, detail=rejected.detail)
-        event = CommandRejected(
-            hospital=uow.hospital,
-            command_id=command_id,
-            command_type=command_type[:128],
-            reason_code=rejected.reason_code,
-            detail=rejected.detail,
-        )
-        await uow.append(f"rejected:{uow.hospital}:{command_id}", 0, [event])
-
-    @asynccontextmanager
-    async def _transaction(
-        self, batch: asyncpg.Connection | None
-    ) -> AsyncIterator[asyncpg.Connection]:
-        """On the consumer's connection: a transaction, or a savepoint of its batch's; else a
-        pooled connection's own transaction."""
-        if batch is not None:
-            async with batch.transaction():
-                yield batch
-            return
-        async with self.pool.acquire() as conn, conn.transaction():
-            yield conn
-
-    async def _reject_alone(
-        self,
-        incoming: Incoming,
-        command_id: str,
-        rejected: Rejected,
-        batch: asyncpg.Connection | None = None,
-    ) -> str:
-        """Answer a command refused before its payload was read (bad envelope or subject)."""
-        async with self._transaction(batch) as conn:
-            if not await mark_processed(
-                conn, f"{incoming.hospital}:{command_id}", incoming.stream_seq
-            ):
-                return "duplicate"
-            uow = UnitOfWork(
-                self.name, conn, incoming.hospital, self.clock, message_id=command_id[:256]
-            )
-            await self._append_rejection(uow, command_id[:256], incoming.type, rejected)
-        self._wake_relay()
-        return "rejected"
-
-    async def answer_unprocessable(self, incoming: Incoming, reason: str) -> None:
-        """A command that failed every attempt still gets an answer."""
-        try:
-            command_id = str(json.loads(incoming.body)["id"])
-        except Exception:
-            return
-        await self._reject_alone(
-            incoming, command_id, Rejected(ReasonCode.internal_error, "could not be processed")
-        )
-        log.error("command_unprocessable", reason=reason)
+        self.wake(hospital)
 
     async def execute(
         self, hospital: str, command: Command, command_id: str | None = None
     ) -> list[Any]:
         """Run a command through its handler now (the HTTP intake): returns the emitted events
-        or raises ``Rejected``. Same handler, same transaction rules as the stream."""
-        handler = self.command_handlers.get(command.type_name)
-        if handler is None:
-            raise Unprocessable(f"{self.name} does not own {command.type_name}")
-        command_id = command_id or new_id()
-        for attempt in range(1, 6):
-            try:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    uow = UnitOfWork(
-                        self.name,
-                        conn,
-                        hospital,
-                        self.clock,
-                        message_id=command_id,
-                        answer_repeats=False,
-                    )
-                    if not await mark_processed(conn, f"{hospital}:{command_id}", None):
-                        return []
-                    await handler(command, uow)
-                self._wake_relay()
-                return uow.emitted
-            except ConcurrencyError:
-                await asyncio.sleep(0.01 * attempt)
-            except NotYetKnown as pending:
-                COMMANDS_REJECTED.labels(self.name, command.type_name, pending.reason_code).inc()
-                raise Rejected(pending.reason_code, pending.detail) from None
-            except Rejected as rejected:
-                COMMANDS_REJECTED.labels(self.name, command.type_name, rejected.reason_code).inc()
-                raise
-        raise Rejected(ReasonCode.internal_error, "too much contention, try again")
+        or raises ``Rejected``."""
+        emitted = await self.dispatcher.execute(self.pool, hospital, command, command_id)
+        self.wake(hospital)
+        return emitted
 
     # -- HTTP --------------------------------------------------------------------------------
 
@@ -541,11 +351,12 @@ class Service:
 
         @app.get("/readyz", tags=["operations"])
         async def readyz() -> JSONResponse:
-            """Database and NATS reachable, consumer running."""
+            """Database and NATS reachable, partitions looked after; which this instance holds."""
+            ownership = self.ownership
             checks = {
                 "database": self.pool is not None,
                 "nats": self.nc is not None and self.nc.is_connected,
-                "consumer": self.consumer is None or self.consuming,
+                "partitions": ownership is None or ownership.running,
             }
             if checks["database"]:
                 try:
@@ -554,10 +365,11 @@ class Service:
                 except Exception:
                     checks["database"] = False
             ok = all(checks.values())
-            return JSONResponse(
-                {"status": "ready" if ok else "not_ready", "checks": checks},
-                status_code=200 if ok else 503,
-            )
+            body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "checks": checks}
+            if ownership is not None:
+                body["instance"] = ownership.instance
+                body["partitions"] = ownership.held()
+            return JSONResponse(body, status_code=200 if ok else 503)
 
         @app.get("/metrics", tags=["operations"], response_class=Response)
         async def metrics() -> Response:

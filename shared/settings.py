@@ -37,6 +37,12 @@ class Settings:
     # Tests and demos may move a service's clock through POST /admin/clock.
     test_clock: bool = field(default_factory=lambda: _env("POST_TEST_CLOCK", "0") == "1")
     stream_replicas: int = field(default_factory=lambda: int(_env("POST_STREAM_REPLICAS", "1")))
+    # Scale-out (shared/partitions.py): a partition's holder whose session is idle this long
+    # (a frozen process) loses it; instances look at the partitions this often.
+    lease_seconds: float = field(default_factory=lambda: float(_env("POST_LEASE_SECONDS", "5")))
+    rebalance_seconds: float = field(
+        default_factory=lambda: float(_env("POST_REBALANCE_SECONDS", "1"))
+    )
 
     @property
     def nats_servers(self) -> list[str]:
@@ -49,7 +55,7 @@ class Settings:
         return [u.rsplit("@", 1)[-1] for u in self.nats_servers]
 
     def http_port(self, service: str) -> int:
-        return int(_env(f"POST_{service.upper()}_PORT", str(SERVICE_PORTS[service])))
+        return int(_env(f"POST_{service.upper()}_PORT", str(SERVICE_PORTS.get(service, 0))))
 
 
 def nats_servers(url: str) -> list[str]:

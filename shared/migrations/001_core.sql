@@ -1,6 +1,6 @@
 -- The event store, the outbox and the processed-message record of one service (its schema).
 CREATE TABLE IF NOT EXISTS events (
-    position       bigserial   PRIMARY KEY,          -- global position, in commit order
+    position       bigserial   PRIMARY KEY,          -- global position: drawn in order, commits may land out of it (read_all)
     stream_id      text        NOT NULL,
     stream_version integer     NOT NULL,
     event_id       uuid        NOT NULL UNIQUE,

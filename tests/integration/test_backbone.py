@@ -30,7 +30,8 @@ from shared.contracts import (
     make_cloudevent,
 )
 from shared.eventstore import ConcurrencyError, EventStore, NewEvent, create_pool, migrate
-from shared.outbox import OutboxRelay
+from shared.outbox import OutboxRelay, report_backlog
+from shared.partitions import partition_of
 from shared.runtime import Platform
 from shared.service import Service, ensure_stream
 from shared.settings import Settings
@@ -143,14 +144,17 @@ async def test_outbox_survives_a_kill_between_commit_and_publish(platform: Platf
     nc = await nats.connect(platform.nats_url)
     js = nc.jetstream()
     await ensure_stream(js)
-    relay = OutboxRelay("itest", pool, js)
-    assert await relay.backlog() == 1
-    assert await relay.publish_pending() == 1
-    # a relay that crashed after publishing but before deleting publishes the batch again
+    relay = OutboxRelay("itest", js)
+    partition = partition_of(hospital)
+    assert await report_backlog("itest", pool) == 1
     async with pool.acquire() as conn:
-        await conn.execute("INSERT INTO outbox (position) SELECT position FROM events")
-    assert await relay.publish_pending() == 1
-    assert await relay.backlog() == 0
+        assert await relay.publish_pending(conn, partition) == 1
+        # a relay that crashed after publishing but before deleting publishes the batch again
+        await conn.execute(
+            "INSERT INTO outbox (position, partition) SELECT position, $1 FROM events", partition
+        )
+        assert await relay.publish_pending(conn, partition) == 1
+    assert await report_backlog("itest", pool) == 0
     await nc.close()
     await pool.close()
 
@@ -191,6 +195,7 @@ async def _start_test_service(platform: Platform, calls: _Calls) -> Service:
     service = Service(
         name,
         command_handlers={"RegisterHospital": register_hospital},
+        role="matching",  # a stand-in for the owner of RegisterHospital
         settings=settings,
         deliver_policy=DeliverPolicy.NEW,  # not the other tests' history
     )
@@ -285,7 +290,7 @@ async def test_consumer_redelivery_poison_rejection_and_retry(platform: Platform
         assert calls.handled[h2] == ["Retried"]
 
         # a command for another owner's type is not this service's business
-        assert "LaunchDepartment" not in service.command_handlers
+        assert "LaunchDepartment" not in service.dispatcher.command_handlers
         assert LaunchDepartment(department="er", physician_count=1, launched_on=date(2024, 1, 1))
 
         async with service.pool.acquire() as conn:
@@ -320,6 +325,7 @@ async def test_a_command_waiting_for_a_fact_is_rejected_when_the_wait_expires(
     service = Service(
         name,
         command_handlers={"RecordOutreach": record_outreach},
+        role="records",
         settings=settings,
         deliver_policy=DeliverPolicy.NEW,
     )
