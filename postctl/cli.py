@@ -117,10 +117,10 @@ def _get_json(url: str) -> Any:
 
 
 async def wait_consumed(nats_url: str, consumer: str, timeout: float = 120.0) -> None:
-    """Until a service's durable consumer has taken in everything in the stream so far."""
+    """Until a service (all its instances) has handled everything in the stream so far."""
     import nats as nats_client
 
-    from shared.contracts import STREAM_NAME
+    from shared.partitions import service_lag
     from shared.settings import nats_servers
 
     nc = await nats_client.connect(nats_servers(nats_url))
@@ -128,8 +128,7 @@ async def wait_consumed(nats_url: str, consumer: str, timeout: float = 120.0) ->
         js = nc.jetstream()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            info = await js.consumer_info(STREAM_NAME, consumer)
-            if not info.num_pending and not info.num_ack_pending:
+            if await service_lag(js, consumer) == (0, 0):
                 return
             await asyncio.sleep(0.2)
         raise TimeoutError(f"the {consumer} service has not caught up after {timeout:.0f} s")

@@ -175,3 +175,31 @@ async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def service_lag(js: JetStreamContext, service: str) -> tuple[int, int]:
+    """(messages not yet delivered, delivered but not acknowledged) over the service's work
+    stream: what it has not handled yet. Messages `POST` holds that the work stream has not
+    sourced yet count as not delivered; a partition without its consumer yet counts what its
+    stream holds for it."""
+    stream = await js.stream_info(work_stream(service))
+    pending = sum(s.lag or 0 for s in stream.sources or [])
+    unacked = 0
+    for partition in range(PARTITIONS):
+        try:
+            info = await js.consumer_info(work_stream(service), consumer_name(service, partition))
+        except NotFoundError:
+            subjects = await js.stream_info(
+                work_stream(service), subjects_filter=work_filter(service, partition)
+            )
+            pending += sum((subjects.state.subjects or {}).values())
+            continue
+        pending += info.num_pending or 0
+        unacked += info.num_ack_pending or 0
+    return pending, unacked
+
+
+async def service_subjects(js: JetStreamContext, service: str) -> list[str]:
+    """The subjects of `POST` a service handles, as its work stream sources them."""
+    stream = await js.stream_info(work_stream(service))
+    return [t.src for s in stream.config.sources or [] for t in s.subject_transforms or []]

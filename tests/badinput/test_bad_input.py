@@ -40,7 +40,6 @@ from pydantic import AwareDatetime, TypeAdapter, ValidationError
 from shared.client import CloudEventDict, PlatformClient
 from shared.contracts import (
     COMMANDS,
-    STREAM_NAME,
     CloudEvent,
     LaunchDepartment,
     ReasonCode,
@@ -52,6 +51,7 @@ from shared.contracts import (
     make_cloudevent,
     parse_payload,
 )
+from shared.partitions import service_subjects
 from shared.runtime import SERVICES, Platform
 
 pytestmark = [pytest.mark.e2e, pytest.mark.badinput]
@@ -400,10 +400,7 @@ async def settled(client: PlatformClient, stack: Platform, hospitals: Sequence[s
     for facts (retried for minutes), and those are not ours to wait for."""
     keys: dict[str, set[str]] = {}
     for name in SERVICES:
-        config = (await client.js.consumer_info(STREAM_NAME, name)).config
-        filters = config.filter_subjects or (
-            [config.filter_subject] if config.filter_subject else []
-        )
+        filters = await service_subjects(client.js, name)
         keys[name] = {
             f"{e['_subject'].split('.')[1]}:{e['id']}"
             for e in client.events

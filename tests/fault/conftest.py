@@ -16,23 +16,33 @@ from shared.runtime import Platform, Postgres
 
 MakePlatform = Callable[..., Platform]
 
+# Production runs several instances of every service: so does the fault suite.
+INSTANCES = 3
+
 
 def _fault_env() -> dict[str, str]:
-    return {"POST_LOG_LEVEL": "info", "POST_TIMER_INTERVAL": "0.5"}
+    # A frozen instance loses its partitions after 3 s of silence.
+    return {"POST_LOG_LEVEL": "info", "POST_TIMER_INTERVAL": "0.5", "POST_LEASE_SECONDS": "3"}
 
 
 @pytest.fixture
 def make_platform() -> Iterator[MakePlatform]:
-    """make_platform(nats_url=None, extra_env={}): servers and the four services, ready.
+    """make_platform(nats_url=None, extra_env={}, instances=INSTANCES): servers and the four
+    services (each as `instances` processes), ready.
 
     With `nats_url` (a cluster's servers) only PostgreSQL is started here."""
     made: list[Platform] = []
 
-    def make(nats_url: str | None = None, extra_env: Mapping[str, str] | None = None) -> Platform:
+    def make(
+        nats_url: str | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        instances: int = INSTANCES,
+    ) -> Platform:
         env = {**_fault_env(), **(extra_env or {})}
         if nats_url is not None:
             env["POST_NATS_URL"] = nats_url
         platform = Platform.on_free_ports("post-fault-", env)
+        platform.instances = instances
         data_dir = platform.data_dir
         made.append(platform)
         if nats_url is None:
@@ -52,5 +62,6 @@ def make_platform() -> Iterator[MakePlatform]:
 
 @pytest.fixture
 def fault_platform(make_platform: MakePlatform) -> Platform:
-    """The embedded platform (one nats-server, one PostgreSQL), the four services running."""
+    """The embedded platform (one nats-server, one PostgreSQL), each service as INSTANCES
+    processes."""
     return make_platform()

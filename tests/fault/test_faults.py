@@ -42,6 +42,7 @@ from shared.contracts import (
     RegisterSupporter,
     RequestReferral,
 )
+from shared.partitions import consumer_name, partition_of, service_lag, work_stream
 from shared.runtime import SERVICES, Platform
 from shared.service import ensure_stream
 from tests.fault.conftest import MakePlatform
@@ -193,15 +194,18 @@ async def test_postgres_restarted_mid_load_loses_and_doubles_nothing(
 async def test_a_consumer_far_behind_catches_up_with_the_right_figures(
     fault_platform: Platform,
 ) -> None:
-    fault_platform.processes["analytics"].stop()
+    analytics = [p for p in fault_platform.processes.values() if p.name == "analytics"]
+    for process in analytics:  # every instance
+        process.stop()
     config = _config(max_commands=800, rate=100.0)
     async with LoadRun(fault_platform.nats_url, config) as run:
         report = await run.run()  # answers come from the other services alone
         assert run.client is not None
-        behind = await run.client.js.consumer_info(STREAM_NAME, "analytics")
+        behind, _ = await service_lag(run.client.js, "analytics")
         # Every command's answer at least is waiting for it.
-        assert (behind.num_pending or 0) >= report.commands
-        fault_platform.start_service("analytics")
+        assert behind >= report.commands
+        for process in analytics:
+            fault_platform.start_service("analytics", process.index)
         await _ready(fault_platform)
         await _figures(run, report, fault_platform, fault_platform.nats_url)
     print(report.format())
@@ -237,14 +241,16 @@ async def test_commands_published_again_under_new_message_ids_are_answered_once(
 
 
 async def test_a_command_in_flight_when_its_service_dies_is_handled_before_the_next(
-    fault_platform: Platform,
+    make_platform: MakePlatform,
 ) -> None:
     """kill -9 while records holds a RecordOutreach it has not acknowledged: the RecordInteraction
     published after it must still be handled after it, as the stream orders them (README: each
     service handles its messages in stream order). Otherwise the interaction counts as an
     implied acceptance and the hospital's accepted outreach is refused."""
+    fault_platform = make_platform(instances=1)  # the one instance holds the hospital
     client = await PlatformClient.connect(fault_platform.nats_url)
     hospital = "in-flight"
+    consumer = (work_stream("records"), consumer_name("records", partition_of(hospital)))
     try:
         roster: list[Command] = [
             RegisterHospital(name="In flight", physician_count=100),
@@ -291,7 +297,7 @@ async def test_a_command_in_flight_when_its_service_dies_is_handled_before_the_n
                 ),
             )
             for _ in range(100):
-                info = await client.js.consumer_info(STREAM_NAME, "records")
+                info = await client.js.consumer_info(*consumer)
                 if info.num_ack_pending:
                     break
                 await asyncio.sleep(0.05)

@@ -26,7 +26,6 @@ from services.analytics import answers, handlers, views
 from services.analytics.domain import Scope
 from services.analytics.rebuild import MIGRATIONS, rebuild
 from shared.contracts import (
-    STREAM_NAME,
     AssignmentOverdue,
     DepartmentClosed,
     DepartmentLaunched,
@@ -49,6 +48,7 @@ from shared.contracts import (
     new_id,
 )
 from shared.eventstore import create_pool, migrate
+from shared.partitions import work_stream
 from shared.runtime import Platform
 from shared.service import Service, ensure_stream
 from shared.settings import Settings
@@ -296,7 +296,7 @@ async def analytics(platform: Platform) -> AsyncIterator[Service]:
     await service.start()
     yield service
     try:
-        await service.js.delete_consumer(STREAM_NAME, name)
+        await service.js.delete_stream(work_stream(name))
     finally:
         await service.stop()
         conn = await asyncpg.connect(platform.db_url)

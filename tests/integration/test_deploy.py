@@ -605,8 +605,11 @@ def test_the_four_services_share_one_image_and_the_settings_of_a_cluster() -> No
         service = services[name]
         assert service["build"]["dockerfile"] == "deploy/Dockerfile"
         assert service["command"] == ["python", "-m", f"services.{name}"]
-        # No authentication on HTTP: reachable from the host only (deploy/README.md).
-        assert service["ports"] == [f"127.0.0.1:{port}:{port}"]
+        # No authentication on HTTP: reachable from the host only (deploy/README.md), each
+        # replica on a port of its own.
+        assert service["deploy"]["replicas"] >= 2
+        block = 8000 + 100 * (1 + list(SERVICE_PORTS).index(name))
+        assert service["ports"] == [f"127.0.0.1:{block + 1}-{block + 9}:{port}"]
         assert f"http://127.0.0.1:{port}/readyz" in " ".join(service["healthcheck"]["test"])
         env = service["environment"]
         assert env["POST_STREAM_REPLICAS"] == "3"
@@ -648,8 +651,13 @@ def test_prometheus_scrapes_what_compose_runs() -> None:
         assert (config_path.parent / rule_file).is_file()
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     targets = {
-        job: [t for group in jobs[job]["static_configs"] for t in group["targets"]]
-        for job in ("post-services", "nats")
+        "nats": [t for group in jobs["nats"]["static_configs"] for t in group["targets"]],
+        # every replica of each service: a service's name resolves to all of them
+        "post-services": [
+            f"{name}:{sd['port']}"
+            for sd in jobs["post-services"]["dns_sd_configs"]
+            for name in sd["names"]
+        ],
     }
     assert targets["post-services"] == [f"{name}:{port}" for name, port in SERVICE_PORTS.items()]
     assert jobs["post-services"].get("metrics_path", "/metrics") == "/metrics"

@@ -297,8 +297,12 @@ def local_config(stack: Platform, prometheus_port: int, down_port: int) -> dict[
     for job in config["scrape_configs"]:
         name = job["job_name"]
         if name == "post-services":
-            found = {t.split(":")[0] for s in job["static_configs"] for t in s["targets"]}
+            # Every replica, found by DNS in compose: here, the stack's one instance each.
+            discovered = job.pop("dns_sd_configs")
+            found = {n for sd in discovered for n in sd["names"]}
             assert found == set(SERVICES), f"the deploy config scrapes {found}"
+            ports = {n: sd["port"] for sd in discovered for n in sd["names"]}
+            job["static_configs"] = [{"targets": [f"{n}:{ports[n]}" for n in SERVICES]}]
         if name in SKIPPED_JOBS:
             continue
         for static in job["static_configs"]:

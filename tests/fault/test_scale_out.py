@@ -1,0 +1,141 @@
+"""Several instances of every service, under load, while instances come and go.
+
+The checks are those of test_faults.py: every command ends in exactly the one outcome its plan
+expects, no event is stored twice, and RE-AIM equals the independent computation.
+
+- Two instances answering a burst as one would (the corruption the single-consumer releases
+  showed: stalled flows, `unknown_department` for valid commands, missing supporters).
+- A rolling restart: every instance stopped and started again, one after the other.
+- A frozen instance (SIGSTOP past its lease, then SIGCONT): its partitions move to the others
+  while it sleeps, and once awake it must not commit a single write (the fence is its own
+  PostgreSQL session, which the lease ended).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import urllib.request
+
+import pytest
+
+from postctl.load import LoadRun
+from shared.partitions import PARTITIONS
+from shared.runtime import SERVICES, Platform
+from tests.fault.conftest import MakePlatform
+from tests.fault.test_faults import _assert_nothing_lost, _config, _figures, _load_under_fault
+
+pytestmark = pytest.mark.fault
+
+LEASE_SECONDS = 3.0  # tests/fault/conftest.py
+
+
+def _readyz(platform: Platform, key: str) -> dict:
+    with urllib.request.urlopen(platform.url(key, "/readyz"), timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def _held(platform: Platform, service: str) -> dict[str, list[int]]:
+    return {
+        key: _readyz(platform, key)["partitions"]
+        for key, p in platform.processes.items()
+        if p.name == service and p.alive()
+    }
+
+
+async def _all_partitions_held(platform: Platform, timeout: float = 30.0) -> None:
+    """Every partition of every service held by exactly one live instance."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        ok = True
+        for service in SERVICES:
+            held = await asyncio.to_thread(_held, platform, service)
+            partitions = sorted(p for ps in held.values() for p in ps)
+            ok = ok and partitions == list(range(PARTITIONS))
+        if ok:
+            return
+        assert asyncio.get_running_loop().time() < deadline, "partitions not all held"
+        await asyncio.sleep(0.5)
+
+
+async def test_two_instances_of_each_service_answer_a_burst_as_one_would(
+    make_platform: MakePlatform,
+) -> None:
+    platform = make_platform(instances=2)
+    await _all_partitions_held(platform)
+    for service in SERVICES:  # the work is shared: each instance holds some partitions
+        held = await asyncio.to_thread(_held, platform, service)
+        assert all(held.values()), f"{service}: an instance holds nothing: {held}"
+    config = _config(rate=100.0, hospitals=5, max_commands=500)
+    async with LoadRun(platform.nats_url, config) as run:
+        report = await run.run()
+        await _figures(run, report, platform, platform.nats_url)
+    print(report.format())
+    _assert_nothing_lost(report, platform)
+
+
+async def test_a_rolling_restart_of_every_instance_loses_and_doubles_nothing(
+    fault_platform: Platform,
+) -> None:
+    async def rolling_restart(run: LoadRun) -> None:
+        for key, process in list(fault_platform.processes.items()):
+            process.stop()  # SIGTERM: it hands its partitions over, then exits
+            fault_platform.start_service(process.name, process.index)
+            await asyncio.to_thread(fault_platform.wait_ready, 90.0)
+            print(f"restarted {key}")
+
+    report = await _load_under_fault(fault_platform, rolling_restart)
+    _assert_nothing_lost(report, fault_platform)
+    await _all_partitions_held(fault_platform)
+
+
+async def test_a_frozen_instance_wakes_after_losing_its_partitions_and_writes_nothing(
+    fault_platform: Platform,
+) -> None:
+    frozen = {s: fault_platform.processes[Platform.key(s, 1)] for s in SERVICES}
+    await _all_partitions_held(fault_platform)
+    before = {s: _readyz(fault_platform, p_key)["partitions"] for s, p_key in _keys(frozen)}
+    assert all(before.values()), f"the instances to freeze hold nothing: {before}"
+
+    async def freeze(run: LoadRun) -> None:
+        for process in frozen.values():
+            assert process.proc is not None
+            process.proc.send_signal(signal.SIGSTOP)
+        try:
+            # Past its lease: PostgreSQL ends its sessions, the others take its partitions
+            # and go on with the load while it sleeps.
+            await asyncio.sleep(LEASE_SECONDS + 5)
+            for service in SERVICES:
+                live = {
+                    key: ps
+                    for key, ps in (await asyncio.to_thread(_held_except, fault_platform, service))
+                }
+                taken = sorted(p for ps in live.values() for p in ps)
+                assert set(before[service]) <= set(taken), (service, before[service], live)
+        finally:
+            for process in frozen.values():
+                assert process.proc is not None
+                process.proc.send_signal(signal.SIGCONT)
+
+    report = await _load_under_fault(fault_platform, freeze)
+    # Nothing doubled: had a woken instance committed what another had already handled, an
+    # outcome or an event would be there twice.
+    _assert_nothing_lost(report, fault_platform)
+    await _all_partitions_held(fault_platform)
+    for service, process in frozen.items():
+        log = process.log_path.read_text()
+        assert "partition_lost" in log or "partition_released" in log, service
+
+
+def _keys(frozen: dict[str, object]) -> list[tuple[str, str]]:
+    return [(s, Platform.key(s, 1)) for s in frozen]
+
+
+def _held_except(platform: Platform, service: str) -> dict[str, list[int]]:
+    """What the instances other than the frozen one (index 1) hold."""
+    return {
+        key: _readyz(platform, key)["partitions"]
+        for key, p in platform.processes.items()
+        if p.name == service and p.index != 1
+    }
