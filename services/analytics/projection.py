@@ -14,12 +14,10 @@ from typing import Any
 import asyncpg
 
 from services.analytics import domain
+from shared import registry
 from shared.contracts import (
     AssignmentOverdue,
-    DepartmentClosed,
-    DepartmentLaunched,
     Event,
-    HospitalRegistered,
     InteractionCompleted,
     NoSupporterAvailable,
     OutreachAccepted,
@@ -43,21 +41,6 @@ class Row:
     args: tuple[Any, ...]
 
 
-HOSPITAL_SQL = """
-INSERT INTO hospitals (hospital, physician_count) VALUES ($1, $2)
-ON CONFLICT (hospital) DO UPDATE SET physician_count = EXCLUDED.physician_count
-"""
-LAUNCH_SQL = """
-INSERT INTO departments (hospital, department, physician_count, launched_on)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (hospital, department) DO UPDATE SET
-    physician_count = EXCLUDED.physician_count,
-    launched_on = LEAST(departments.launched_on, EXCLUDED.launched_on)
-"""
-CLOSE_SQL = """
-INSERT INTO departments (hospital, department, closed_on) VALUES ($1, $2, $3)
-ON CONFLICT (hospital, department) DO UPDATE SET closed_on = EXCLUDED.closed_on
-"""
 TRAINED_SQL = """
 INSERT INTO supporters (hospital, supporter_id, department, trained_on) VALUES ($1, $2, $3, $4)
 ON CONFLICT (hospital, supporter_id) DO UPDATE SET
@@ -121,16 +104,9 @@ FACT_TABLES = (
 )
 
 
-def hospital_registered(e: HospitalRegistered, seq: int | None, event_id: str) -> Row:
-    return Row(HOSPITAL_SQL, (e.hospital, e.physician_count))
-
-
-def department_launched(e: DepartmentLaunched, seq: int | None, event_id: str) -> Row:
-    return Row(LAUNCH_SQL, (e.hospital, e.department, e.physician_count, e.launched_on))
-
-
-def department_closed(e: DepartmentClosed, seq: int | None, event_id: str) -> Row:
-    return Row(CLOSE_SQL, (e.hospital, e.department, e.closed_on))
+def registered(e: registry.Fact, seq: int | None, event_id: str) -> Row:
+    """Hospitals and departments: the one rule every service's copy follows."""
+    return Row(*registry.upsert(e))
 
 
 def supporter_trained(e: SupporterTrained, seq: int | None, event_id: str) -> Row:
@@ -214,9 +190,7 @@ def survey_response_recorded(e: SurveyResponseRecorded, seq: int | None, event_i
 
 
 PROJECTIONS: dict[str, Callable[[Any, int | None, str], Row | None]] = {
-    "HospitalRegistered": hospital_registered,
-    "DepartmentLaunched": department_launched,
-    "DepartmentClosed": department_closed,
+    **{fact.__name__: registered for fact in registry.FACT_TYPES},
     "SupporterTrained": supporter_trained,
     "SupporterRetired": supporter_retired,
     "ReferralCreated": referral_created,

@@ -8,11 +8,9 @@ import structlog
 from prometheus_client import Counter, Histogram
 
 from services.records import domain
+from shared import registry
 from shared.contracts import (
-    DepartmentClosed,
-    DepartmentLaunched,
     Event,
-    HospitalRegistered,
     InteractionCompleted,
     ReasonCode,
     RecordInteraction,
@@ -62,29 +60,9 @@ async def _referral(uow: UnitOfWork, referral_id: str) -> domain.Referral | None
     )
 
 
-async def hospital_registered(event: HospitalRegistered, uow: UnitOfWork) -> None:
-    await uow.conn.execute(
-        "INSERT INTO hospitals (hospital) VALUES ($1) ON CONFLICT DO NOTHING", uow.hospital
-    )
-
-
-async def department_launched(event: DepartmentLaunched, uow: UnitOfWork) -> None:
-    await uow.conn.execute(
-        "INSERT INTO departments (hospital, department, launched_on) VALUES ($1, $2, $3)"
-        " ON CONFLICT (hospital, department) DO UPDATE SET closed_on = NULL",
-        uow.hospital,
-        event.department,
-        event.launched_on,
-    )
-
-
-async def department_closed(event: DepartmentClosed, uow: UnitOfWork) -> None:
-    await uow.conn.execute(
-        "UPDATE departments SET closed_on = $3 WHERE hospital = $1 AND department = $2",
-        uow.hospital,
-        event.department,
-        event.closed_on,
-    )
+# What matching tells records about hospitals and departments: the one rule of shared/registry
+# (the names app.py wires).
+hospital_registered = department_launched = department_closed = registry.record
 
 
 async def referral_created(event: ReferralCreated, uow: UnitOfWork) -> None:
@@ -155,16 +133,10 @@ async def record_interaction(cmd: RecordInteraction, uow: UnitOfWork) -> None:
 async def submit_survey_response(cmd: SubmitSurveyResponse, uow: UnitOfWork) -> None:
     stream = domain.survey_stream(uow.hospital, cmd.response_id)
     history, version = await uow.load(stream)
-    row = await uow.conn.fetchrow(
-        "SELECT EXISTS (SELECT 1 FROM hospitals WHERE hospital = $1) AS hospital_registered,"
-        " EXISTS (SELECT 1 FROM departments WHERE hospital = $1 AND department = $2)"
-        " AS department_launched",
-        uow.hospital,
-        cmd.department,
-    )
+    known = await registry.lookup(uow.conn, uow.hospital, cmd.department)
     program = domain.Program(
-        hospital_registered=row["hospital_registered"],
-        department_launched=row["department_launched"],
+        hospital_registered=known.hospital_registered,
+        department_launched=known.department is not None and known.department.launched,
     )
     events: list[Event] = domain.submit_survey_response(
         uow.hospital, cmd, program, history, uow.now().astimezone(UTC).date()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from shared.contracts import (
@@ -25,6 +25,7 @@ from shared.contracts import (
     RequestReferral,
     SupporterAssigned,
 )
+from shared.registry import Department as Department  # as the service knows it
 
 # Clocks of hospital systems drift; a little lead is not "the future".
 FUTURE_TOLERANCE = timedelta(minutes=5)
@@ -122,18 +123,6 @@ def follow(referral: Referral, facts: Sequence[Event]) -> Referral:
     for fact in facts:
         referral = referral.apply(fact)
     return referral
-
-
-@dataclass(frozen=True)
-class Department:
-    launched_on: date | None
-    closed_on: date | None = None
-
-    def closed_at(self, moment: datetime) -> bool:
-        # A date stands for the start of that day, UTC (CONTRACT.md).
-        if self.closed_on is None:
-            return False
-        return moment >= datetime.combine(self.closed_on, time(0), tzinfo=UTC)
 
 
 @dataclass(frozen=True)
