@@ -12,7 +12,6 @@ from shared import registry
 from shared.contracts import (
     Event,
     InteractionCompleted,
-    ReasonCode,
     RecordInteraction,
     RecordOutreach,
     ReferralCreated,
@@ -20,7 +19,7 @@ from shared.contracts import (
     SupporterAssigned,
     SurveyResponseRecorded,
 )
-from shared.unit_of_work import NotYetKnown, UnitOfWork
+from shared.unit_of_work import UnitOfWork
 
 log = structlog.get_logger()
 
@@ -97,18 +96,12 @@ async def supporter_assigned(event: SupporterAssigned, uow: UnitOfWork) -> None:
 # --- commands -------------------------------------------------------------------------------
 
 
-def _not_yet(err: domain.AwaitingAssignment) -> NotYetKnown:
-    return NotYetKnown(str(err), reason_code=ReasonCode.unknown_referral)
-
-
 async def record_outreach(cmd: RecordOutreach, uow: UnitOfWork) -> None:
     stream = domain.outreach_stream(uow.hospital, cmd.referral_id)
     history, version = await uow.load(stream)
     referral = await _referral(uow, cmd.referral_id)
-    try:
-        events = domain.record_outreach(uow.hospital, cmd, referral, history, uow.now())
-    except domain.AwaitingAssignment as err:
-        raise _not_yet(err) from None
+    # Raises NotYetKnown (the consumer retries it) while the facts it needs are on their way.
+    events = domain.record_outreach(uow.hospital, cmd, referral, history, uow.now())
     await uow.append(stream, version, events)
     OUTREACH.labels(uow.hospital, cmd.outcome, cmd.decline_reason or "").inc()
     log.info("outreach_recorded", outcome=cmd.outcome)
@@ -118,12 +111,9 @@ async def record_interaction(cmd: RecordInteraction, uow: UnitOfWork) -> None:
     stream = domain.outreach_stream(uow.hospital, cmd.referral_id)
     history, version = await uow.load(stream)
     referral = await _referral(uow, cmd.referral_id)
-    try:
-        events = domain.record_interaction(
-            uow.hospital, cmd, referral, history, uow.now().astimezone(UTC).date()
-        )
-    except domain.AwaitingAssignment as err:
-        raise _not_yet(err) from None
+    events = domain.record_interaction(
+        uow.hospital, cmd, referral, history, uow.now().astimezone(UTC).date()
+    )
     await uow.append(stream, version, events)
     INTERACTION_MINUTES.labels(uow.hospital).observe(cmd.minutes)
     completed = [e for e in events if isinstance(e, InteractionCompleted)]
