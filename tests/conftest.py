@@ -5,7 +5,8 @@ Fixtures:
 - ``platform``: a `shared.runtime.Platform` with nats-server and PostgreSQL running
   (``platform.nats_url``, ``platform.db_url``); no services.
 - ``stack``: the same platform with the four services running (test clock enabled, timers
-  every 0.2 s); ``stack.service_ports[name]`` gives each HTTP port.
+  every 0.2 s, a command waits 6 s for a fact it depends on);
+  ``stack.service_ports[name]`` gives each HTTP port.
 - ``client``: a `shared.client.PlatformClient` connected to the stack's NATS.
 - ``hospital``: a fresh hospital id for this test (tests share the stack, not tenants).
 - ``advance_clock(service, seconds)``: moves a running service's clock forward.
@@ -53,7 +54,15 @@ def dedicated_platform(prefix: str, **extra_env: str) -> Iterator[Platform]:
 def platform() -> Iterator[Platform]:
     plat = Platform.on_free_ports(
         "post-test-",
-        {"POST_TEST_CLOCK": "1", "POST_TIMER_INTERVAL": "0.2", "POST_LOG_LEVEL": "info"},
+        {
+            "POST_TEST_CLOCK": "1",
+            "POST_TIMER_INTERVAL": "0.2",
+            "POST_LOG_LEVEL": "info",
+            # A command refused for want of another service's fact waits this long for it
+            # (600 s in production): refusals such as unknown_hospital then come after ~6.2 s,
+            # the first retry past it (back-off 0.2, 0.4, 0.8, 1.6, 3.2 s).
+            "POST_NOT_YET_KNOWN_SECONDS": "6",
+        },
     )
     try:
         plat.start_servers()

@@ -30,9 +30,12 @@ LOOKUPS = Counter(
     "post_analytics_answer_lookups_total",
     "RE-AIM answers asked of the answer cache, by result (hit: served as kept; miss: computed).",
     ["result"],
+    registry=None,  # registered when the service starts (gauges.export)
 )
 CACHED_BYTES = Gauge(
-    "post_analytics_answer_cache_bytes", "Bytes of rendered RE-AIM answers kept in memory."
+    "post_analytics_answer_cache_bytes",
+    "Bytes of rendered RE-AIM answers kept in memory.",
+    registry=None,
 )
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024

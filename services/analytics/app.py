@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.analytics import dashboard, handlers, views
+from services.analytics import dashboard, gauges, handlers, views
 from shared.service import Service
 
 service = Service(
@@ -13,7 +13,7 @@ service = Service(
     event_handlers={event_type: handlers.project_event for event_type in handlers.PROJECTIONS},
     migrations=Path(__file__).parent / "migrations",
     routers=[views.router, dashboard.router],
-    background=[handlers.refresh_gauges],
+    background=[gauges.refresh_gauges],  # registers the metrics, then refreshes
     description=(
         "RE-AIM read models of the POST program (CONTRACT.md): reach, effectiveness, adoption,"
         " implementation and maintenance at region, hospital and department scope, for any"

@@ -2,7 +2,7 @@
 
 It empties the fact tables and ``processed``, then reads every event message up to the
 stream's last sequence at start with a bounded ephemeral consumer, and writes the same rows as
-the live handlers (``handlers.row_of``) in batched transactions, recording each message in
+the live handler (``projection.row_of``) in batched transactions, recording each message in
 ``processed`` like the live consumer does. Both insert into ``processed`` first and apply
 only what they inserted, so the running service may keep consuming meanwhile: each message
 is applied once, by whichever of the two gets to it first.
@@ -23,7 +23,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from services.analytics import handlers
+from services.analytics import projection
 from shared.contracts import (
     STREAM_NAME,
     Rejected,
@@ -53,7 +53,7 @@ class Message:
     key: str
     seq: int
     event_type: str
-    row: handlers.Row | None
+    row: projection.Row | None
 
 
 def read_message(msg: Msg) -> Message | None:
@@ -65,9 +65,9 @@ def read_message(msg: Msg) -> Message | None:
         return None
     seq = msg.metadata.sequence.stream
     row = None
-    if event_type in handlers.PROJECTIONS:
+    if event_type in projection.PROJECTIONS:
         try:
-            row = handlers.row_of(parse_event(event_type, ce.data), seq, ce.id)
+            row = projection.row_of(parse_event(event_type, ce.data), seq, ce.id)
         except Rejected as refused:  # live, the same event is logged and skipped
             log.warning("event_refused", reason=refused.reason_code, detail=refused.detail)
     return Message(f"{hospital}:{ce.id}", seq, event_type, row)
@@ -99,7 +99,7 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[Message]) -> int:
         await conn.executemany(sql, args)
         hospitals.update(a[0] for a in args)
     if hospitals:  # once per hospital and batch, not per row as live
-        await conn.execute(handlers.BUMP_SQL, sorted(hospitals))
+        await conn.execute(projection.BUMP_SQL, sorted(hospitals))
     return applied
 
 
@@ -135,7 +135,7 @@ async def rebuild(
             # One rebuild of a schema at a time.
             await lock.execute("SELECT pg_advisory_lock(hashtext($1))", f"rebuild:{schema}")
             try:
-                tables = ", ".join((*handlers.FACT_TABLES, "processed"))
+                tables = ", ".join((*projection.FACT_TABLES, "processed"))
                 async with lock.transaction():
                     await lock.execute(f"TRUNCATE {tables}")
                     # Every answer computed before is void (answers.py).
@@ -146,7 +146,7 @@ async def rebuild(
                     await _replay(js, pool, last_seq, batch_size, idle_seconds, counts)
                 rows = {
                     table: await lock.fetchval(f"SELECT count(*) FROM {table}")
-                    for table in handlers.FACT_TABLES
+                    for table in projection.FACT_TABLES
                 }
             finally:
                 await lock.execute("SELECT pg_advisory_unlock(hashtext($1))", f"rebuild:{schema}")

@@ -1,7 +1,9 @@
 """Records: outreach outcomes, de-identified interactions and survey responses.
 
 Pure rules: no I/O, no clock. Time comes in as arguments (`now`, `today`); what the service has
-learned from other services' events comes in as `Referral` / `Program` values.
+learned from other services' events comes in as `Referral` / `Program` values. A refusal that
+rests on those facts is `NotYetKnown`: the fact may be on its way (CONTRACT.md 1.1), so the
+command waits for it; one that rests on the command or records' own streams is `Rejected`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from shared.contracts import (
     SubmitSurveyResponse,
     SurveyResponseRecorded,
 )
+from shared.unit_of_work import NotYetKnown
 
 # Clocks of hospital systems drift; a little ahead of ours is not a record from the future.
 CLOCK_SKEW = timedelta(minutes=5)
@@ -43,8 +46,11 @@ def survey_stream(hospital: str, response_id: str) -> str:
     return f"survey:{hospital}:{response_id}"
 
 
-class AwaitingAssignment(Exception):
+class AwaitingAssignment(NotYetKnown):
     """The referral or its assignment has not been seen yet: the command must wait for it."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, reason_code=ReasonCode.unknown_referral)
 
 
 @dataclass(frozen=True)
@@ -99,9 +105,10 @@ def assigned_supporter(referral: Referral | None, supporter_id: str) -> Referral
     if referral.supporter_id is None:
         raise AwaitingAssignment("referral has no assigned supporter yet")
     if referral.supporter_id != supporter_id:
-        raise Rejected(
-            ReasonCode.not_assigned_supporter,
+        # A reassignment to this supporter may be on its way.
+        raise NotYetKnown(
             "the supporter is not the one currently assigned to this referral",
+            reason_code=ReasonCode.not_assigned_supporter,
         )
     return referral
 
@@ -113,7 +120,7 @@ def record_outreach(
     history: Sequence[Event],
     now: datetime,
 ) -> list[Event]:
-    """Accept an outreach outcome, or raise Rejected / AwaitingAssignment."""
+    """Accept an outreach outcome, or raise Rejected / NotYetKnown."""
     # Checks of the payload alone come first: waiting for an assignment cannot fix them.
     if cmd.decline_reason is not None and cmd.outcome != "declined":
         raise Rejected(ReasonCode.invalid_payload, "decline_reason is only for outcome declined")
@@ -136,7 +143,7 @@ def record_interaction(
     history: Sequence[Event],
     today: date,
 ) -> list[Event]:
-    """Accept a completed interaction, or raise Rejected / AwaitingAssignment."""
+    """Accept a completed interaction, or raise Rejected / NotYetKnown."""
     if cmd.occurred_on > today:
         raise Rejected(ReasonCode.invalid_payload, "occurred_on is in the future")
     known = assigned_supporter(referral, cmd.supporter_id)
@@ -177,7 +184,7 @@ def submit_survey_response(
     today: date,
 ) -> list[Event]:
     """Record a survey response once; the same response again is no news, a different one is
-    refused. Raises Rejected."""
+    refused. Raises Rejected, or NotYetKnown while the hospital or department is not known."""
     if cmd.submitted_on > today:
         raise Rejected(ReasonCode.invalid_payload, "submitted_on is in the future")
     if not cmd.had_interaction:
@@ -188,9 +195,11 @@ def submit_survey_response(
                 f"{', '.join(given)} only apply when had_interaction is true",
             )
     if not program.hospital_registered:
-        raise Rejected(ReasonCode.unknown_hospital, "hospital is not registered")
+        raise NotYetKnown("hospital is not registered", reason_code=ReasonCode.unknown_hospital)
     if not program.department_launched:
-        raise Rejected(ReasonCode.unknown_department, "department was never launched")
+        raise NotYetKnown(
+            "department was never launched", reason_code=ReasonCode.unknown_department
+        )
     response = SurveyResponseRecorded(**cmd.model_dump(), hospital=hospital)
     recorded = [e for e in history if isinstance(e, SurveyResponseRecorded)]
     if recorded:

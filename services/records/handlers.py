@@ -8,13 +8,10 @@ import structlog
 from prometheus_client import Counter, Histogram
 
 from services.records import domain
+from shared import registry
 from shared.contracts import (
-    DepartmentClosed,
-    DepartmentLaunched,
     Event,
-    HospitalRegistered,
     InteractionCompleted,
-    ReasonCode,
     RecordInteraction,
     RecordOutreach,
     ReferralCreated,
@@ -22,7 +19,7 @@ from shared.contracts import (
     SupporterAssigned,
     SurveyResponseRecorded,
 )
-from shared.unit_of_work import NotYetKnown, UnitOfWork
+from shared.unit_of_work import UnitOfWork
 
 log = structlog.get_logger()
 
@@ -62,29 +59,9 @@ async def _referral(uow: UnitOfWork, referral_id: str) -> domain.Referral | None
     )
 
 
-async def hospital_registered(event: HospitalRegistered, uow: UnitOfWork) -> None:
-    await uow.conn.execute(
-        "INSERT INTO hospitals (hospital) VALUES ($1) ON CONFLICT DO NOTHING", uow.hospital
-    )
-
-
-async def department_launched(event: DepartmentLaunched, uow: UnitOfWork) -> None:
-    await uow.conn.execute(
-        "INSERT INTO departments (hospital, department, launched_on) VALUES ($1, $2, $3)"
-        " ON CONFLICT (hospital, department) DO UPDATE SET closed_on = NULL",
-        uow.hospital,
-        event.department,
-        event.launched_on,
-    )
-
-
-async def department_closed(event: DepartmentClosed, uow: UnitOfWork) -> None:
-    await uow.conn.execute(
-        "UPDATE departments SET closed_on = $3 WHERE hospital = $1 AND department = $2",
-        uow.hospital,
-        event.department,
-        event.closed_on,
-    )
+# What matching tells records about hospitals and departments: the one rule of shared/registry
+# (the names app.py wires).
+hospital_registered = department_launched = department_closed = registry.record
 
 
 async def referral_created(event: ReferralCreated, uow: UnitOfWork) -> None:
@@ -119,18 +96,12 @@ async def supporter_assigned(event: SupporterAssigned, uow: UnitOfWork) -> None:
 # --- commands -------------------------------------------------------------------------------
 
 
-def _not_yet(err: domain.AwaitingAssignment) -> NotYetKnown:
-    return NotYetKnown(str(err), reason_code=ReasonCode.unknown_referral)
-
-
 async def record_outreach(cmd: RecordOutreach, uow: UnitOfWork) -> None:
     stream = domain.outreach_stream(uow.hospital, cmd.referral_id)
     history, version = await uow.load(stream)
     referral = await _referral(uow, cmd.referral_id)
-    try:
-        events = domain.record_outreach(uow.hospital, cmd, referral, history, uow.now())
-    except domain.AwaitingAssignment as err:
-        raise _not_yet(err) from None
+    # Raises NotYetKnown (the consumer retries it) while the facts it needs are on their way.
+    events = domain.record_outreach(uow.hospital, cmd, referral, history, uow.now())
     await uow.append(stream, version, events)
     OUTREACH.labels(uow.hospital, cmd.outcome, cmd.decline_reason or "").inc()
     log.info("outreach_recorded", outcome=cmd.outcome)
@@ -140,12 +111,9 @@ async def record_interaction(cmd: RecordInteraction, uow: UnitOfWork) -> None:
     stream = domain.outreach_stream(uow.hospital, cmd.referral_id)
     history, version = await uow.load(stream)
     referral = await _referral(uow, cmd.referral_id)
-    try:
-        events = domain.record_interaction(
-            uow.hospital, cmd, referral, history, uow.now().astimezone(UTC).date()
-        )
-    except domain.AwaitingAssignment as err:
-        raise _not_yet(err) from None
+    events = domain.record_interaction(
+        uow.hospital, cmd, referral, history, uow.now().astimezone(UTC).date()
+    )
     await uow.append(stream, version, events)
     INTERACTION_MINUTES.labels(uow.hospital).observe(cmd.minutes)
     completed = [e for e in events if isinstance(e, InteractionCompleted)]
@@ -155,16 +123,10 @@ async def record_interaction(cmd: RecordInteraction, uow: UnitOfWork) -> None:
 async def submit_survey_response(cmd: SubmitSurveyResponse, uow: UnitOfWork) -> None:
     stream = domain.survey_stream(uow.hospital, cmd.response_id)
     history, version = await uow.load(stream)
-    row = await uow.conn.fetchrow(
-        "SELECT EXISTS (SELECT 1 FROM hospitals WHERE hospital = $1) AS hospital_registered,"
-        " EXISTS (SELECT 1 FROM departments WHERE hospital = $1 AND department = $2)"
-        " AS department_launched",
-        uow.hospital,
-        cmd.department,
-    )
+    known = await registry.lookup(uow.conn, uow.hospital, cmd.department)
     program = domain.Program(
-        hospital_registered=row["hospital_registered"],
-        department_launched=row["department_launched"],
+        hospital_registered=known.hospital_registered,
+        department_launched=known.department is not None and known.department.launched,
     )
     events: list[Event] = domain.submit_survey_response(
         uow.hospital, cmd, program, history, uow.now().astimezone(UTC).date()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from shared.contracts import (
@@ -25,6 +25,8 @@ from shared.contracts import (
     RequestReferral,
     SupporterAssigned,
 )
+from shared.registry import Department as Department  # as the service knows it
+from shared.unit_of_work import NotYetKnown
 
 # Clocks of hospital systems drift; a little lead is not "the future".
 FUTURE_TOLERANCE = timedelta(minutes=5)
@@ -125,18 +127,6 @@ def follow(referral: Referral, facts: Sequence[Event]) -> Referral:
 
 
 @dataclass(frozen=True)
-class Department:
-    launched_on: date | None
-    closed_on: date | None = None
-
-    def closed_at(self, moment: datetime) -> bool:
-        # A date stands for the start of that day, UTC (CONTRACT.md).
-        if self.closed_on is None:
-            return False
-        return moment >= datetime.combine(self.closed_on, time(0), tzinfo=UTC)
-
-
-@dataclass(frozen=True)
 class Intake:
     """What the handler found out before deciding on a `RequestReferral`."""
 
@@ -166,7 +156,9 @@ def request_referral(
     intake: Intake,
     now: datetime,
 ) -> list[Event]:
-    """Decide on a referral request: the events to append (none for a repeat) or `Rejected`."""
+    """Decide on a referral request: the events to append (none for a repeat), `Rejected`, or
+    `NotYetKnown` while matching's facts about the hospital or department are on their way
+    (a burst of onboarding commands: CONTRACT.md 1.1). A closing is final: it is `Rejected`."""
     created = next((e for e in history if isinstance(e, ReferralCreated)), None)
     if created is not None:
         # Checked first: a repeat must stay a repeat even if the department has closed since.
@@ -177,10 +169,10 @@ def request_referral(
             "referral_id is already used in this hospital with a different payload",
         )
     if not intake.hospital_registered:
-        raise Rejected(ReasonCode.unknown_hospital, "hospital is not registered")
+        raise NotYetKnown("hospital is not registered", reason_code=ReasonCode.unknown_hospital)
     department = intake.department
-    if department is None or department.launched_on is None:
-        raise Rejected(ReasonCode.unknown_department, "department is not launched")
+    if department is None or not department.launched:
+        raise NotYetKnown("department is not launched", reason_code=ReasonCode.unknown_department)
     if department.closed_at(cmd.requested_at):
         raise Rejected(ReasonCode.unknown_department, "department is closed")
     if cmd.requested_at > now + FUTURE_TOLERANCE:

@@ -13,12 +13,10 @@ import structlog
 from prometheus_client import Counter
 
 from services.referral import domain
-from services.referral.domain import Department, Fact, Intake, Referral, Status
+from services.referral.domain import Fact, Intake, Referral, Status
+from shared import registry
 from shared.contracts import (
-    DepartmentClosed,
-    DepartmentLaunched,
     Event,
-    HospitalRegistered,
     ReferralCreated,
     Rejected,
     RequestReferral,
@@ -78,12 +76,7 @@ async def request_referral(cmd: RequestReferral, uow: UnitOfWork) -> None:
 async def _intake(
     conn: asyncpg.Connection, hospital: str, cmd: RequestReferral, safety_key: str | None
 ) -> Intake:
-    registered = await conn.fetchval("SELECT true FROM hospitals WHERE hospital = $1", hospital)
-    row = await conn.fetchrow(
-        "SELECT launched_on, closed_on FROM departments WHERE hospital = $1 AND department = $2",
-        hospital,
-        cmd.department,
-    )
+    known = await registry.lookup(conn, hospital, cmd.department)
     open_referral: str | None = None
     if safety_key is not None:
         open_referral = await conn.fetchval(
@@ -102,8 +95,8 @@ async def _intake(
             [s.value for s in domain.CLOSED],
         )
     return Intake(
-        hospital_registered=bool(registered),
-        department=Department(row["launched_on"], row["closed_on"]) if row else None,
+        hospital_registered=known.hospital_registered,
+        department=known.department,
         open_safety_referral=open_referral,
     )
 
@@ -133,46 +126,6 @@ async def _record_created(uow: UnitOfWork, event: ReferralCreated, safety_key: s
             safety_key,
             event.physician_id,
         )
-
-
-# --- what the matching service tells us about hospitals and departments -------------------
-
-
-async def hospital_registered(event: HospitalRegistered, uow: UnitOfWork) -> None:
-    await uow.conn.execute(
-        "INSERT INTO hospitals (hospital, registered_at) VALUES ($1, $2)"
-        " ON CONFLICT (hospital) DO NOTHING",
-        event.hospital,
-        uow.now(),
-    )
-
-
-async def department_launched(event: DepartmentLaunched, uow: UnitOfWork) -> None:
-    # A launch after a closing reopens the department; an older one leaves the closing be.
-    await uow.conn.execute(
-        """
-        INSERT INTO departments (hospital, department, launched_on) VALUES ($1, $2, $3)
-        ON CONFLICT (hospital, department) DO UPDATE SET
-            launched_on = EXCLUDED.launched_on,
-            closed_on = CASE WHEN departments.closed_on <= EXCLUDED.launched_on THEN NULL
-                             ELSE departments.closed_on END
-        """,
-        event.hospital,
-        event.department,
-        event.launched_on,
-    )
-
-
-async def department_closed(event: DepartmentClosed, uow: UnitOfWork) -> None:
-    await uow.conn.execute(
-        """
-        INSERT INTO departments (hospital, department, closed_on) VALUES ($1, $2, $3)
-        ON CONFLICT (hospital, department) DO UPDATE SET closed_on = EXCLUDED.closed_on
-        """,
-        event.hospital,
-        event.department,
-        event.closed_on,
-    )
 
 
 # --- the life of a referral, from the other services' facts --------------------------------
@@ -228,8 +181,7 @@ def _ignore(event: Event, reason_code: str, detail: str) -> None:
 
 
 EVENT_HANDLERS: dict[str, Callable[[Any, UnitOfWork], Awaitable[None]]] = {
-    "HospitalRegistered": hospital_registered,
-    "DepartmentLaunched": department_launched,
-    "DepartmentClosed": department_closed,
+    # What matching tells us about hospitals and departments: the one rule of shared/registry.
+    **registry.EVENT_HANDLERS,
     **{fact.__name__: referral_fact for fact in domain.FACT_TYPES},
 }

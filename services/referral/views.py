@@ -1,14 +1,17 @@
-"""The HTTP intake beside the NATS one, and the status of a referral (read side)."""
+"""The HTTP intakes beside the NATS one (a referral; a FHIR AdverseEvent), and the status
+of a referral (read side)."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
+import structlog
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from services.referral import domain
+from services.referral import domain, fhir
 from shared.auth import AUTH_RESPONSES, require_hospital_token
 from shared.contracts import (
     HOSPITAL_PATTERN,
@@ -17,9 +20,13 @@ from shared.contracts import (
     ReferralCreated,
     Rejected,
     RequestReferral,
+    cmd_subject,
+    encode,
+    make_cloudevent,
 )
 from shared.http import command_body, http_error, problem, read_command, service_of
 
+log = structlog.get_logger()
 router = APIRouter(tags=["referrals"])
 
 HospitalPath = Annotated[str, Path(pattern=HOSPITAL_PATTERN, description="The hospital's slug.")]
@@ -106,3 +113,139 @@ async def referral_status(
     answer = dict(row)
     answer["requested_at"] = row["requested_at"].isoformat().replace("+00:00", "Z")
     return answer
+
+
+# --- safety events from FHIR (CONTRACT.md 1.1) ------------------------------------------------
+
+FHIR_JSON = "application/fhir+json"
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """A model's JSON schema with its `$defs` inlined, to sit in the OpenAPI spec as it is."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        return [resolve(v) for v in node] if isinstance(node, list) else node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
+def _fhir_content(model: type[BaseModel], *types: str) -> dict[str, Any]:
+    schema = _inline(model.model_json_schema())
+    return {media: {"schema": schema} for media in types}
+
+
+_OUTCOMES: dict[int | str, dict[str, Any]] = {
+    status: {"description": why, "content": _fhir_content(fhir.OperationOutcome, FHIR_JSON)}
+    for status, why in (
+        (413, f"the body is larger than {fhir.MAX_BODY_BYTES} bytes"),
+        (
+            422,
+            "not JSON, not an AdverseEvent, no usable `id` or date, more than "
+            f"{fhir.MAX_CONTRIBUTORS} contributors, or no contributor yields a referral: "
+            "the issues name the fields, never their values",
+        ),
+        (503, "the stream is not reachable: send the same AdverseEvent again"),
+    )
+}
+
+
+def _outcome(refused: fhir.Refused) -> JSONResponse:
+    return JSONResponse(refused.outcome(), status_code=refused.status, media_type=FHIR_JSON)
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, read no further than the limit."""
+    too_large = fhir.Refused(
+        [fhir.issue("resourceType", "too-costly", f"more than {fhir.MAX_BODY_BYTES} bytes")], 413
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > fhir.MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > fhir.MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
+        raise fhir.Refused(
+            [fhir.issue("resourceType", "structure", "the body is not JSON")]
+        ) from None
+
+
+@router.post(
+    "/hospitals/{hospital}/fhir/AdverseEvent",
+    status_code=202,
+    response_model=fhir.AdverseEventAccepted,
+    responses={**AUTH_RESPONSES, **_OUTCOMES},
+    dependencies=[Depends(require_hospital_token)],  # a hospital's API token: shared/auth.py
+    openapi_extra={
+        "requestBody": {
+            "content": _fhir_content(fhir.AdverseEventBody, FHIR_JSON, "application/json"),
+            "required": True,
+        }
+    },
+)
+async def adverse_event(hospital: HospitalPath, request: Request) -> JSONResponse:
+    """A safety event from the hospital's reporting system (FHIR R4 `AdverseEvent`): each
+    contained `PractitionerRole` among its contributors becomes a `RequestReferral`, published
+    to the stream and answered there like any other (`ReferralCreated` or `CommandRejected`).
+    Only the ids the contract names are read: never `subject`, `text`, a description or a
+    note. Sending the same AdverseEvent again is answered with the same ids and does nothing."""
+    try:
+        mapped = fhir.map_adverse_event(hospital, _parse_json(await _read_body(request)))
+    except fhir.Refused as refused:
+        log.info(
+            "fhir_adverse_event_refused",
+            hospital=hospital,
+            status=refused.status,
+            issues=[i.code for i in refused.issues][:10],
+        )
+        return _outcome(refused)
+    js = service_of(request).js
+    source = f"/hospitals/{hospital}/fhir/AdverseEvent"
+    try:
+        # One at a time, in the order of the contributors: the stream keeps that order.
+        for command_id, command in mapped.referrals:
+            ce = make_cloudevent(
+                type_=command.type_name, source=source, data=command.to_data(), id_=command_id
+            )
+            await js.publish(
+                cmd_subject(hospital, command.type_name),
+                encode(ce),
+                headers={"Nats-Msg-Id": command_id},
+            )
+    except Exception as exc:  # NATS away or slow: nothing to undo, a resend is harmless
+        log.warning("fhir_adverse_event_unpublished", hospital=hospital, error=type(exc).__name__)
+        return _outcome(
+            fhir.Refused(
+                [fhir.issue("contributor", "transient", "the stream is not reachable")], 503
+            )
+        )
+    log.info(
+        "fhir_adverse_event",
+        hospital=hospital,
+        referrals=len(mapped.referrals),
+        skipped=len(mapped.skipped),
+    )
+    answer = fhir.AdverseEventAccepted(
+        referrals=[
+            fhir.ReferralSent(referral_id=command.referral_id, command_id=command_id)
+            for command_id, command in mapped.referrals
+        ],
+        skipped=mapped.skipped,
+    )
+    return JSONResponse(answer.model_dump(), status_code=202)

@@ -42,14 +42,22 @@ def _id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-async def expect(client: PlatformClient, hospital: str, command: Command, type_: str) -> Any:
-    answer = await client.send_and_wait(hospital, command)
+# A refusal of another service's fact waits for it (stack: 6 s, then ~6.2 s to the answer).
+WAITED = 30.0
+
+
+async def expect(
+    client: PlatformClient, hospital: str, command: Command, type_: str, timeout: float = 10.0
+) -> Any:
+    answer = await client.send_and_wait(hospital, command, timeout=timeout)
     assert answer["type"] == type_, answer["data"]
     return answer["data"]
 
 
-async def refused(client: PlatformClient, hospital: str, command: Command) -> str:
-    data = await expect(client, hospital, command, "CommandRejected")
+async def refused(
+    client: PlatformClient, hospital: str, command: Command, timeout: float = 10.0
+) -> str:
+    data = await expect(client, hospital, command, "CommandRejected", timeout)
     assert data["command_type"] == command.type_name
     return str(data["reason_code"])
 
@@ -216,10 +224,11 @@ async def test_records_from_a_supporter_not_assigned_are_refused(
     referral_id, supporter_id = await assigned_referral(client, hospital)
     other = "s-2" if supporter_id == "s-1" else "s-1"
 
-    assert await refused(client, hospital, outreach(referral_id, other, "accepted")) == (
+    # Each waits for a reassignment to `other` that never comes (CONTRACT.md 1.1).
+    assert await refused(client, hospital, outreach(referral_id, other, "accepted"), WAITED) == (
         "not_assigned_supporter"
     )
-    assert await refused(client, hospital, interaction(referral_id, other)) == (
+    assert await refused(client, hospital, interaction(referral_id, other), WAITED) == (
         "not_assigned_supporter"
     )
     assert not client.of_type(hospital, "OutreachAccepted")
@@ -248,10 +257,11 @@ async def test_a_survey_response_sent_twice_is_recorded_once(
 
 
 async def test_survey_refusals(client: PlatformClient, hospital: str) -> None:
-    assert await refused(client, hospital, survey(_id("q"))) == "unknown_hospital"
+    # Each waits for the registration or launch that never comes (CONTRACT.md 1.1).
+    assert await refused(client, hospital, survey(_id("q")), WAITED) == "unknown_hospital"
     await open_program(client, hospital, supporters=())
     elsewhere = survey(_id("q"), department="nowhere")
-    assert await refused(client, hospital, elsewhere) == "unknown_department"
+    assert await refused(client, hospital, elsewhere, WAITED) == "unknown_department"
     inconsistent = survey(_id("q"), had_interaction=False)
     assert await refused(client, hospital, inconsistent) == "invalid_payload"
 

@@ -22,8 +22,9 @@ import pytest
 from nats.js.api import DeliverPolicy
 from prometheus_client import REGISTRY
 
-from services.analytics import answers, handlers, views
+from services.analytics import answers, gauges, handlers, projection, reaim, views
 from services.analytics.domain import Scope
+from services.analytics.facts import load_facts
 from services.analytics.rebuild import MIGRATIONS, rebuild
 from shared.contracts import (
     AssignmentOverdue,
@@ -294,6 +295,7 @@ async def analytics(platform: Platform) -> AsyncIterator[Service]:
         deliver_policy=DeliverPolicy.NEW,  # not the other tests' history
     )
     await service.start()
+    gauges.export()  # as the service's gauge refresh does when it starts
     yield service
     try:
         await service.js.delete_stream(work_stream(name))
@@ -413,7 +415,7 @@ async def test_projection_http_gauges_and_rebuild(platform: Platform, analytics:
     assert [d["department"] for d in listed[h]["departments"]] == ["emergency-medicine", "icu"]
     assert (await api.get("/openapi.json")).json()["paths"]["/reaim/{hospital}"]
 
-    await handlers.refresh_gauges_once(analytics.pool)
+    await gauges.refresh_gauges_once(analytics.pool)
     assert gauge("post_reaim_interactions", hospital=h, department="") == 3.0
     assert gauge("post_reaim_reach_rate", hospital=h, department="") == 0.025
     assert gauge("post_reaim_interactions", hospital=h, department="icu") == 1.0
@@ -463,10 +465,10 @@ async def test_a_kept_answer_never_outlives_the_next_fact_of_its_hospital(
 
         # The gauge refresh keeps every all-time answer it computed: a department never asked.
         fresh = answers.AnswerCache()
-        await handlers.refresh_gauges_once(analytics.pool, fresh)
+        await gauges.refresh_gauges_once(analytics.pool, fresh)
         assert len(fresh) == 1 + 2 + 4  # the region, two hospitals, their launched departments
         cache = answers.cache_for(analytics.name)
-        await handlers.refresh_gauges_once(analytics.pool, cache)
+        await gauges.refresh_gauges_once(analytics.pool, cache)
         hits = lookups("hit")
         icu = (await api.get(f"/reaim/{h}/icu")).json()
         assert lookups("hit") == hits + 1
@@ -516,17 +518,15 @@ async def test_arrival_order_and_redelivery_do_not_change_the_facts(platform: Pl
         for key, seq, event in delivered:
             async with pool.acquire() as conn, conn.transaction():
                 if await mark_processed(conn, key, seq):
-                    await handlers.project(conn, event, seq, key.split(":", 1)[1])
+                    await projection.project(conn, event, seq, key.split(":", 1)[1])
         async with pool.acquire() as conn:
-            facts = await views.load_facts(conn, Scope(h))
+            facts = await load_facts(conn, Scope(h))
             outcome = await conn.fetchval(
                 "SELECT matching_outcome FROM referrals WHERE referral_id = 'r4'"
             )
             await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await pool.close()
         assert outcome == "no_supporter"  # the latest by stream sequence, whatever came first
-        answers.append(
-            handlers.reaim.compute(facts, scope=Scope(h), period_from=None, period_to=None)
-        )
+        answers.append(reaim.compute(facts, scope=Scope(h), period_from=None, period_to=None))
     assert answers[0] == answers[1]
     assert answers[0]["reach"]["interactions"] == 3

@@ -902,43 +902,43 @@ def test_answers_are_json_plain(scope: Scope) -> None:
 
 
 def test_every_contract_event_but_rejections_has_a_projection() -> None:
-    from services.analytics.handlers import PROJECTIONS
+    from services.analytics.projection import PROJECTIONS
     from shared.contracts import EVENTS
 
     assert set(PROJECTIONS) == set(EVENTS) - {"CommandRejected"}
 
 
 def test_matching_outcomes_carry_their_stream_sequence_and_overdue_writes_nothing() -> None:
-    from services.analytics import handlers
+    from services.analytics import projection
     from shared.contracts import AssignmentOverdue, NoSupporterAvailable
 
     none = NoSupporterAvailable(hospital=A, referral_id="r1", department="em", reason="x")
-    row = handlers.row_of(none, 42, "evt-1")
+    row = projection.row_of(none, 42, "evt-1")
     assert row is not None
-    assert row.sql == handlers.MATCHING_SQL
+    assert row.sql == projection.MATCHING_SQL
     assert row.args == (A, "r1", "em", NO_SUPPORTER, 42)
     overdue = AssignmentOverdue(
         hospital=A, referral_id="r1", supporter_id="s1", due_at=t("2020-01-01")
     )
-    assert handlers.row_of(overdue, 43, "evt-2") is None
+    assert projection.row_of(overdue, 43, "evt-2") is None
 
 
 def test_interactions_are_keyed_by_their_event_id_so_two_alike_both_count() -> None:
-    from services.analytics import handlers
+    from services.analytics import projection
     from shared.contracts import InteractionCompleted
 
     event = InteractionCompleted(
         hospital=A, referral_id="r1", supporter_id="s1", occurred_on=d("2020-01-02"), minutes=30,
         department="em",
     )  # fmt: skip
-    first, second = handlers.row_of(event, 1, "evt-1"), handlers.row_of(event, 2, "evt-2")
+    first, second = projection.row_of(event, 1, "evt-1"), projection.row_of(event, 2, "evt-2")
     assert first is not None and second is not None
     assert first.args[1] == "evt-1" and second.args[1] == "evt-2"
     assert first.args[6] is False  # escalated, normalised
 
 
 def test_gauge_snapshot_covers_region_hospitals_and_launched_departments_without_nulls() -> None:
-    from services.analytics.handlers import snapshot_of
+    from services.analytics.gauges import snapshot_of
 
     snapshot = snapshot_of(_two_hospitals())
     interactions = dict(snapshot["interactions"])

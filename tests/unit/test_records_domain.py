@@ -26,6 +26,7 @@ from shared.contracts import (
     SurveyResponseRecorded,
     parse_payload,
 )
+from shared.unit_of_work import NotYetKnown
 
 H = "general-hospital"
 NOW = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
@@ -68,6 +69,14 @@ def survey(**changes: Any) -> SubmitSurveyResponse:
 
 def rejected(reason: ReasonCode, call: Any, *args: Any) -> Rejected:
     with pytest.raises(Rejected) as caught:
+        call(*args)
+    assert caught.value.reason_code == reason
+    return caught.value
+
+
+def waits(reason: ReasonCode, call: Any, *args: Any) -> NotYetKnown:
+    """Refused only for want of other services' facts: the command waits (CONTRACT 1.1)."""
+    with pytest.raises(NotYetKnown) as caught:
         call(*args)
     assert caught.value.reason_code == reason
     return caught.value
@@ -159,9 +168,9 @@ def test_an_invalid_payload_is_refused_at_once_rather_than_waiting() -> None:
     rejected(ReasonCode.invalid_payload, domain.record_outreach, H, cmd, None, [], NOW)
 
 
-def test_outreach_from_a_supporter_not_assigned_is_refused() -> None:
+def test_outreach_from_a_supporter_not_assigned_waits() -> None:
     cmd = outreach(supporter_id="s2")
-    err = rejected(
+    err = waits(
         ReasonCode.not_assigned_supporter,
         domain.record_outreach,
         H,
@@ -175,7 +184,7 @@ def test_outreach_from_a_supporter_not_assigned_is_refused() -> None:
 
 def test_after_a_reassignment_only_the_new_supporter_may_record() -> None:
     reassigned = Referral(referral_id="r1", department="emergency-medicine", supporter_id="s2")
-    rejected(
+    waits(
         ReasonCode.not_assigned_supporter,
         domain.record_outreach,
         H,
@@ -365,9 +374,9 @@ def test_an_interaction_for_an_unknown_or_unassigned_referral_waits() -> None:
         domain.record_interaction(H, interaction(), unassigned, [], TODAY)
 
 
-def test_an_interaction_from_a_supporter_not_assigned_is_refused() -> None:
+def test_an_interaction_from_a_supporter_not_assigned_waits() -> None:
     cmd = interaction(supporter_id="s9")
-    rejected(
+    waits(
         ReasonCode.not_assigned_supporter,
         domain.record_interaction,
         H,
@@ -448,9 +457,9 @@ def test_a_survey_response_is_recorded_with_its_hospital() -> None:
     assert event.to_data() == cmd.to_data() | {"hospital": H}
 
 
-def test_a_survey_for_an_unknown_hospital_is_refused() -> None:
+def test_a_survey_for_an_unknown_hospital_waits() -> None:
     program = Program(hospital_registered=False, department_launched=False)
-    rejected(
+    waits(
         ReasonCode.unknown_hospital,
         domain.submit_survey_response,
         H,
@@ -461,9 +470,9 @@ def test_a_survey_for_an_unknown_hospital_is_refused() -> None:
     )
 
 
-def test_a_survey_for_a_department_never_launched_is_refused() -> None:
+def test_a_survey_for_a_department_never_launched_waits() -> None:
     program = Program(hospital_registered=True, department_launched=False)
-    rejected(
+    waits(
         ReasonCode.unknown_department,
         domain.submit_survey_response,
         H,

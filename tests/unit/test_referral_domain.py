@@ -24,6 +24,7 @@ from shared.contracts import (
     SupporterAssigned,
     parse_payload,
 )
+from shared.unit_of_work import NotYetKnown
 
 NOW = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
 HOSPITAL = "st-elsewhere"
@@ -59,6 +60,13 @@ def rejection(
     return caught.value
 
 
+def waiting(cmd: RequestReferral, intake: Intake) -> NotYetKnown:
+    """Refused only for want of matching's facts: the command waits for them (CONTRACT 1.1)."""
+    with pytest.raises(NotYetKnown) as caught:
+        decide(cmd, intake)
+    return caught.value
+
+
 # --- intake ---------------------------------------------------------------------------------
 
 
@@ -79,26 +87,26 @@ def test_times_are_normalised_to_utc() -> None:
     assert created.to_data()["requested_at"] == "2025-03-10T11:00:00Z"
 
 
-def test_an_unregistered_hospital_is_unknown() -> None:
+def test_an_unregistered_hospital_is_unknown_and_waits() -> None:
     intake = Intake(hospital_registered=False, department=None)
-    assert rejection(command(), intake).reason_code is ReasonCode.unknown_hospital
+    assert waiting(command(), intake).reason_code is ReasonCode.unknown_hospital
 
 
 def test_the_hospital_is_checked_before_the_department() -> None:
     intake = Intake(hospital_registered=False, department=Department(date(2024, 1, 1)))
-    assert rejection(command(), intake).reason_code is ReasonCode.unknown_hospital
+    assert waiting(command(), intake).reason_code is ReasonCode.unknown_hospital
 
 
-def test_a_department_never_launched_is_unknown() -> None:
+def test_a_department_never_launched_is_unknown_and_waits() -> None:
     intake = Intake(hospital_registered=True, department=None)
-    error = rejection(command(), intake)
+    error = waiting(command(), intake)
     assert error.reason_code is ReasonCode.unknown_department
     assert "not launched" in error.detail
 
 
 def test_a_department_closed_only_but_never_launched_is_unknown() -> None:
     intake = Intake(True, Department(launched_on=None, closed_on=date(2025, 1, 1)))
-    assert "not launched" in rejection(command(), intake).detail
+    assert "not launched" in waiting(command(), intake).detail
 
 
 def test_a_closed_department_is_unknown_and_the_detail_says_closed() -> None:
@@ -132,7 +140,7 @@ def test_requested_at_more_than_five_minutes_ahead_is_in_the_future() -> None:
 def test_the_department_is_checked_before_the_time() -> None:
     intake = Intake(hospital_registered=True, department=None)
     cmd = command(requested_at="2030-01-01T00:00:00Z")
-    assert rejection(cmd, intake).reason_code is ReasonCode.unknown_department
+    assert waiting(cmd, intake).reason_code is ReasonCode.unknown_department
 
 
 def test_years_of_history_may_be_imported() -> None:

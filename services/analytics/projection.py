@@ -1,0 +1,240 @@
+"""The projection: every contract event of every hospital becomes a fact row.
+
+Each event maps to one order-independent upsert (``row_of``): the live handler executes it in
+the message's transaction (where shared records the message in ``processed``), and the rebuild
+executes the same rows in batches. All the rebuild needs, and nothing of HTTP or Prometheus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from services.analytics import domain
+from shared import registry
+from shared.contracts import (
+    AssignmentOverdue,
+    Event,
+    InteractionCompleted,
+    NoSupporterAvailable,
+    OutreachAccepted,
+    OutreachDeclined,
+    OutreachUnreachable,
+    ReferralCreated,
+    SupporterAssigned,
+    SupporterRetired,
+    SupporterTrained,
+    SurveyResponseRecorded,
+)
+
+# --- event -> fact row ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One upsert: the SQL (shared by every event of a kind) and its arguments."""
+
+    sql: str
+    args: tuple[Any, ...]
+
+
+TRAINED_SQL = """
+INSERT INTO supporters (hospital, supporter_id, department, trained_on) VALUES ($1, $2, $3, $4)
+ON CONFLICT (hospital, supporter_id) DO UPDATE SET
+    department = EXCLUDED.department, trained_on = EXCLUDED.trained_on
+"""
+RETIRED_SQL = """
+INSERT INTO supporters (hospital, supporter_id, department, retired_on) VALUES ($1, $2, $3, $4)
+ON CONFLICT (hospital, supporter_id) DO UPDATE SET
+    retired_on = EXCLUDED.retired_on,
+    department = COALESCE(supporters.department, EXCLUDED.department)
+"""
+# A creation seen twice keeps its first values: one referral, one row.
+REFERRAL_SQL = """
+INSERT INTO referrals (hospital, referral_id, department, physician_id, source, requested_at)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (hospital, referral_id) DO UPDATE SET
+    department = COALESCE(referrals.department, EXCLUDED.department),
+    physician_id = COALESCE(referrals.physician_id, EXCLUDED.physician_id),
+    source = COALESCE(referrals.source, EXCLUDED.source),
+    requested_at = COALESCE(referrals.requested_at, EXCLUDED.requested_at)
+"""
+# The latest matching outcome is the one with the highest stream sequence.
+MATCHING_SQL = """
+INSERT INTO referrals (hospital, referral_id, department, matching_outcome, matching_seq)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (hospital, referral_id) DO UPDATE SET
+    matching_outcome = EXCLUDED.matching_outcome,
+    matching_seq = EXCLUDED.matching_seq,
+    department = COALESCE(referrals.department, EXCLUDED.department)
+WHERE referrals.matching_seq IS NULL OR EXCLUDED.matching_seq IS NULL
+    OR EXCLUDED.matching_seq > referrals.matching_seq
+"""
+OUTREACH_SQL = """
+INSERT INTO outreach
+    (hospital, event_id, referral_id, department, outcome, at, decline_reason, stream_seq)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (hospital, event_id) DO NOTHING
+"""
+INTERACTION_SQL = """
+INSERT INTO interactions
+    (hospital, event_id, referral_id, department, occurred_on, minutes, escalated, stream_seq)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (hospital, event_id) DO NOTHING
+"""
+SURVEY_SQL = """
+INSERT INTO surveys (hospital, response_id, department, submitted_on, aware, had_interaction,
+    helpful, wellbeing_improved, comfort_improved, would_recommend)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (hospital, response_id) DO NOTHING
+"""
+
+# Rows are rebuilt from these tables alone; `processed` is shared's tracking table.
+FACT_TABLES = (
+    "hospitals",
+    "departments",
+    "supporters",
+    "referrals",
+    "outreach",
+    "interactions",
+    "surveys",
+)
+
+
+def registered(e: registry.Fact, seq: int | None, event_id: str) -> Row:
+    """Hospitals and departments: the one rule every service's copy follows."""
+    return Row(*registry.upsert(e))
+
+
+def supporter_trained(e: SupporterTrained, seq: int | None, event_id: str) -> Row:
+    return Row(TRAINED_SQL, (e.hospital, e.supporter_id, e.department, e.trained_on))
+
+
+def supporter_retired(e: SupporterRetired, seq: int | None, event_id: str) -> Row:
+    return Row(RETIRED_SQL, (e.hospital, e.supporter_id, e.department, e.retired_on))
+
+
+def referral_created(e: ReferralCreated, seq: int | None, event_id: str) -> Row:
+    return Row(
+        REFERRAL_SQL,
+        (e.hospital, e.referral_id, e.department, e.physician_id, e.source, e.requested_at),
+    )
+
+
+def supporter_assigned(e: SupporterAssigned, seq: int | None, event_id: str) -> Row:
+    return Row(MATCHING_SQL, (e.hospital, e.referral_id, e.department, domain.ASSIGNED, seq))
+
+
+def no_supporter_available(e: NoSupporterAvailable, seq: int | None, event_id: str) -> Row:
+    return Row(MATCHING_SQL, (e.hospital, e.referral_id, e.department, domain.NO_SUPPORTER, seq))
+
+
+def assignment_overdue(e: AssignmentOverdue, seq: int | None, event_id: str) -> None:
+    """No fact: the reassignment or NoSupporterAvailable that follows is the outcome."""
+    return None
+
+
+def outreach_recorded(
+    e: OutreachAccepted | OutreachDeclined | OutreachUnreachable, seq: int | None, event_id: str
+) -> Row:
+    return Row(
+        OUTREACH_SQL,
+        (
+            e.hospital,
+            event_id,
+            e.referral_id,
+            e.department,
+            e.outcome,
+            e.at,
+            e.decline_reason,
+            seq,
+        ),
+    )
+
+
+def interaction_completed(e: InteractionCompleted, seq: int | None, event_id: str) -> Row:
+    return Row(
+        INTERACTION_SQL,
+        (
+            e.hospital,
+            event_id,
+            e.referral_id,
+            e.department,
+            e.occurred_on,
+            e.minutes,
+            e.escalated,
+            seq,
+        ),
+    )
+
+
+def survey_response_recorded(e: SurveyResponseRecorded, seq: int | None, event_id: str) -> Row:
+    return Row(
+        SURVEY_SQL,
+        (
+            e.hospital,
+            e.response_id,
+            e.department,
+            e.submitted_on,
+            e.aware,
+            e.had_interaction,
+            e.helpful,
+            e.wellbeing_improved,
+            e.comfort_improved,
+            e.would_recommend,
+        ),
+    )
+
+
+PROJECTIONS: dict[str, Callable[[Any, int | None, str], Row | None]] = {
+    **{fact.__name__: registered for fact in registry.FACT_TYPES},
+    "SupporterTrained": supporter_trained,
+    "SupporterRetired": supporter_retired,
+    "ReferralCreated": referral_created,
+    "SupporterAssigned": supporter_assigned,
+    "NoSupporterAvailable": no_supporter_available,
+    "AssignmentOverdue": assignment_overdue,
+    "OutreachAccepted": outreach_recorded,
+    "OutreachDeclined": outreach_recorded,
+    "OutreachUnreachable": outreach_recorded,
+    "InteractionCompleted": interaction_completed,
+    "SurveyResponseRecorded": survey_response_recorded,
+}
+
+
+def row_of(event: Event, stream_seq: int | None, event_id: str) -> Row | None:
+    """The fact row of one event (None: nothing to record); pure."""
+    return PROJECTIONS[event.type_name](event, stream_seq, event_id)
+
+
+# Every fact row bumps its hospital's version (answers.py), in the same statement: each row's
+# first argument is its hospital.
+BUMP_SQL = """
+INSERT INTO scope_versions AS v (hospital, version) SELECT DISTINCT unnest($1::text[]), 1
+ON CONFLICT (hospital) DO UPDATE SET version = v.version + 1
+"""
+_BUMP_CTE = (
+    "WITH bumped AS (INSERT INTO scope_versions AS v (hospital, version) VALUES ($1, 1)"
+    " ON CONFLICT (hospital) DO UPDATE SET version = v.version + 1) "
+)
+_VERSIONED: dict[str, str] = {}
+
+
+def versioned(sql: str) -> str:
+    """The row's upsert and its hospital's version bump as one statement."""
+    found = _VERSIONED.get(sql)
+    if found is None:
+        found = _VERSIONED[sql] = _BUMP_CTE + sql.strip()
+    return found
+
+
+async def project(
+    conn: asyncpg.Connection, event: Event, stream_seq: int | None, event_id: str
+) -> None:
+    """Write one event's fact and bump its hospital's version, in the caller's transaction."""
+    row = row_of(event, stream_seq, event_id)
+    if row is not None:
+        await conn.execute(versioned(row.sql), *row.args)
