@@ -1,10 +1,14 @@
 """postctl: the operator's command line for the POST platform.
 
-postctl up                       run the platform on the embedded default (Ctrl-C stops)
+postctl up [--instances N]       run the platform on the embedded default (Ctrl-C stops),
+                                 N instances of each service sharing the hospitals
+postctl status [--json]          which instance holds which partitions and hospitals; lag
 postctl demo                     up + replay the POST study + the RE-AIM report
 postctl simulate post-2023       replay the published POST study through NATS
 postctl simulate region ...      a synthetic region, for demos and load
 postctl analytics rebuild        drop the RE-AIM read models and replay the stream
+postctl load --rate R --duration D   a known mix through NATS: nothing lost, nothing doubled
+postctl hospital onboard|token ...   a hospital's NATS user and HTTP token
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from shared.runtime import SERVICES, Platform, port_in_use
 from shared.settings import SERVICE_PORTS, Settings
 
 
-def _platform(settings: Settings) -> Platform:
+def _platform(settings: Settings, instances: int = 1) -> Platform:
     ports = {name: settings.http_port(name) for name in SERVICE_PORTS}
     nats_port = int(settings.nats_url.rsplit(":", 1)[-1])
     return Platform(
@@ -34,6 +38,7 @@ def _platform(settings: Settings) -> Platform:
         pg_port=int(os.environ.get("POST_PG_PORT", "5432")),
         service_ports=ports,
         database_url=os.environ.get("POST_DATABASE_URL"),
+        instances=instances,
     )
 
 
@@ -41,7 +46,13 @@ def _check_ports(platform: Platform) -> None:
     wanted = {"NATS": platform.nats_port, "NATS monitoring": platform.nats_monitor_port}
     if not platform.database_url:
         wanted["PostgreSQL"] = platform.pg_port
-    wanted.update({name: port for name, port in platform.service_ports.items()})
+    wanted.update(
+        {
+            Platform.key(name, i): platform.port(name, i)
+            for name in platform.service_ports
+            for i in range(platform.instances)
+        }
+    )
     busy = [f"{what} ({port})" for what, port in wanted.items() if port_in_use(port)]
     if busy:
         sys.exit(
@@ -56,8 +67,8 @@ def _banner(platform: Platform) -> str:
     lines = ["", "POST platform is up.", f"  NATS        {platform.nats_url}"]
     lines.append(f"  PostgreSQL  {platform.db_url}")
     for name in SERVICES:
-        port = platform.service_ports[name]
-        lines.append(f"  {name:<11} http://127.0.0.1:{port}  (/healthz /readyz /metrics /docs)")
+        ports = ", ".join(str(platform.port(name, i)) for i in range(platform.instances))
+        lines.append(f"  {name:<11} http://127.0.0.1:{ports}  (/healthz /readyz /metrics /docs)")
     port = platform.service_ports["analytics"]
     lines += [
         f"  RE-AIM      http://127.0.0.1:{port}/reaim",
@@ -68,8 +79,8 @@ def _banner(platform: Platform) -> str:
     return "\n".join(lines)
 
 
-def _start(settings: Settings) -> Platform:
-    platform = _platform(settings)
+def _start(settings: Settings, instances: int = 1) -> Platform:
+    platform = _platform(settings, instances)
     _check_ports(platform)
     platform.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(platform.data_dir, 0o755)
@@ -101,7 +112,7 @@ def _run_until_stopped(platform: Platform) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> None:
-    platform = _start(Settings())
+    platform = _start(Settings(), args.instances)
     print(_banner(platform), flush=True)
     _run_until_stopped(platform)
 
@@ -177,6 +188,38 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    """Which instance holds which partitions (and so which hospitals), and each service's lag."""
+    import asyncpg
+    import nats as nats_client
+
+    from shared.partitions import ownership
+
+    async def report() -> dict[str, Any]:
+        settings = Settings()
+        nc = await nats_client.connect(settings.nats_servers)
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            return await ownership(conn, nc.jetstream(), SERVICES)
+        finally:
+            await conn.close()
+            await nc.close()
+
+    found = asyncio.run(report())
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return
+    for service, state in found["services"].items():
+        lag = f"{state['pending']} pending, {state['unacknowledged']} unacknowledged"
+        print(f"{service}: {lag}")
+        for partition, holder in state["holders"].items():
+            hospitals = found["hospitals"][partition]
+            shown = ", ".join(hospitals[:5]) + (
+                f" (+{len(hospitals) - 5})" if len(hospitals) > 5 else ""
+            )
+            print(f"  partition {partition}: {holder or 'NOBODY'}  hospitals: {shown or '-'}")
+
+
 def cmd_analytics_rebuild(args: argparse.Namespace) -> None:
     from services.analytics.rebuild import rebuild
 
@@ -189,7 +232,12 @@ def main(argv: list[str] | None = None) -> None:
         prog="postctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="run the platform on the embedded default").set_defaults(func=cmd_up)
+    up = sub.add_parser("up", help="run the platform on the embedded default")
+    up.add_argument("--instances", type=int, default=1, help="instances of each service")
+    up.set_defaults(func=cmd_up)
+    status = sub.add_parser("status", help="which instance holds which hospitals; the lag")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
     sub.add_parser("demo", help="up + the POST study + the RE-AIM report").set_defaults(
         func=cmd_demo
     )

@@ -24,6 +24,7 @@ import math
 import zlib
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import structlog
@@ -203,3 +204,28 @@ async def service_subjects(js: JetStreamContext, service: str) -> list[str]:
     """The subjects of `POST` a service handles, as its work stream sources them."""
     stream = await js.stream_info(work_stream(service))
     return [t.src for s in stream.config.sources or [] for t in s.subject_transforms or []]
+
+
+async def ownership(
+    conn: asyncpg.Connection, js: JetStreamContext, services: Iterable[str]
+) -> dict:
+    """Who holds what, for an operator (`postctl status`): per service, each partition's holder
+    (`<service>:<instance>`, or None) and lag, and the registered hospitals of each partition."""
+    info = await js.stream_info(STREAM_NAME, subjects_filter="post.*.evt.HospitalRegistered")
+    hospitals: dict[int, list[str]] = {p: [] for p in range(PARTITIONS)}
+    for subject in sorted(info.state.subjects or {}):
+        hospital = subject.split(".")[1]
+        hospitals[partition_of(hospital)].append(hospital)
+    report: dict[str, Any] = {"partitions": PARTITIONS, "hospitals": hospitals, "services": {}}
+    for service in services:
+        held = await held_partitions(conn, service)
+        try:
+            pending, unacked = await service_lag(js, service)
+        except NotFoundError:
+            pending = unacked = -1
+        report["services"][service] = {
+            "holders": {p: held.get(p) for p in range(PARTITIONS)},
+            "pending": pending,
+            "unacknowledged": unacked,
+        }
+    return report

@@ -116,6 +116,9 @@ class ReaimCollector:
     def __init__(self) -> None:
         self.snapshot: Snapshot = {}
         self.changes = 0  # events projected by this process (a counter, not exact: cheap)
+        # With several analytics instances each exports the hospitals it holds (the region:
+        # the holder of partition 0), so a Prometheus sum over instances counts each once.
+        self.exports: Callable[[str], bool] = lambda hospital: True
 
     def describe(self) -> list[Metric]:
         return []
@@ -131,8 +134,10 @@ class ReaimCollector:
                 ' region, department="" the whole hospital.',
                 labels=[*_LABELS, *extra],
             )
+            exports = self.exports
             for labels, value in samples:
-                family.add_metric(list(labels), value)
+                if exports(labels[0]):
+                    family.add_metric(list(labels), value)
             yield family
 
 
@@ -209,6 +214,9 @@ async def refresh_gauges(service: Service) -> None:
     """Background task: register the metrics (the service has started), then recompute the
     gauges every 15 seconds when events came in."""
     export()
+    COLLECTOR.exports = lambda hospital: (
+        service.owns(hospital) if hospital else 0 in service.partitions
+    )
     seen, refreshed, trailing = -1, 0.0, False
     while True:
         stale = time.monotonic() - refreshed > GAUGE_MAX_AGE_SECONDS

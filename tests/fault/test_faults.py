@@ -247,7 +247,7 @@ async def test_a_command_in_flight_when_its_service_dies_is_handled_before_the_n
     published after it must still be handled after it, as the stream orders them (README: each
     service handles its messages in stream order). Otherwise the interaction counts as an
     implied acceptance and the hospital's accepted outreach is refused."""
-    fault_platform = make_platform(instances=1)  # the one instance holds the hospital
+    fault_platform = await asyncio.to_thread(make_platform, instances=1)  # it holds them all
     client = await PlatformClient.connect(fault_platform.nats_url)
     hospital = "in-flight"
     consumer = (work_stream("records"), consumer_name("records", partition_of(hospital)))

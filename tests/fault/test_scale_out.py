@@ -62,7 +62,7 @@ async def _all_partitions_held(platform: Platform, timeout: float = 30.0) -> Non
 async def test_two_instances_of_each_service_answer_a_burst_as_one_would(
     make_platform: MakePlatform,
 ) -> None:
-    platform = make_platform(instances=2)
+    platform = await asyncio.to_thread(make_platform, instances=2)
     await _all_partitions_held(platform)
     for service in SERVICES:  # the work is shared: each instance holds some partitions
         held = await asyncio.to_thread(_held, platform, service)
