@@ -16,17 +16,19 @@ import pytest
 from services.referral.fhir import MAX_BODY_BYTES, MAX_CONTRIBUTORS
 from shared.client import PlatformClient
 from shared.runtime import Platform
+from tests.badinput import test_bad_input as bad_input
 from tests.badinput.test_bad_input import (
     DEPARTMENT,
     Tenant,
     new_hospital,
-    onboard,
-    settled,
     still_healthy_and_nothing_stored,
-    stored_for,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.badinput]
+
+# The bad-input suite's fixture: a hospital onboarded with a department, a supporter and an
+# assigned referral, and what it held before (named here so it shadows no parameter).
+onboarded = bad_input.tenant
 
 MARKER = "Jane Marker"
 FHIR_JSON = "application/fhir+json"
@@ -127,15 +129,6 @@ NOT_JSON: dict[str, bytes] = {
 }
 
 
-@pytest.fixture
-async def tenant(client: PlatformClient, stack: Platform) -> Tenant:
-    """A hospital onboarded as in the bad-input suite (a department, a supporter, a referral)."""
-    hospital = new_hospital()
-    await onboard(client, hospital)
-    await settled(client, stack, [hospital])
-    return Tenant(hospital, await stored_for(stack, [hospital]), len(client.events))
-
-
 def url(stack: Platform, hospital: str) -> str:
     return (
         f"http://127.0.0.1:{stack.service_ports['referral']}/hospitals/{hospital}/fhir/AdverseEvent"
@@ -154,9 +147,9 @@ def issue_fields(answer: httpx.Response) -> set[str]:
 
 
 async def test_bad_adverse_events_are_refused_naming_fields_and_nothing_is_kept(
-    client: PlatformClient, stack: Platform, tenant: Tenant, api_token: Callable[[str], str]
+    client: PlatformClient, stack: Platform, onboarded: Tenant, api_token: Callable[[str], str]
 ) -> None:
-    h = tenant.hospital
+    h = onboarded.hospital
     auth = {"Authorization": f"Bearer {api_token(h)}", "Content-Type": FHIR_JSON}
     wrong: list[str] = []
     async with httpx.AsyncClient(timeout=60) as web:
@@ -186,13 +179,13 @@ async def test_bad_adverse_events_are_refused_naming_fields_and_nothing_is_kept(
         if resp.status_code != 413:
             wrong.append(f"a streamed body too large: {resp.status_code} {resp.text[:300]}")
     assert not wrong, "\n".join(wrong)
-    await still_healthy_and_nothing_stored(client, stack, tenant)
+    await still_healthy_and_nothing_stored(client, stack, onboarded)
 
 
 async def test_without_the_hospitals_token_nothing_is_read_or_done(
-    client: PlatformClient, stack: Platform, tenant: Tenant, api_token: Callable[[str], str]
+    client: PlatformClient, stack: Platform, onboarded: Tenant, api_token: Callable[[str], str]
 ) -> None:
-    h, other = tenant.hospital, new_hospital()
+    h, other = onboarded.hospital, new_hospital()
     other_token = api_token(other)
     body = json.dumps(report())
     refusals = {
@@ -211,7 +204,7 @@ async def test_without_the_hospitals_token_nothing_is_read_or_done(
         # A hospital that does not exist is answered the same.
         resp = await web.post(url(stack, new_hospital()), content=body)
         assert resp.status_code == 401
-    await still_healthy_and_nothing_stored(client, stack, tenant, others=[other])
+    await still_healthy_and_nothing_stored(client, stack, onboarded, others=[other])
 
     # The hospital's own token: a skipped contributor is answered beside the referral.
     event = report(

@@ -12,13 +12,8 @@ import httpx
 import pytest
 
 from shared.client import PlatformClient
-from shared.contracts import (
-    LaunchDepartment,
-    Rank,
-    RegisterHospital,
-    RegisterSupporter,
-    RequestReferral,
-)
+from shared.contracts import LaunchDepartment, Rank, RegisterHospital, RegisterSupporter
+from tests.e2e.test_referral_e2e import barrier
 
 pytestmark = pytest.mark.e2e
 
@@ -162,20 +157,7 @@ async def test_an_adverse_event_refers_each_involved_physician_once(
     async with http("referral") as web:
         again = await web.post(path, json=event, headers=headers)
         assert (again.status_code, again.json()) == (202, body)
-        barrier = await client.send_and_wait(
-            hospital,
-            RequestReferral(
-                referral_id="r-barrier",
-                physician_id="P-0",
-                department="no-such-department",
-                rank=Rank.resident,
-                source="self",
-                event_nature="other",
-                requested_at=recorded,
-            ),
-            timeout=30,
-        )
-        assert barrier["data"]["reason_code"] == "unknown_department"
+        await barrier(client, hospital)  # the referral service has handled all before it
         status = await web.get(f"/hospitals/{hospital}/referrals/{expected[0]}")
     assert status.status_code == 200 and status.json()["source"] == "safety_event"
     new = [e for e in client.events[seen:] if e["_subject"].startswith(f"post.{hospital}.")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -330,3 +331,29 @@ def test_the_patient_the_narrative_and_notes_are_not_read() -> None:
     for resource in odd["contained"]:
         resource["text"] = {"div": MARKER}
     assert map_adverse_event(HOSPITAL, odd) == map_adverse_event(HOSPITAL, plain)
+
+
+def test_the_ids_of_the_hospital_integration_guide() -> None:
+    """docs/hospital-integration.md shows these; they must be what the intake answers."""
+    guide = (Path(__file__).parents[2] / "docs" / "hospital-integration.md").read_text()
+    for physician_id in ("P-8812", "P-1204"):
+        assert referral_id("AE-2025-0113", physician_id) in guide
+        assert command_id("st-mary", "AE-2025-0113", physician_id) in guide
+
+
+def test_the_route_is_in_the_openapi_spec_with_its_schemas() -> None:
+    from services.referral.app import service
+
+    spec = service.http.openapi()
+    operation = spec["paths"]["/hospitals/{hospital}/fhir/AdverseEvent"]["post"]
+    assert operation["security"] == [{"hospitalToken": []}]
+    request = operation["requestBody"]["content"]
+    assert set(request) == {"application/fhir+json", "application/json"}
+    assert {"resourceType", "id", "recordedDate", "date", "contributor"} <= set(
+        request["application/fhir+json"]["schema"]["properties"]
+    )
+    assert {"202", "401", "403", "413", "422"} <= set(operation["responses"])
+    accepted = spec["components"]["schemas"]["AdverseEventAccepted"]
+    assert set(accepted["properties"]) == {"referrals", "skipped"}
+    refused = operation["responses"]["422"]["content"]["application/fhir+json"]["schema"]
+    assert refused["properties"]["resourceType"]["const"] == "OperationOutcome"
