@@ -221,12 +221,10 @@ def map_adverse_event(hospital: str, body: Any) -> Mapped:
     referrals: dict[str, tuple[str, RequestReferral]] = {}
     skipped: list[Skipped] = []
     for contributor in contributors:
-        sent = contributor.get("reference") if isinstance(contributor, dict) else None
+        sent = _as_sent(contributor)
         found = _involved(_model(Reference, contributor), contained)
         if isinstance(found, str):
-            skipped.append(
-                Skipped(contributor=sent if isinstance(sent, str) else None, reason=found)
-            )
+            skipped.append(Skipped(contributor=sent, reason=found))
             continue
         physician_id, department, rank = found
         if physician_id in referrals:  # the same physician in two roles: referred once
@@ -259,6 +257,19 @@ def map_adverse_event(hospital: str, body: Any) -> Mapped:
             ]
         )
     return Mapped(list(referrals.values()), skipped)
+
+
+def _as_sent(contributor: Any) -> str | None:
+    """The contributor's `reference` as sent, when it is text that can be answered in UTF-8
+    (JSON may carry a lone surrogate, which no answer can hold)."""
+    sent = contributor.get("reference") if isinstance(contributor, dict) else None
+    if not isinstance(sent, str):
+        return None
+    try:
+        sent.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return sent
 
 
 def _requested_at(body: dict[str, Any], issues: list[Issue]) -> str | None:

@@ -208,7 +208,12 @@ async def test_without_the_hospitals_token_nothing_is_read_or_done(
 
     # The hospital's own token: a skipped contributor is answered beside the referral.
     event = report(
-        contributor=[{"reference": "#r1"}, {"reference": "Practitioner/P-8"}],
+        # A lone surrogate (JSON allows it, UTF-8 does not) is answered as null.
+        contributor=[
+            {"reference": "#r1"},
+            {"reference": "Practitioner/P-8"},
+            {"reference": "#\ud800"},
+        ],
         recordedDate="2024-03-01T10:00:00+01:00",
     )
     async with httpx.AsyncClient(timeout=60) as web:
@@ -220,7 +225,8 @@ async def test_without_the_hospitals_token_nothing_is_read_or_done(
     assert resp.status_code == 202, resp.text
     answer = resp.json()
     assert answer["skipped"] == [
-        {"contributor": "Practitioner/P-8", "reason": "not_a_contained_role"}
+        {"contributor": "Practitioner/P-8", "reason": "not_a_contained_role"},
+        {"contributor": None, "reason": "not_a_contained_role"},
     ]
     (referral,) = answer["referrals"]
     created = await client.outcome(referral["command_id"], timeout=30)

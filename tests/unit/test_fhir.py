@@ -233,6 +233,7 @@ def test_each_contributor_is_referred_or_skipped_with_its_reason(
         ({"reference": "#"}, "#"),
         ({"display": MARKER}, None),
         ({"reference": 12}, None),
+        ({"reference": "#\ud800"}, None),  # a lone surrogate cannot be answered in UTF-8
         ("#r1", None),
         (None, None),
     ],
