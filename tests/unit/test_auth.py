@@ -227,6 +227,7 @@ def test_openapi_shows_the_bearer_scheme_on_the_routes_that_change_state(
             assert scheme["type"] == "http" and scheme["scheme"] == "bearer"
     assert protected == {
         "referral /hospitals/{hospital}/referrals",
+        "referral /hospitals/{hospital}/fhir/AdverseEvent",
         "records /hospitals/{hospital}/outreach",
         "records /hospitals/{hospital}/interactions",
         "records /hospitals/{hospital}/surveys",
