@@ -171,7 +171,14 @@ class Service:
         await ensure_stream(self.js, self.settings.stream_replicas)
         self._stop.clear()
         if self.subjects:
-            await self._ensure_work_stream()
+            for attempt in range(240):  # a busy or starting cluster answers late: wait it out
+                try:
+                    await self._ensure_work_stream()
+                    break
+                except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError):
+                    if attempt == 239:
+                        raise
+                    await asyncio.sleep(0.25)
             self.ownership = Ownership(
                 self.name,
                 self.dispatcher,
