@@ -250,7 +250,9 @@ class Dispatcher:
                 return OK
         except _Wait:
             if not incoming.waited:
-                await _park(conn, key, incoming)
+                kept = await _park(conn, key, incoming)
+                if kept != incoming.stream_seq:  # a copy of a message already waiting
+                    return Outcome("duplicate", same_message=False)
             else:
                 await conn.execute(
                     "UPDATE waiting SET attempts = attempts + 1 WHERE message_id = $1", key
@@ -358,11 +360,15 @@ class Dispatcher:
 # -- waiting messages ----------------------------------------------------------------------
 
 
-async def _park(conn: asyncpg.Connection, key: str, incoming: Incoming) -> None:
-    await conn.execute(
-        "INSERT INTO waiting (message_id, partition, hospital, stream_seq, subject, body,"
-        " stored_at, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-        " ON CONFLICT (message_id) DO NOTHING",
+async def _park(conn: asyncpg.Connection, key: str, incoming: Incoming) -> int | None:
+    """Keep a message in ``waiting``; returns the stream sequence of the one kept under its id
+    (another when this is a copy of a message already waiting)."""
+    return await conn.fetchval(
+        "WITH kept AS (INSERT INTO waiting (message_id, partition, hospital, stream_seq, subject,"
+        " body, stored_at, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        " ON CONFLICT (message_id) DO NOTHING RETURNING stream_seq)"
+        " SELECT stream_seq FROM kept"
+        " UNION ALL SELECT stream_seq FROM waiting WHERE message_id = $1 LIMIT 1",
         key,
         partition_of(incoming.hospital),
         incoming.hospital,

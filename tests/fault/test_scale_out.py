@@ -44,8 +44,9 @@ def _held(platform: Platform, service: str) -> dict[str, list[int]]:
     }
 
 
-async def _all_partitions_held(platform: Platform, timeout: float = 30.0) -> None:
-    """Every partition of every service held by exactly one live instance."""
+async def _all_partitions_held(platform: Platform, timeout: float = 60.0) -> None:
+    """Every partition of every service held by exactly one live instance, and every live
+    instance holding its share (at least partitions // instances)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         ok = True
@@ -53,6 +54,7 @@ async def _all_partitions_held(platform: Platform, timeout: float = 30.0) -> Non
             held = await asyncio.to_thread(_held, platform, service)
             partitions = sorted(p for ps in held.values() for p in ps)
             ok = ok and partitions == list(range(PARTITIONS))
+            ok = ok and all(len(ps) >= PARTITIONS // len(held) for ps in held.values())
         if ok:
             return
         assert asyncio.get_running_loop().time() < deadline, "partitions not all held"
@@ -63,10 +65,7 @@ async def test_two_instances_of_each_service_answer_a_burst_as_one_would(
     make_platform: MakePlatform,
 ) -> None:
     platform = await asyncio.to_thread(make_platform, instances=2)
-    await _all_partitions_held(platform)
-    for service in SERVICES:  # the work is shared: each instance holds some partitions
-        held = await asyncio.to_thread(_held, platform, service)
-        assert all(held.values()), f"{service}: an instance holds nothing: {held}"
+    await _all_partitions_held(platform)  # the work is shared: each instance holds its share
     config = _config(rate=100.0, hospitals=5, max_commands=500)
     async with LoadRun(platform.nats_url, config) as run:
         report = await run.run()
@@ -95,7 +94,7 @@ async def test_a_frozen_instance_wakes_after_losing_its_partitions_and_writes_no
 ) -> None:
     frozen = {s: fault_platform.processes[Platform.key(s, 1)] for s in SERVICES}
     await _all_partitions_held(fault_platform)
-    before = {s: _readyz(fault_platform, p_key)["partitions"] for s, p_key in _keys(frozen)}
+    before = {s: _readyz(fault_platform, Platform.key(s, 1))["partitions"] for s in SERVICES}
     assert all(before.values()), f"the instances to freeze hold nothing: {before}"
 
     async def freeze(run: LoadRun) -> None:
@@ -123,10 +122,6 @@ async def test_a_frozen_instance_wakes_after_losing_its_partitions_and_writes_no
     for service, process in frozen.items():
         log = process.log_path.read_text()
         assert "partition_lost" in log or "partition_released" in log, service
-
-
-def _keys(frozen: dict[str, object]) -> list[tuple[str, str]]:
-    return [(s, Platform.key(s, 1)) for s in frozen]
 
 
 def _held_except(platform: Platform, service: str) -> dict[str, list[int]]:
