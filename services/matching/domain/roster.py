@@ -133,15 +133,17 @@ class Department:
 def department_from(history: Iterable[Event]) -> Department | None:
     state: Department | None = None
     for event in history:
-        if isinstance(event, DepartmentLaunched):
-            state = Department(
-                event.hospital,
-                event.department,
-                event.physician_count,
-                event.launched_on,
-            )
-        elif isinstance(event, DepartmentClosed) and state is not None:
-            state = replace(state, closed_on=event.closed_on)
+        state = _next_department(state, event)
+    return state
+
+
+def _next_department(state: Department | None, event: Event) -> Department | None:
+    if isinstance(event, DepartmentLaunched):
+        return Department(
+            event.hospital, event.department, event.physician_count, event.launched_on
+        )
+    if isinstance(event, DepartmentClosed) and state is not None:
+        return replace(state, closed_on=event.closed_on)
     return state
 
 
@@ -369,19 +371,11 @@ def roster_from(events: Iterable[Event]) -> Roster:
             roster.hospitals[event.hospital] = Hospital(
                 event.hospital, event.name, event.physician_count
             )
-        elif isinstance(event, DepartmentLaunched):
-            roster.departments[(event.hospital, event.department)] = Department(
-                event.hospital,
-                event.department,
-                event.physician_count,
-                event.launched_on,
-            )
-        elif isinstance(event, DepartmentClosed):
+        elif isinstance(event, DepartmentLaunched | DepartmentClosed):
             key = (event.hospital, event.department)
-            if key in roster.departments:
-                roster.departments[key] = replace(
-                    roster.departments[key], closed_on=event.closed_on
-                )
+            department = _next_department(roster.departments.get(key), event)
+            if department is not None:
+                roster.departments[key] = department
         elif isinstance(event, SupporterTrained | SupporterRetired | SupporterAvailabilityChanged):
             key2 = (event.hospital, event.supporter_id)
             supporter = _next_supporter(roster.supporters.get(key2), event)
