@@ -214,3 +214,27 @@ async def test_the_roster_shows_availability_over_http(
     assert [(s["supporter_id"], s["available"], s["max_open_assignments"]) for s in supporters] == [
         ("s-lab", True, 4)
     ]
+
+
+async def test_re_aim_counts_the_supporters_available(
+    client: PlatformClient, hospital: str, http: Callable[[str], httpx.AsyncClient]
+) -> None:
+    await open_department(
+        client, hospital, "rehab", [("s-in", Rank.senior, True), ("s-away", Rank.senior, True)]
+    )
+    await client.wait_for(
+        hospital, "SupporterTrained", lambda e: e["data"]["supporter_id"] == "s-away"
+    )
+    await expect(client, hospital, availability("s-away", False), "SupporterAvailabilityChanged")
+    implementation: dict[str, object] = {}
+    async with http("analytics") as api:
+        for _ in range(100):  # analytics reads the stream on its own
+            answer = (await api.get(f"/reaim/{hospital}/rehab")).json()
+            implementation = answer.get("implementation", {})
+            if implementation.get("supporters_available") == 1:
+                break
+            await asyncio.sleep(0.1)
+    assert implementation.get("supporters_available") == 1
+    assert answer["maintenance"]["supporters_active"] == 2
+    # changed_on is a business date of the scope: the period ends the day after it.
+    assert answer["period"]["to"] == (TODAY + timedelta(days=1)).isoformat()
