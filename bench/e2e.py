@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from bench.common import Section, Timer, fmt_ms, fmt_rate, percentiles, rate, rss_kib
-from postctl.cli import wait_consumed
+from shared.client import wait_consumed
 from shared.contracts import (
     Command,
     LaunchDepartment,

@@ -77,6 +77,8 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "RecordOutreach": ("OutreachAccepted", "OutreachDeclined", "OutreachUnreachable"),
     "RecordInteraction": ("InteractionCompleted",),
     "SubmitSurveyResponse": ("SurveyResponseRecorded",),
+    "SetMatchingPolicy": ("MatchingPolicySet",),
+    "SetSupporterAvailability": ("SupporterAvailabilityChanged",),
 }
 # Events no command answers directly: who sends them, and when.
 EMITTED: dict[str, str] = {

@@ -3,12 +3,14 @@
 Used by the simulators, the load generator and the end-to-end tests, exactly as a hospital's
 integration would do it: CloudEvents on ``post.{hospital}.cmd.{Type}`` with ``Nats-Msg-Id``
 set to the command id, and the answers on ``post.{hospital}.evt.>``.
+`wait_consumed` waits until a service's durable consumer has read the stream so far.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -17,14 +19,17 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from shared.contracts import Command, command_message
+from shared.contracts import Command, command_message, evt_subject
+from shared.partitions import service_lag
 from shared.settings import nats_servers
 
 CloudEventDict = dict[str, Any]
 
+ALL_EVENTS = evt_subject("*", ">")  # every hospital's events
+
 
 class PlatformClient:
-    def __init__(self, nc: NATS, subject: str = "post.*.evt.>") -> None:
+    def __init__(self, nc: NATS, subject: str = ALL_EVENTS) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.subject = subject
@@ -33,9 +38,7 @@ class PlatformClient:
         self._changed = asyncio.Condition()
 
     @classmethod
-    async def connect(
-        cls, url: str, subject: str = "post.*.evt.>", **options: Any
-    ) -> PlatformClient:
+    async def connect(cls, url: str, subject: str = ALL_EVENTS, **options: Any) -> PlatformClient:
         nc = await nats.connect(nats_servers(url), name="post-client", **options)
         client = cls(nc, subject)
         await nc.subscribe(subject, cb=client._on_event, pending_msgs_limit=1_000_000)
@@ -103,13 +106,13 @@ class PlatformClient:
         predicate: Callable[[CloudEventDict], bool] | None = None,
         timeout: float = 10.0,
     ) -> CloudEventDict:
-        subject = f"post.{hospital}.evt.{event_type}"
+        subject = evt_subject(hospital, event_type)
         return await self.wait(
             lambda e: e["_subject"] == subject and (predicate is None or predicate(e)), timeout
         )
 
     def of_type(self, hospital: str, event_type: str) -> list[CloudEventDict]:
-        subject = f"post.{hospital}.evt.{event_type}"
+        subject = evt_subject(hospital, event_type)
         return [e for e in self.events if e["_subject"] == subject]
 
     async def send_and_wait(
@@ -120,3 +123,18 @@ class PlatformClient:
 
     async def close(self) -> None:
         await self.nc.drain()
+
+
+async def wait_consumed(nats_url: str, service: str, timeout: float = 120.0) -> None:
+    """Until a service (every instance of it) has handled everything in the stream so far."""
+    nc = await nats.connect(nats_servers(nats_url))
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await service_lag(js, service) == (0, 0):
+                return
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"the {service} service has not caught up after {timeout:.0f} s")
+    finally:
+        await nc.close()

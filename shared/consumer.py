@@ -148,6 +148,9 @@ class PartitionWorker:
                 await asyncio.gather(publisher, return_exceptions=True)
             if self.held:
                 PARTITIONS_HELD.labels(self.service).dec()
+                for gauge in (CONSUMER_PENDING, CONSUMER_ACK_PENDING):  # its holder reports it
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(self.service, str(self.partition))
                 log.info("partition_released", partition=self.partition)
             self.held, self._conn = False, None
             try:

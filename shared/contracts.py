@@ -58,6 +58,7 @@ EventNature = Literal["interventional", "other"]
 Outcome = Literal["accepted", "declined", "unreachable"]
 DeclineReason = Literal["no_time", "no_need", "privacy", "discomfort", "medicolegal", "other"]
 AssignmentReason = Literal["manual", "matched", "reassigned"]
+MatchingPolicy = Literal["same_department", "other_department", "same_then_other"]
 Score = Annotated[int, Field(ge=1, le=5)]
 
 
@@ -156,6 +157,24 @@ class RetireSupporter(Command):
     retired_on: date
 
 
+class SetMatchingPolicy(Command):
+    """Version 1.1: without `department` the hospital's policy, with one that department's."""
+
+    owner = "matching"
+    policy: MatchingPolicy
+    department: DepartmentId | None = None
+
+
+class SetSupporterAvailability(Command):
+    """Version 1.1: pause or resume a supporter, and cap their open assignments."""
+
+    owner = "matching"
+    supporter_id: PseudonymousId
+    available: bool
+    max_open_assignments: Annotated[int, Field(ge=1, le=50)] | None = None
+    changed_on: date
+
+
 class RequestReferral(Command):
     owner = "referral"
     referral_id: PseudonymousId
@@ -234,6 +253,19 @@ class SupporterTrained(Event):
 class SupporterRetired(Event):
     supporter_id: PseudonymousId
     retired_on: date
+    department: DepartmentId  # added: the supporter's department
+
+
+class MatchingPolicySet(Event):
+    policy: MatchingPolicy
+    department: DepartmentId | None = None
+
+
+class SupporterAvailabilityChanged(Event):
+    supporter_id: PseudonymousId
+    available: bool
+    max_open_assignments: int | None = None
+    changed_on: date
     department: DepartmentId  # added: the supporter's department
 
 
@@ -335,6 +367,8 @@ COMMANDS: dict[str, type[Command]] = {
         RecordOutreach,
         RecordInteraction,
         SubmitSurveyResponse,
+        SetMatchingPolicy,
+        SetSupporterAvailability,
     )
 }
 EVENTS: dict[str, type[Event]] = {
@@ -355,6 +389,8 @@ EVENTS: dict[str, type[Event]] = {
         InteractionCompleted,
         SurveyResponseRecorded,
         CommandRejected,
+        MatchingPolicySet,
+        SupporterAvailabilityChanged,
     )
 }
 

@@ -113,6 +113,21 @@ class UnitOfWork:
             return
         await self.append(f"repeat:{self.hospital}:{self.message_id}", 0, [event])
 
+    async def append_or_repeat(
+        self,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[Event],
+        history: Sequence[Event],
+    ) -> None:
+        """Record what a creating command decided: its events, or, when it decided none
+        because it repeats what the stream already holds, a copy of the stream's first fact
+        (the creation it repeats) as its answer."""
+        if events:
+            await self.append(stream_id, expected_version, events)
+        elif history:
+            await self.repeat(history[0])
+
 
 async def mark_processed(conn: asyncpg.Connection, key: str, stream_seq: int | None) -> bool:
     """Record a message as handled; False when it was handled before."""

@@ -41,6 +41,19 @@ class Supporter:
 
 
 @dataclass(frozen=True, slots=True)
+class AvailabilityChange:
+    """A SupporterAvailabilityChanged: one row per event, the latest by `changed_on` (then
+    stream sequence) before a period's end says whether the supporter is available."""
+
+    hospital: str
+    supporter_id: str
+    department: str
+    changed_on: date
+    available: bool
+    stream_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Referral:
     hospital: str
     referral_id: str
@@ -128,6 +141,7 @@ class Facts:
     outreach: Sequence[Outreach] = field(default_factory=tuple)
     interactions: Sequence[Interaction] = field(default_factory=tuple)
     surveys: Sequence[SurveyResponse] = field(default_factory=tuple)
+    availability_changes: Sequence[AvailabilityChange] = field(default_factory=tuple)
 
     def within(self, scope: Scope) -> Facts:
         """The facts of one scope; hospital rows stay at department scope (the coverage base)."""
@@ -141,6 +155,9 @@ class Facts:
             outreach=[o for o in self.outreach if scope.holds(o.hospital, o.department)],
             interactions=[i for i in self.interactions if scope.holds(i.hospital, i.department)],
             surveys=[s for s in self.surveys if scope.holds(s.hospital, s.department)],
+            availability_changes=[
+                c for c in self.availability_changes if scope.holds(c.hospital, c.department)
+            ],
         )
 
     def business_span(self) -> tuple[date, date] | None:
@@ -149,6 +166,7 @@ class Facts:
         days = [
             *(x for d in self.departments for x in (d.launched_on, d.closed_on) if x is not None),
             *(x for s in self.supporters for x in (s.trained_on, s.retired_on) if x is not None),
+            *(c.changed_on for c in self.availability_changes),
         ]
         for dated in (self.interactions, self.surveys):
             attr = "occurred_on" if dated is self.interactions else "submitted_on"

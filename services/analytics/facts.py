@@ -24,6 +24,7 @@ _TABLES: dict[str, type[Any]] = {
     "outreach": domain.Outreach,
     "interactions": domain.Interaction,
     "surveys": domain.SurveyResponse,
+    "availability_changes": domain.AvailabilityChange,
 }
 _SELECT = {
     table: "SELECT " + ", ".join(f.name for f in dataclasses.fields(cls)) + f" FROM {table}"
@@ -149,6 +150,10 @@ class Implementation(BaseModel):
     physicians_per_active_supporter: float | None = Field(description="goal <= 10")
     referrals_without_supporter: int = Field(
         description="latest matching outcome is NoSupporterAvailable"
+    )
+    supporters_available: int = Field(
+        description="active supporters whose latest SupporterAvailabilityChanged with changed_on"
+        " before the end says available (or who have none)"
     )
     decline_reasons: dict[str, int]
 

@@ -19,12 +19,14 @@ from shared.contracts import (
     AssignmentOverdue,
     Event,
     InteractionCompleted,
+    MatchingPolicySet,
     NoSupporterAvailable,
     OutreachAccepted,
     OutreachDeclined,
     OutreachUnreachable,
     ReferralCreated,
     SupporterAssigned,
+    SupporterAvailabilityChanged,
     SupporterRetired,
     SupporterTrained,
     SurveyResponseRecorded,
@@ -85,6 +87,12 @@ INSERT INTO interactions
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (hospital, event_id) DO NOTHING
 """
+AVAILABILITY_SQL = """
+INSERT INTO availability_changes
+    (hospital, event_id, supporter_id, department, changed_on, available, stream_seq)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (hospital, event_id) DO NOTHING
+"""
 SURVEY_SQL = """
 INSERT INTO surveys (hospital, response_id, department, submitted_on, aware, had_interaction,
     helpful, wellbeing_improved, comfort_improved, would_recommend)
@@ -101,6 +109,7 @@ FACT_TABLES = (
     "outreach",
     "interactions",
     "surveys",
+    "availability_changes",
 )
 
 
@@ -115,6 +124,20 @@ def supporter_trained(e: SupporterTrained, seq: int | None, event_id: str) -> Ro
 
 def supporter_retired(e: SupporterRetired, seq: int | None, event_id: str) -> Row:
     return Row(RETIRED_SQL, (e.hospital, e.supporter_id, e.department, e.retired_on))
+
+
+def supporter_availability_changed(
+    e: SupporterAvailabilityChanged, seq: int | None, event_id: str
+) -> Row:
+    return Row(
+        AVAILABILITY_SQL,
+        (e.hospital, event_id, e.supporter_id, e.department, e.changed_on, e.available, seq),
+    )
+
+
+def matching_policy_set(e: MatchingPolicySet, seq: int | None, event_id: str) -> None:
+    """No fact: no RE-AIM figure depends on how matching chose."""
+    return None
 
 
 def referral_created(e: ReferralCreated, seq: int | None, event_id: str) -> Row:
@@ -193,6 +216,8 @@ PROJECTIONS: dict[str, Callable[[Any, int | None, str], Row | None]] = {
     **{fact.__name__: registered for fact in registry.FACT_TYPES},
     "SupporterTrained": supporter_trained,
     "SupporterRetired": supporter_retired,
+    "SupporterAvailabilityChanged": supporter_availability_changed,
+    "MatchingPolicySet": matching_policy_set,
     "ReferralCreated": referral_created,
     "SupporterAssigned": supporter_assigned,
     "NoSupporterAvailable": no_supporter_available,

@@ -194,7 +194,9 @@ def compute(
         "reach": _reach(facts, period, interactions, referrals, trained, launched, eligible),
         "effectiveness": _effectiveness(surveys, interactions),
         "adoption": _adoption(facts, launched, eligible, referrals, records, surveys),
-        "implementation": _implementation(referrals, records, eligible, len(active)),
+        "implementation": _implementation(
+            referrals, records, eligible, len(active), _available(active, facts, period)
+        ),
         "maintenance": _maintenance(
             period, interactions, trained, active, launched, open_departments, first_launch
         ),
@@ -315,11 +317,26 @@ def _adoption(
     }
 
 
+def _available(active: list[Supporter], facts: Facts, period: Period) -> int:
+    """Active supporters whose latest availability change dated before the period's end says
+    available, or who have none. Latest: by changed_on, then stream sequence (and available
+    first on a full tie, so the order of the rows never matters)."""
+    latest: dict[tuple[str, str], tuple[date, int, bool]] = {}
+    for c in facts.availability_changes:
+        if period.before_end(c.changed_on):
+            key, mark = (c.hospital, c.supporter_id), (c.changed_on, c.stream_seq or 0, c.available)
+            latest[key] = max(latest.get(key, mark), mark)
+    return sum(
+        1 for s in active if latest.get((s.hospital, s.supporter_id), (date.min, 0, True))[2]
+    )
+
+
 def _implementation(
     referrals: list[Referral],
     records: dict[tuple[str, str], list[Record]],
     eligible: int,
     active: int,
+    available: int,
 ) -> dict[str, Any]:
     delays: list[int] = []  # microseconds
     within = 0
@@ -343,6 +360,7 @@ def _implementation(
         "referrals_without_supporter": sum(
             1 for r in referrals if r.matching_outcome == NO_SUPPORTER
         ),
+        "supporters_available": available,
         "decline_reasons": dict(reasons),
     }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.matching import handlers, views
+from services.matching import handlers, timer, views
 from shared.service import Service
 
 service = Service(
@@ -15,6 +15,8 @@ service = Service(
         "CloseDepartment": handlers.close_department,
         "RegisterSupporter": handlers.register_supporter,
         "RetireSupporter": handlers.retire_supporter,
+        "SetMatchingPolicy": handlers.set_matching_policy,
+        "SetSupporterAvailability": handlers.set_supporter_availability,
     },
     event_handlers={
         "ReferralCreated": handlers.referral_created,
@@ -25,11 +27,11 @@ service = Service(
     },
     migrations=Path(__file__).parent / "migrations",
     routers=[views.router],
-    background=[handlers.overdue_timer],
+    background=[timer.overdue_timer],
     description=(
-        "Hospitals, departments and the trained supporter roster; every ReferralCreated becomes"
-        " a SupporterAssigned (due in 48 hours) or a NoSupporterAvailable; overdue assignments"
-        " are reassigned."
+        "Hospitals, departments, the trained supporter roster, their availability and the"
+        " matching policies; every ReferralCreated becomes a SupporterAssigned (due in 48 hours)"
+        " or a NoSupporterAvailable; overdue assignments are reassigned."
     ),
 )
 main = service.main

@@ -1,4 +1,5 @@
-"""Read side: departments with their supporter ratio, and the roster with its open load."""
+"""Read side: departments with their supporter ratio, and the roster with its open load and
+availability. The SQL lives in tables.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import asyncpg
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from services.matching import domain
+from services.matching import domain, tables
 from shared.contracts import HOSPITAL_PATTERN, Rank, ReasonCode, Rejected
 from shared.http import http_error, problem, service_of
 
@@ -38,12 +39,14 @@ class SupporterView(BaseModel):
     interventional: bool
     status: Literal["active", "retired"]
     open_assignments: int
+    available: bool
+    max_open_assignments: int | None
 
 
 async def _known_hospital(pool: asyncpg.Pool, hospital: str) -> None:
     if not _HOSPITAL.match(hospital):
         raise http_error(Rejected(ReasonCode.invalid_payload, "hospital: not a hospital id"))
-    if await pool.fetchval("SELECT 1 FROM hospitals WHERE hospital = $1", hospital) is None:
+    if not await tables.hospital_known(pool, hospital):
         raise http_error(Rejected(ReasonCode.unknown_hospital, "hospital is not registered"))
 
 
@@ -56,14 +59,7 @@ async def list_departments(hospital: str, request: Request) -> list[DepartmentVi
     """The hospital's departments, with active supporters and the 1:10 supporter ratio."""
     pool = service_of(request).pool
     await _known_hospital(pool, hospital)
-    rows = await pool.fetch(
-        "SELECT d.department, d.physician_count, d.launched_on, d.closed_on,"
-        " count(s.supporter_id) FILTER (WHERE s.retired_on IS NULL) AS active_supporters"
-        " FROM departments d LEFT JOIN supporters s"
-        " ON s.hospital = d.hospital AND s.department = d.department"
-        " WHERE d.hospital = $1 GROUP BY d.hospital, d.department ORDER BY d.department",
-        hospital,
-    )
+    rows = await tables.departments_with_supporters(pool, hospital)
     views = []
     for row in rows:
         # A closed department's supporters are no longer active (CONTRACT.md, RE-AIM).
@@ -90,18 +86,10 @@ async def list_departments(hospital: str, request: Request) -> list[DepartmentVi
     responses={404: _ERROR, 422: _ERROR},
 )
 async def list_supporters(hospital: str, request: Request) -> list[SupporterView]:
-    """The hospital's trained supporters, their status and open assignments."""
+    """The hospital's trained supporters, their status, availability and open assignments."""
     pool = service_of(request).pool
     await _known_hospital(pool, hospital)
-    rows = await pool.fetch(
-        "SELECT s.supporter_id, s.department, s.rank, s.interventional, s.retired_on,"
-        " count(a.referral_id) AS open_assignments"
-        " FROM supporters s LEFT JOIN assignments a ON a.hospital = s.hospital"
-        " AND a.supporter_id = s.supporter_id AND a.status = 'open'"
-        " WHERE s.hospital = $1 GROUP BY s.hospital, s.supporter_id"
-        " ORDER BY s.department, s.supporter_id",
-        hospital,
-    )
+    rows = await tables.supporters_with_load(pool, hospital)
     return [
         SupporterView(
             supporter_id=row["supporter_id"],
@@ -110,6 +98,8 @@ async def list_supporters(hospital: str, request: Request) -> list[SupporterView
             interventional=row["interventional"],
             status="active" if row["retired_on"] is None else "retired",
             open_assignments=row["open_assignments"],
+            available=row["available"],
+            max_open_assignments=row["max_open_assignments"],
         )
         for row in rows
     ]

@@ -116,6 +116,13 @@ BASE: dict[str, dict[str, Any]] = {
         "would_recommend": True,
         "satisfaction": 4,
     },
+    "SetMatchingPolicy": {"policy": "other_department", "department": DEPARTMENT},
+    "SetSupporterAvailability": {
+        "supporter_id": SUPPORTER,
+        "available": False,
+        "max_open_assignments": 3,
+        "changed_on": "2024-06-01",
+    },
 }
 # The HTTP intakes: command type -> (service, path under /hospitals/{hospital}/).
 HTTP_ROUTES = {
@@ -131,6 +138,7 @@ DATE_FIELDS = {
     "retired_on",
     "occurred_on",
     "submitted_on",
+    "changed_on",
 }
 TIME_FIELDS = {"requested_at", "at"}
 FREE_TEXT_FIELDS = {"name"}  # a hospital's name: any printable text of 1..200 characters
@@ -312,8 +320,9 @@ bad_days = st.one_of(
 @st.composite
 def bad_timestamps(draw: st.DrawFn, type_: str) -> dict[str, Any]:
     fields = sorted((DATE_FIELDS | TIME_FIELDS) & set(BASE[type_]))
-    if not fields:  # RegisterHospital has no time: a date where a count is due instead
-        return {**BASE[type_], "physician_count": draw(bad_days)}
+    if not fields:  # no time: a date where a count or a policy is due instead
+        field = "physician_count" if "physician_count" in BASE[type_] else "policy"
+        return {**BASE[type_], field: draw(bad_days)}
     field = draw(st.sampled_from(fields))
     return {**BASE[type_], field: draw(bad_times if field in TIME_FIELDS else bad_days)}
 

@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
-from postctl.cli import wait_consumed
 from postctl.simulate import run_post_2023
+from shared.client import wait_consumed
 from shared.runtime import Platform
 from tests.conftest import dedicated_platform
 
@@ -196,6 +196,7 @@ def expected_figures(answer: dict[str, Any]) -> dict[str, str]:
         "without-supporter": number(i["referrals_without_supporter"]),
         "retention": percent(m["supporter_retention_rate"]),
         "supporters-active": number(m["supporters_active"]),
+        "supporters-available": number(i["supporters_available"]),
         "departments-active": percent(m["departments_active_rate"]),
         "respondents": number(e["respondents_with_interaction"]),
         "helpful": percent(e["helpful_rate"]),

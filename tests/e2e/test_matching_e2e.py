@@ -31,6 +31,8 @@ from shared.contracts import (
     RegisterSupporter,
     RequestReferral,
     RetireSupporter,
+    SetMatchingPolicy,
+    SetSupporterAvailability,
     parse_event,
 )
 from shared.runtime import Platform
@@ -294,6 +296,12 @@ async def test_replaying_the_events_rebuilds_the_roster_and_assignments(
     referral_id = _id("r")
     await client.send(hospital, request("replay", referral_id))
     await client.wait_for(hospital, "SupporterAssigned", of_referral(referral_id))
+    policy = SetMatchingPolicy(policy="same_then_other", department="replay")
+    await expect(client, hospital, policy, "MatchingPolicySet")
+    capped = SetSupporterAvailability(
+        supporter_id="s-r", available=True, max_open_assignments=3, changed_on=TODAY
+    )
+    await expect(client, hospital, capped, "SupporterAvailabilityChanged")
 
     conn = await asyncpg.connect(stack.db_url, server_settings={"search_path": "matching"})
     try:
@@ -305,6 +313,7 @@ async def test_replaying_the_events_rebuilds_the_roster_and_assignments(
             supporters = await conn.fetch("SELECT * FROM supporters")
             assignments = await conn.fetch("SELECT * FROM assignments")
             referrals = await conn.fetch("SELECT * FROM referrals")
+            policies = await conn.fetch("SELECT * FROM policies")
     finally:
         await conn.close()
     events = [
@@ -333,10 +342,15 @@ async def test_replaying_the_events_rebuilds_the_roster_and_assignments(
             r["interventional"],
             r["trained_on"],
             r["retired_on"],
+            r["available"],
+            r["max_open_assignments"],
         )
         for r in supporters
     }
     assert (hospital, "s-r") in roster.supporters
+    assert roster.supporters[(hospital, "s-r")].max_open_assignments == 3
+    assert roster.policies == {(r["hospital"], r["department"]): r["policy"] for r in policies}
+    assert roster.policies[(hospital, "replay")] == "same_then_other"
 
     rows: dict[tuple[str, str], dict[str, str]] = {}
     for r in assignments:

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from postctl import paper
-from postctl.cli import wait_consumed
 from postctl.simulate import post_2023_scenario, run_post_2023
+from shared.client import wait_consumed
 from shared.runtime import Platform
 from shared.settings import Settings
 from tests.conftest import dedicated_platform

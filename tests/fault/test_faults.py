@@ -28,9 +28,8 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 
 from postctl import tenants
-from postctl.cli import wait_consumed
 from postctl.load import LoadConfig, LoadReport, LoadRun, check_figures
-from shared.client import PlatformClient
+from shared.client import PlatformClient, wait_consumed
 from shared.contracts import (
     STREAM_NAME,
     Command,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from services.matching import domain
 from services.matching.domain import AssignmentHistory, Candidate, ReferralToAssign
+from services.matching.domain.assignment import _why_not
 from shared.contracts import (
     AssignmentOverdue,
     CloseDepartment,
@@ -19,6 +21,8 @@ from shared.contracts import (
     Event,
     HospitalRegistered,
     LaunchDepartment,
+    MatchingPolicy,
+    MatchingPolicySet,
     NoSupporterAvailable,
     Rank,
     ReasonCode,
@@ -26,7 +30,10 @@ from shared.contracts import (
     RegisterSupporter,
     Rejected,
     RetireSupporter,
+    SetMatchingPolicy,
+    SetSupporterAvailability,
     SupporterAssigned,
+    SupporterAvailabilityChanged,
     SupporterRetired,
     SupporterTrained,
 )
@@ -549,19 +556,19 @@ def test_not_yet_due_or_nothing_open_does_nothing() -> None:
 
 def test_a_retired_supporters_referral_is_reassigned_without_overdue() -> None:
     history = domain.assignment_from([assigned("a")])
-    choice, events = domain.reassign_from_retired(
+    choice, events = domain.rematch(
         referral(),
         history,
         [cand("a", active=False), cand("b")],
-        retired_supporter="a",
+        leaving="a",
         department_open=True,
         now=NOW,
     )
     assert choice == domain.Choice("b", "reassigned")
     assert [type(e) for e in events] == [SupporterAssigned]
     # Someone else's referral is left alone.
-    assert domain.reassign_from_retired(
-        referral(), history, [cand("b")], retired_supporter="x", department_open=True, now=NOW
+    assert domain.rematch(
+        referral(), history, [cand("b")], leaving="x", department_open=True, now=NOW
     ) == (None, [])
 
 
@@ -625,7 +632,7 @@ def test_the_rules_always_hold(
             domain.ALL_ALREADY_TRIED,
         }
         # Nobody chosen means nobody was eligible.
-        assert not [c for c in cs if domain._why_not(c, r, department_open, tried) is None]
+        assert not [c for c in cs if _why_not(c, r, department_open, tried) is None]
         return
     chosen = next(c for c in cs if c.supporter_id == choice.supporter_id)
     assert chosen.supporter_id not in (r.physician_id, r.referrer_id)
@@ -638,7 +645,7 @@ def test_the_rules_always_hold(
     else:
         assert choice.reason == ("reassigned" if reassigning else "matched")
         # The best by (open, recent, id) among the eligible.
-        eligible = [c for c in cs if domain._why_not(c, r, department_open, tried) is None]
+        eligible = [c for c in cs if _why_not(c, r, department_open, tried) is None]
 
         def key(c: Candidate) -> tuple[int, int, str]:
             return (
@@ -701,3 +708,394 @@ def test_reassignment_never_returns_to_someone_who_had_the_referral(rounds: int,
         stream += events
     final = domain.assignment_from(stream)
     assert len(set(final.assigned)) == len(final.assigned) == min(rounds, k)
+
+
+# --- version 1.1: matching policies -----------------------------------------------------------
+
+
+def test_set_matching_policy_for_the_hospital_or_a_department() -> None:
+    events = domain.set_matching_policy(
+        HOSPITAL, None, H, SetMatchingPolicy(policy="other_department")
+    )
+    assert events == [MatchingPolicySet(hospital=H, policy="other_department")]
+    cmd = SetMatchingPolicy(policy="same_then_other", department="emergency")
+    assert domain.set_matching_policy(HOSPITAL, ED, H, cmd) == [
+        MatchingPolicySet(hospital=H, policy="same_then_other", department="emergency")
+    ]
+    # A closed department may still have referrals waiting: its policy can be set.
+    closed = domain.Department(H, "emergency", 40, date(2024, 1, 1), date(2024, 3, 1))
+    assert domain.set_matching_policy(HOSPITAL, closed, H, cmd)
+
+
+def test_set_matching_policy_refusals() -> None:
+    with pytest.raises(Rejected) as exc:
+        domain.set_matching_policy(None, None, H, SetMatchingPolicy(policy="other_department"))
+    assert reason_of(exc) == ReasonCode.unknown_hospital
+    cmd = SetMatchingPolicy(policy="other_department", department="never-launched")
+    with pytest.raises(Rejected) as exc:
+        domain.set_matching_policy(HOSPITAL, None, H, cmd)
+    assert reason_of(exc) == ReasonCode.unknown_department
+
+
+def test_the_policy_in_force_is_the_departments_else_the_hospitals_else_same_department() -> None:
+    assert domain.policy_in_force({}, "emergency") == "same_department"
+    hospital_wide = {domain.HOSPITAL_WIDE: "other_department"}
+    assert domain.policy_in_force(hospital_wide, "emergency") == "other_department"
+    both: dict[str, MatchingPolicy] = {**hospital_wide, "emergency": "same_then_other"}
+    assert domain.policy_in_force(both, "emergency") == "same_then_other"
+    assert domain.policy_in_force(both, "surgery") == "other_department"
+
+
+def test_other_department_looks_only_in_the_hospitals_other_open_departments() -> None:
+    cs = [
+        cand("a"),
+        cand("b", department="surgery", open_assignments=3),
+        cand("c", department="icu", department_open=False),
+    ]
+    assert choose(referral(), cs, policy="other_department") == domain.Choice("b", "matched")
+    # The referral's own department may even be closed: only the supporter's must be open.
+    choice = choose(referral(), cs, policy="other_department", department_open=False)
+    assert choice.supporter_id == "b"
+    alone = choose(referral(), [cand("a")], policy="other_department")
+    assert alone == domain.Choice(None, domain.NO_SUPPORTERS_IN_OTHER_DEPARTMENTS)
+
+
+def test_same_then_other_goes_elsewhere_only_when_nobody_in_the_department_is_eligible() -> None:
+    cs = [cand("a", open_assignments=5), cand("b", department="surgery")]
+    assert choose(referral(), cs, policy="same_then_other").supporter_id == "a"
+    full = [cand("a", open_assignments=2, max_open_assignments=2), cand("b", department="surgery")]
+    assert choose(referral(), full, policy="same_then_other").supporter_id == "b"
+    paused = [cand("a", available=False), cand("b", department="surgery")]
+    assert choose(referral(), paused, policy="same_then_other").supporter_id == "b"
+    assert choose(referral(), [], policy="same_then_other").reason == "no_supporters_in_hospital"
+
+
+def test_all_unavailable_when_everyone_passing_the_other_rules_is_paused_or_full() -> None:
+    cs = [cand("a", available=False), cand("b", open_assignments=1, max_open_assignments=1)]
+    assert choose(referral(), cs) == domain.Choice(None, domain.ALL_UNAVAILABLE)
+    # Someone failing another rule is not "unavailable": rank empties the set first.
+    assert choose(referral(rank=Rank.senior), cs).reason == domain.ALL_EXCLUDED_BY_RANK
+    # Below the cap is eligible; no cap is no cap.
+    below = [cand("a", open_assignments=1, max_open_assignments=2)]
+    assert choose(referral(), below).supporter_id == "a"
+
+
+@pytest.mark.parametrize(
+    ("z", "policy", "why"),
+    [
+        (cand("z", available=False), "same_department", "paused"),
+        (cand("z", open_assignments=3, max_open_assignments=3), "same_department", "at_cap"),
+        (cand("z"), "other_department", "in_referrals_department"),
+        (cand("z", department="surgery"), "same_then_other", "department_has_eligible_supporters"),
+        (
+            cand("z", department="icu", department_open=False),
+            "other_department",
+            "department_closed",
+        ),
+    ],
+)
+def test_assign_to_is_honoured_only_when_eligible_under_the_policy(
+    z: Candidate, policy: MatchingPolicy, why: str
+) -> None:
+    cs = [z, cand("a", open_assignments=4), cand("b", department="surgery", open_assignments=4)]
+    choice = choose(referral(assign_to="z"), cs, policy=policy)
+    assert choice.reason == "matched" and choice.manual_refused == why
+    assert choice.supporter_id != "z"
+
+
+def test_assign_to_another_department_is_honoured_when_the_policy_allows_it() -> None:
+    cs = [cand("a"), cand("z", department="surgery", open_assignments=9)]
+    choice = choose(referral(assign_to="z"), cs, policy="other_department")
+    assert choice == domain.Choice("z", "manual")
+
+
+# --- version 1.1: supporter availability ------------------------------------------------------
+
+
+def availability(**kwargs: object) -> SetSupporterAvailability:
+    values: dict[str, object] = {
+        "supporter_id": "s1",
+        "available": False,
+        "changed_on": date(2024, 5, 1),
+    }
+    values.update(kwargs)
+    return SetSupporterAvailability(**values)  # type: ignore[arg-type]
+
+
+def test_set_supporter_availability_records_the_change_with_the_department() -> None:
+    current = trained()
+    events = domain.set_supporter_availability(current, H, availability(), NOW)
+    assert events == [
+        SupporterAvailabilityChanged(
+            hospital=H,
+            supporter_id="s1",
+            available=False,
+            changed_on=date(2024, 5, 1),
+            department="emergency",
+        )
+    ]
+    after = domain.supporter_from(
+        [
+            *trained_events(),
+            *events,
+            *domain.set_supporter_availability(
+                current, H, availability(available=True, max_open_assignments=3), NOW
+            ),
+        ]
+    )
+    assert after is not None and after.available and after.max_open_assignments == 3
+    # Each change replaces the one before: no cap given is no cap.
+    last = domain.set_supporter_availability(current, H, availability(available=True), NOW)
+    again = domain.supporter_from([*trained_events(), *events, *last])
+    assert again is not None and again.max_open_assignments is None
+
+
+@pytest.mark.parametrize(
+    ("current", "cmd", "code"),
+    [
+        (None, availability(), ReasonCode.unknown_supporter),
+        ("retired", availability(), ReasonCode.invalid_transition),
+        ("active", availability(changed_on=date(2024, 1, 1)), ReasonCode.invalid_payload),
+        ("active", availability(changed_on=date(2024, 6, 5)), ReasonCode.invalid_payload),
+    ],
+)
+def test_set_supporter_availability_refusals(
+    current: str | None, cmd: SetSupporterAvailability, code: ReasonCode
+) -> None:
+    state = None if current is None else trained()
+    if current == "retired":
+        state = replace(trained(), retired_on=date(2024, 4, 1))
+    with pytest.raises(Rejected) as exc:
+        domain.set_supporter_availability(state, H, cmd, NOW)
+    assert reason_of(exc) == code
+
+
+def trained_events() -> list[Event]:
+    return [
+        SupporterTrained(
+            hospital=H,
+            supporter_id="s1",
+            department="emergency",
+            rank=Rank.senior,
+            interventional=False,
+            trained_on=date(2024, 2, 1),
+        )
+    ]
+
+
+def test_roster_from_folds_policies_and_availability() -> None:
+    events = [
+        *trained_events(),
+        SupporterAvailabilityChanged(
+            hospital=H,
+            supporter_id="s1",
+            available=False,
+            max_open_assignments=2,
+            changed_on=date(2024, 5, 1),
+            department="emergency",
+        ),
+        MatchingPolicySet(hospital=H, policy="other_department"),
+        MatchingPolicySet(hospital=H, policy="same_then_other", department="emergency"),
+        MatchingPolicySet(hospital=H, policy="same_department"),
+    ]
+    roster = domain.roster_from(events)
+    supporter = roster.supporters[(H, "s1")]
+    assert not supporter.available and supporter.max_open_assignments == 2
+    assert roster.policies == {
+        (H, domain.HOSPITAL_WIDE): "same_department",
+        (H, "emergency"): "same_then_other",
+    }
+
+
+def test_a_paused_supporters_referral_is_reassigned_without_overdue() -> None:
+    history = domain.assignment_from([assigned("a")])
+    choice, events = domain.rematch(
+        referral(),
+        history,
+        [cand("a", available=False, open_assignments=1), cand("b")],
+        leaving="a",
+        department_open=True,
+        now=NOW,
+    )
+    assert choice == domain.Choice("b", "reassigned")
+    assert [type(e) for e in events] == [SupporterAssigned]
+
+
+def test_a_waiting_referral_is_assigned_once_someone_is_eligible_and_records_nothing_before() -> (
+    None
+):
+    waiting = domain.assignment_from(
+        [NoSupporterAvailable(hospital=H, referral_id="r1", department="emergency", reason="x")]
+    )
+    still = domain.rematch(
+        referral(),
+        waiting,
+        [cand("a", available=False)],
+        leaving=None,
+        department_open=True,
+        now=NOW,
+    )
+    assert still == (None, [])
+    choice, events = domain.rematch(
+        referral(), waiting, [cand("a")], leaving=None, department_open=True, now=NOW
+    )
+    assert choice == domain.Choice("a", "matched")
+    assert [type(e) for e in events] == [SupporterAssigned]
+    # An assigned referral is not waiting: nothing to do.
+    assert domain.rematch(
+        referral(),
+        domain.assignment_from(events),
+        [cand("b")],
+        leaving=None,
+        department_open=True,
+        now=NOW,
+    ) == (None, [])
+
+
+# --- properties of the policies, availability and caps ----------------------------------------
+
+POLICIES: st.SearchStrategy[MatchingPolicy] = st.sampled_from(
+    ["same_department", "other_department", "same_then_other"]
+)
+
+
+@st.composite
+def rosters(draw: st.DrawFn) -> list[Candidate]:
+    """Supporters of three departments (one maybe closed), some paused, some capped."""
+    closed = draw(st.sampled_from([None, "surgery", "icu"]))
+    ids = draw(st.lists(IDS, unique=True, max_size=10))
+    result = []
+    for i in ids:
+        department = draw(st.sampled_from(["emergency", "surgery", "icu"]))
+        result.append(
+            Candidate(
+                supporter_id=i,
+                department=department,
+                rank=draw(RANKS),
+                interventional=draw(st.booleans()),
+                active=draw(st.booleans()),
+                open_assignments=draw(st.integers(0, 4)),
+                department_open=department != closed,
+                available=draw(st.booleans()),
+                max_open_assignments=draw(st.none() | st.integers(1, 4)),
+            )
+        )
+    return result
+
+
+def _key(c: Candidate, r: ReferralToAssign) -> tuple[int, int, str]:
+    return (c.open_assignments, domain.recent_assignments(c, r.requested_at), c.supporter_id)
+
+
+@settings(max_examples=400, deadline=None)
+@given(referrals(), rosters(), TRIED, st.booleans(), st.booleans(), POLICIES)
+def test_the_policies_availability_and_caps_always_hold(
+    r: ReferralToAssign,
+    cs: list[Candidate],
+    tried: frozenset[str],
+    reassigning: bool,
+    department_open: bool,
+    policy: MatchingPolicy,
+) -> None:
+    choice = domain.choose_supporter(
+        r, cs, department_open=department_open, tried=tried, reassigning=reassigning, policy=policy
+    )
+    pool = domain.eligible(r, cs, department_open=department_open, tried=tried, policy=policy)
+    if choice.supporter_id is None:
+        assert not pool
+        # all_unavailable exactly when someone passes every other rule and all such are
+        # paused or at their cap.
+        passing_other_rules = [
+            c
+            for c in cs
+            if _why_not(c, r, department_open, tried, policy) in (None, "paused", "at_cap")
+        ]
+        assert (choice.reason == domain.ALL_UNAVAILABLE) == bool(passing_other_rules)
+        return
+    chosen = next(c for c in cs if c.supporter_id == choice.supporter_id)
+    # A paused supporter, or one at the cap, never receives one.
+    assert chosen.available
+    assert (
+        chosen.max_open_assignments is None or chosen.open_assignments < chosen.max_open_assignments
+    )
+    assert chosen.active
+    assert department_open if chosen.department == r.department else chosen.department_open
+    if policy == "same_department":
+        assert chosen.department == r.department and department_open
+    if policy == "other_department":  # never in the referral's department
+        assert chosen.department != r.department and chosen.department_open
+    if policy == "same_then_other" and chosen.department != r.department:
+        # Elsewhere only when nobody in the referral's department was eligible.
+        assert not domain.eligible(
+            r, cs, department_open=department_open, tried=tried, policy="same_department"
+        )
+    assert chosen.supporter_id not in tried | {r.physician_id, r.referrer_id}
+    assert chosen.rank.level >= r.rank.level
+    assert chosen.interventional or r.event_nature != "interventional"
+    if choice.reason == "manual":
+        assert chosen.supporter_id == r.assign_to and not reassigning
+    else:
+        assert key_is_best(chosen, pool, r)
+
+
+def key_is_best(chosen: Candidate, pool: list[Candidate], r: ReferralToAssign) -> bool:
+    return _key(chosen, r) == min(_key(c, r) for c in pool)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 3), st.integers(0, 30), POLICIES)
+def test_nobody_ever_gets_more_than_their_cap(
+    k: int, cap: int, n: int, policy: MatchingPolicy
+) -> None:
+    # Referrals keep coming and nobody reaches out: loads grow, and never past a cap.
+    departments = ["emergency", "surgery"]
+    loads = {f"s{i}": 0 for i in range(k)}
+    for j in range(n):
+        cs = [
+            cand(s, department=departments[i % 2], open_assignments=load, max_open_assignments=cap)
+            for i, (s, load) in enumerate(loads.items())
+        ]
+        choice = domain.choose_supporter(
+            referral(referral_id=f"r{j}"), cs, department_open=True, policy=policy
+        )
+        if choice.supporter_id is None:
+            assert choice.reason in (domain.ALL_UNAVAILABLE, *FIRST_RULES)
+            continue
+        loads[choice.supporter_id] += 1
+    assert all(load <= cap for load in loads.values())
+
+
+FIRST_RULES = (
+    domain.NO_SUPPORTERS_IN_DEPARTMENT,
+    domain.NO_SUPPORTERS_IN_OTHER_DEPARTMENTS,
+    domain.NO_SUPPORTERS_IN_HOSPITAL,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(referrals(), rosters(), POLICIES, st.randoms(use_true_random=False))
+def test_policy_choices_are_deterministic_whatever_the_order(
+    r: ReferralToAssign, cs: list[Candidate], policy: MatchingPolicy, rnd: random.Random
+) -> None:
+    first = domain.choose_supporter(r, cs, department_open=True, policy=policy)
+    shuffled = list(cs)
+    rnd.shuffle(shuffled)
+    assert domain.choose_supporter(r, shuffled, department_open=True, policy=policy) == first
+
+
+@settings(max_examples=200, deadline=None)
+@given(referrals(), rosters(), POLICIES)
+def test_a_waiting_referral_never_records_a_second_no_supporter(
+    r: ReferralToAssign, cs: list[Candidate], policy: MatchingPolicy
+) -> None:
+    waiting = domain.assignment_from(
+        [NoSupporterAvailable(hospital=H, referral_id="r1", department="emergency", reason="x")]
+    )
+    choice, events = domain.rematch(
+        r, waiting, cs, leaving=None, department_open=True, now=NOW, policy=policy
+    )
+    if choice is None:
+        assert events == [] and not domain.eligible(r, cs, department_open=True, policy=policy)
+    else:
+        assert [type(e) for e in events] == [SupporterAssigned]
+        assert choice.reason in ("manual", "matched")

@@ -10,6 +10,7 @@ import pytest
 from services.analytics.domain import (
     ASSIGNED,
     NO_SUPPORTER,
+    AvailabilityChange,
     Department,
     Facts,
     Hospital,
@@ -181,6 +182,7 @@ CONTRACT_KEYS = {
         "hours_to_outreach_median",
         "physicians_per_active_supporter",
         "referrals_without_supporter",
+        "supporters_available",
         "decline_reasons",
     },
     "maintenance": {
@@ -957,3 +959,110 @@ def test_gauge_snapshot_covers_region_hospitals_and_launched_departments_without
     assert reasons[(A, "icu", "no_need")] == 1.0
     years = dict(snapshot["interactions_by_program_year"])
     assert years[("", "", "1")] == 2.0
+
+
+# --- version 1.1: supporters_available --------------------------------------------------------
+
+
+def change(
+    sid: str, on: str, available: bool, seq: int = 0, *, department: str = "em"
+) -> AvailabilityChange:
+    return AvailabilityChange(A, sid, department, d(on), available, seq)
+
+
+def _roster(*changes: AvailabilityChange) -> Facts:
+    return Facts(
+        hospitals=[Hospital(A, 100)],
+        departments=[launch("em", "2020-01-01", 40), launch("icu", "2020-01-01", 10)],
+        supporters=[
+            supporter("s1", "2020-01-10"),
+            supporter("s2", "2020-01-10"),
+            supporter("s3", "2020-01-10", department="icu"),
+            supporter("s4", "2020-01-10", retired="2020-03-01"),
+        ],
+        availability_changes=list(changes),
+    )
+
+
+def available(facts: Facts, scope: Scope = REGION, **period: str) -> int:
+    return int(figures(facts, scope, **period)["implementation"]["supporters_available"])
+
+
+def test_supporters_without_a_change_are_available_and_only_active_ones_count() -> None:
+    facts = _roster()
+    assert available(facts) == 3  # s4 retired
+    assert figures(facts)["maintenance"]["supporters_active"] == 3
+
+
+def test_the_latest_change_before_the_periods_end_decides() -> None:
+    facts = _roster(
+        change("s1", "2020-02-01", False, 1),
+        change("s1", "2020-04-01", True, 2),
+        change("s3", "2020-02-15", False, 3, department="icu"),
+    )
+    # A change (or retirement) on the end day is not before the end.
+    assert available(facts, period_to="2020-02-01") == 4
+    assert available(facts, period_to="2020-03-01") == 2  # s1 and s3 paused, s4 not yet retired
+    assert available(facts, period_to="2020-04-02") == 2  # s1 back, s4 retired
+    assert available(facts) == 2
+    # Per department: the change counts where the supporter is.
+    assert available(facts, Scope(A, "icu")) == 0
+    assert available(facts, Scope(A, "em")) == 2
+
+
+def test_latest_is_by_changed_on_then_stream_order_whatever_the_row_order() -> None:
+    later_in_stream_but_earlier_date = [
+        change("s1", "2020-03-01", False, 5),
+        change("s1", "2020-02-01", True, 9),
+    ]
+    assert available(_roster(*later_in_stream_but_earlier_date)) == 2
+    same_day = [change("s1", "2020-02-01", False, 7), change("s1", "2020-02-01", True, 6)]
+    assert available(_roster(*same_day)) == 2
+    assert available(_roster(*reversed(same_day))) == 2
+
+
+def test_a_retired_or_closed_departments_supporter_is_not_available() -> None:
+    facts = _roster(change("s4", "2020-02-01", True, 1))
+    assert available(facts) == 3
+    closed = Facts(
+        hospitals=[Hospital(A, 100)],
+        departments=[launch("em", "2020-01-01", 40, closed="2020-06-01")],
+        supporters=[supporter("s1", "2020-01-10")],
+    )
+    assert available(closed, period_to="2020-05-01") == 1
+    assert available(closed) == 0
+
+
+def test_changed_on_is_a_business_date_of_the_scope() -> None:
+    facts = _roster(change("s1", "2021-05-05", False, 1))
+    answer = figures(facts)
+    assert answer["implementation"]["supporters_available"] == 2
+    # Without `to` the period ends after the last business date: the change's day.
+    assert answer["reach"]["monthly"][-1]["month"] == "2021-05"
+
+
+def test_availability_changes_are_kept_by_event_and_a_policy_writes_nothing() -> None:
+    from services.analytics import projection
+    from shared.contracts import MatchingPolicySet, SupporterAvailabilityChanged
+
+    event = SupporterAvailabilityChanged(
+        hospital=A, supporter_id="s1", available=False, max_open_assignments=2,
+        changed_on=d("2020-02-01"), department="em",
+    )  # fmt: skip
+    row = projection.row_of(event, 7, "evt-7")
+    assert row is not None and row.sql == projection.AVAILABILITY_SQL
+    assert row.args == (A, "evt-7", "s1", "em", d("2020-02-01"), False, 7)
+    policy = MatchingPolicySet(hospital=A, policy="other_department")
+    assert projection.row_of(policy, 8, "evt-8") is None
+
+
+def test_the_gauge_of_supporters_available() -> None:
+    from services.analytics.gauges import snapshot_of
+
+    snapshot = snapshot_of(_roster(change("s3", "2020-02-01", False, 1, department="icu")))
+    assert dict(snapshot["supporters_available"]) == {
+        ("", ""): 2.0,
+        (A, ""): 2.0,
+        (A, "em"): 2.0,
+        (A, "icu"): 0.0,
+    }

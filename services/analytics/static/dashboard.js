@@ -237,13 +237,15 @@
         missing(ratio) ? "" : ratio <= RATIO_GOAL ? "good" : "warn"),
       figure("without-supporter", "Referrals with no supporter", number(im.referrals_without_supporter),
         "No trained supporter could be found for them.",
-        im.referrals_without_supporter > 0 ? "warn" : ""));
+        im.referrals_without_supporter > 0 ? "warn" : ""),
+      figure("supporters-available", "Supporters available", number(im.supporters_available),
+        "Active supporters not paused (on leave) at the end of the period."));
 
     put("maintenance-figures",
       figure("retention", "Supporters still active", percent(m.supporter_retention_rate),
         "Of everyone trained so far, the share still serving."),
       figure("supporters-active", "Active supporters", number(m.supporters_active),
-        "Supporters available at the end of the period."),
+        "Trained and not retired at the end of the period."),
       figure("departments-active", "Departments still running it", percent(m.departments_active_rate),
         "Of the departments that launched it, the share that have not stopped."));
 

@@ -1,0 +1,47 @@
+"""`postctl status`: which instance holds which partitions (and so which hospitals), and each
+service's lag (docs/decisions.md, "Scale-out")."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+import asyncpg
+import nats
+
+from shared.partitions import ownership
+from shared.runtime import SERVICES
+from shared.settings import Settings
+
+
+async def report(settings: Settings) -> dict[str, Any]:
+    nc = await nats.connect(settings.nats_servers)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return await ownership(conn, nc.jetstream(), SERVICES)
+    finally:
+        await conn.close()
+        await nc.close()
+
+
+def add_cli(subparsers: Any) -> None:
+    """Registers `postctl status`."""
+    status = subparsers.add_parser("status", help="which instance holds which hospitals; lag")
+    status.add_argument("--json", action="store_true", help="the report as JSON")
+    status.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    found = asyncio.run(report(Settings()))
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return
+    for service, state in found["services"].items():
+        print(f"{service}: {state['pending']} pending, {state['unacknowledged']} unacknowledged")
+        for partition, holder in state["holders"].items():
+            hospitals = found["hospitals"][partition]
+            more = f" (+{len(hospitals) - 5})" if len(hospitals) > 5 else ""
+            shown = ", ".join(hospitals[:5]) + more
+            print(f"  partition {partition}: {holder or 'NOBODY'}  hospitals: {shown or '-'}")

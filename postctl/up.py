@@ -1,0 +1,113 @@
+"""`postctl up`: the platform on the embedded default (nats-server, PostgreSQL, the four
+services) until Ctrl-C. `start_platform`, `banner` and `run_until_stopped` also serve `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from shared.runtime import SERVICES, Platform, port_in_use
+from shared.settings import SERVICE_PORTS, Settings
+
+
+def _platform(settings: Settings, instances: int = 1) -> Platform:
+    ports = {name: settings.http_port(name) for name in SERVICE_PORTS}
+    nats_port = int(settings.nats_url.rsplit(":", 1)[-1])
+    return Platform(
+        data_dir=settings.data_dir,
+        nats_port=nats_port,
+        nats_monitor_port=int(os.environ.get("POST_NATS_MONITOR_PORT", "8222")),
+        pg_port=int(os.environ.get("POST_PG_PORT", "5432")),
+        service_ports=ports,
+        database_url=os.environ.get("POST_DATABASE_URL"),
+        instances=instances,
+    )
+
+
+def _check_ports(platform: Platform) -> None:
+    wanted = {"NATS": platform.nats_port, "NATS monitoring": platform.nats_monitor_port}
+    if not platform.database_url:
+        wanted["PostgreSQL"] = platform.pg_port
+    wanted.update(
+        {
+            Platform.key(name, i): platform.port(name, i)
+            for name in platform.service_ports
+            for i in range(platform.instances)
+        }
+    )
+    busy = [f"{what} ({port})" for what, port in wanted.items() if port_in_use(port)]
+    if busy:
+        sys.exit(
+            "postctl: ports already in use: "
+            + ", ".join(busy)
+            + ".\nIs the platform already running? Stop it, or choose ports with POST_NATS_URL,"
+            " POST_PG_PORT, POST_NATS_MONITOR_PORT, POST_<SERVICE>_PORT."
+        )
+
+
+def banner(platform: Platform) -> str:
+    lines = ["", "POST platform is up.", f"  NATS        {platform.nats_url}"]
+    lines.append(f"  PostgreSQL  {platform.db_url}")
+    for name in SERVICES:
+        ports = ", ".join(str(platform.port(name, i)) for i in range(platform.instances))
+        lines.append(f"  {name:<11} http://127.0.0.1:{ports}  (/healthz /readyz /metrics /docs)")
+    port = platform.service_ports["analytics"]
+    lines += [
+        f"  RE-AIM      http://127.0.0.1:{port}/reaim",
+        f"  data        {platform.data_dir}",
+        "Ctrl-C stops everything; the data stays for the next `postctl up`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def start_platform(settings: Settings, instances: int = 1) -> Platform:
+    """The servers and the services (`instances` of each) started and ready, on the ports
+    `settings` name (a further instance: the service's port + 10, + 20, ...)."""
+    platform = _platform(settings, instances)
+    _check_ports(platform)
+    platform.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(platform.data_dir, 0o755)
+    print(f"starting nats-server and PostgreSQL under {platform.data_dir} ...", flush=True)
+    platform.start_servers()
+    platform.start_services()
+    platform.wait_ready()
+    return platform
+
+
+def run_until_stopped(platform: Platform) -> None:
+    """Restart any service that exits, until SIGINT or SIGTERM; then stop everything."""
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not stopping:
+            for name in platform.supervise_once():
+                print(f"service {name} exited; restarted", flush=True)
+            time.sleep(0.5)
+    finally:
+        print("stopping ...", flush=True)
+        platform.stop()
+        print("stopped.", flush=True)
+
+
+def add_cli(subparsers: Any) -> None:
+    """Registers `postctl up`."""
+    up = subparsers.add_parser("up", help="run the platform on the embedded default")
+    up.add_argument("--instances", type=int, default=1, help="instances of each service")
+    up.set_defaults(func=cmd_up)
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    platform = start_platform(Settings(), args.instances)
+    print(banner(platform), flush=True)
+    run_until_stopped(platform)
