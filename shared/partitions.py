@@ -30,7 +30,7 @@ import asyncpg
 import structlog
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig, StreamSource, SubjectTransform
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from shared.contracts import STREAM_NAME
 
@@ -122,18 +122,22 @@ async def ensure_work_stream(
         num_replicas=replicas,
         duplicate_window=120.0,
     )
-    try:
-        info = await js.stream_info(name)
-    except NotFoundError:
+    for _ in range(240):
         try:
-            await js.add_stream(config)
-            return
-        except Exception:  # another instance created it at the same moment
             info = await js.stream_info(name)
-    current = {t.src for s in info.config.sources or [] for t in s.subject_transforms or []}
-    if current != set(subjects):
-        log.info("work_stream_updated", stream=name, subjects=sorted(subjects))
-        await js.update_stream(config)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+                return
+            except BadRequestError:  # another instance is creating it (a cluster: for a while)
+                await asyncio.sleep(0.25)
+                continue
+        current = {t.src for s in info.config.sources or [] for t in s.subject_transforms or []}
+        if current != set(subjects):
+            log.info("work_stream_updated", stream=name, subjects=sorted(subjects))
+            await js.update_stream(config)
+        return
+    raise TimeoutError(f"the work stream {name} could be neither found nor created")
 
 
 def fair_share(live_instances: int, partitions: int = PARTITIONS) -> int:
