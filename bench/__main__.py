@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import e2e, publish, replay, store
+from bench import e2e, publish, replay, scaleout, store
 from bench.common import Section, embedded_platform, sample_sizes
 from shared.runtime import Platform
 
@@ -30,6 +30,7 @@ SECTIONS: dict[str, Callable[[Platform, float], Coroutine[Any, Any, Section]]] =
     "publish": publish.run,
     "e2e": e2e.run,
     "replay": replay.run,
+    "scaleout": scaleout.run,
 }
 
 

@@ -11,6 +11,7 @@ import nats
 from bench.common import Section, Timer, fmt_rate, fmt_ratio, rate, sample_event, sample_message
 from shared.eventstore import EventStore, NewEvent, create_pool, migrate
 from shared.outbox import OutboxRelay
+from shared.partitions import partition_of
 from shared.runtime import Platform
 from shared.service import ensure_stream
 
@@ -34,14 +35,16 @@ async def relay_rate(platform: Platform, events: int, tag: str) -> float:
     nc = await nats.connect(platform.nats_url)
     try:
         await migrate(pool, schema, None)
-        await _fill_outbox(pool, events, f"bench-relay-{tag}")
+        hospital = f"bench-relay-{tag}"
+        await _fill_outbox(pool, events, hospital)
         js = nc.jetstream()
         await ensure_stream(js)
-        relay = OutboxRelay(f"bench-{tag}", pool, js, batch_size=WINDOW)
+        relay = OutboxRelay(f"bench-{tag}", js, batch_size=WINDOW)
         published = 0
-        with Timer() as t:
-            while n := await relay.publish_pending():
-                published += n
+        async with pool.acquire() as conn:
+            with Timer() as t:
+                while n := await relay.publish_pending(conn, partition_of(hospital)):
+                    published += n
         assert published == events, (published, events)
         return rate(published, t.seconds)
     finally:

@@ -14,10 +14,10 @@ then acknowledges: an acknowledged message's consequences are in the stream. On 
 partition it creates the consumer anew, so what the previous holder left unacknowledged comes
 first, in order (the work stream keeps every message until it is acknowledged).
 
-Why not FastStream subscribers: a subscriber here exists only while its partition's lease is
-held, on the lease's own connection, and is recreated at every takeover; acks must follow the
-commit and the publishing of the outbox. FastStream 0.7 could host the fetch loop, but the
-lease, the transaction and the ack order would still be this module: see docs/decisions.md.
+Why not a FastStream subscriber: its ordered batch (`PullSub(batch=True)`) holds a lone message
+until the pull times out (tests/integration/test_faststream_batch.py); and a subscriber here
+lives only while its partition's lease is held, recreated at every takeover, with acks after the
+commit and the outbox publish on the lease's connection. docs/decisions.md, "FastStream".
 """
 
 from __future__ import annotations
