@@ -115,7 +115,6 @@ class ReaimCollector:
 
     def __init__(self) -> None:
         self.snapshot: Snapshot = {}
-        self.changes = 0  # events projected by this process (a counter, not exact: cheap)
         # With several analytics instances each exports the hospitals it holds (the region:
         # the holder of partition 0), so a Prometheus sum over instances counts each once.
         self.exports: Callable[[str], bool] = lambda hospital: True
@@ -182,7 +181,6 @@ def export(registry: CollectorRegistry = REGISTRY) -> None:
 def projected(event: Event) -> None:
     """Count an event the live handler has projected (the next refresh then recomputes)."""
     EVENTS_PROJECTED.labels(event.type_name).inc()
-    COLLECTOR.changes += 1
 
 
 async def refresh_gauges_once(
@@ -210,24 +208,30 @@ async def refresh_gauges_once(
     return took
 
 
+TOTAL_VERSION_SQL = "SELECT coalesce(sum(version), 0) FROM scope_versions"
+
+
 async def refresh_gauges(service: Service) -> None:
     """Background task: register the metrics (the service has started), then recompute the
-    gauges every 15 seconds when events came in."""
+    gauges every 15 seconds when a fact came in, whichever instance projected it."""
     export()
     COLLECTOR.exports = lambda hospital: (
         service.owns(hospital) if hospital else 0 in service.partitions
     )
-    seen, refreshed, trailing = -1, 0.0, False
+    seen, refreshed = -1, 0.0
     while True:
-        stale = time.monotonic() - refreshed > GAUGE_MAX_AGE_SECONDS
         took = 0.0
-        changed = COLLECTOR.changes != seen
-        if changed or trailing or stale:
-            # One more round after a change: an event counted here may commit after our read.
-            trailing, seen = changed, COLLECTOR.changes
+        try:
+            # Every fact row, whichever instance projected it, bumps its hospital's version.
+            total = int(await service.pool.fetchval(TOTAL_VERSION_SQL))
+        except Exception as exc:  # the database away for a moment: the next round asks again
+            log.warning("gauge_version_unavailable", error=repr(exc))
+            total = seen
+        stale = time.monotonic() - refreshed > GAUGE_MAX_AGE_SECONDS
+        if total != seen or stale:
             try:
                 took = await refresh_gauges_once(service.pool, answers.cache_for(service.name))
-                refreshed = time.monotonic()
+                seen, refreshed = total, time.monotonic()
             except Exception as exc:  # the next round tries again; the last snapshot stays
                 log.warning("gauge_refresh_failed", error=repr(exc))
         # A big region takes seconds to compute: never spend more than a third of the time on it.

@@ -17,10 +17,20 @@ import asyncio
 import json
 import signal
 import urllib.request
+from datetime import UTC, date, datetime
 
 import pytest
 
 from postctl.load import LoadRun
+from shared.client import PlatformClient
+from shared.contracts import (
+    Command,
+    LaunchDepartment,
+    Rank,
+    RegisterHospital,
+    RegisterSupporter,
+    RequestReferral,
+)
 from shared.partitions import PARTITIONS
 from shared.runtime import SERVICES, Platform
 from tests.fault.conftest import MakePlatform
@@ -131,3 +141,59 @@ def _held_except(platform: Platform, service: str) -> dict[str, list[int]]:
         for key, p in platform.processes.items()
         if p.name == service and p.index != 1
     }
+
+
+async def test_a_burst_onboarding_goes_through_and_a_never_launched_department_is_refused_soon(
+    fault_platform: Platform,
+) -> None:
+    """CONTRACT 1.1, "Order": the onboarding burst of a stock client (sent without waiting) is
+    answered as if each command had waited; a referral for a department never launched is
+    refused `unknown_department` once nothing is pending, long before the 10-minute bound
+    (this platform keeps the default POST_NOT_YET_KNOWN_SECONDS of 600)."""
+    hospital = "burst-onboarding"
+    launched = date(2024, 1, 1)
+    requested = datetime(2024, 3, 1, 9, tzinfo=UTC)
+    burst: list[Command] = [
+        RegisterHospital(name="Burst", physician_count=80),
+        LaunchDepartment(department="em", physician_count=40, launched_on=launched),
+        RegisterSupporter(
+            supporter_id="s1",
+            department="em",
+            rank=Rank.senior,
+            interventional=True,
+            trained_on=launched,
+        ),
+        RequestReferral(
+            referral_id="r1",
+            physician_id="p1",
+            department="em",
+            rank=Rank.resident,
+            source="self",
+            event_nature="other",
+            requested_at=requested,
+        ),
+        RequestReferral(
+            referral_id="r2",
+            physician_id="p2",
+            department="never-launched",
+            rank=Rank.resident,
+            source="self",
+            event_nature="other",
+            requested_at=requested,
+        ),
+    ]
+    client = await PlatformClient.connect(fault_platform.nats_url)
+    try:
+        ids = [await client.send(hospital, command) for command in burst]
+        answers = [await client.outcome(i, timeout=120) for i in ids]
+        assert [a["type"] for a in answers] == [
+            "HospitalRegistered",
+            "DepartmentLaunched",
+            "SupporterTrained",
+            "ReferralCreated",
+            "CommandRejected",
+        ]
+        assert answers[-1]["data"]["reason_code"] == "unknown_department"
+        await client.wait_for(hospital, "SupporterAssigned", timeout=60)
+    finally:
+        await client.close()
