@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from postctl import paper
+from postctl import paper, showcase
 from postctl.simulate import run_post_2023
 from postctl.up import banner, run_until_stopped, start_platform
 from shared.client import wait_consumed
@@ -53,6 +53,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print(paper.format_table(rows))
         ok = all(r.match for r in rows)
         print("every figure the paper states matches." if ok else "SOME FIGURES DIFFER.")
+        showcase.show(platform.nats_url)
     except BaseException:
         platform.stop()
         raise

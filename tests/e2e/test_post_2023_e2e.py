@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from postctl import paper
+from postctl import paper, showcase
 from postctl.simulate import post_2023_scenario, run_post_2023
 from shared.client import wait_consumed
 from shared.runtime import Platform
@@ -140,3 +140,21 @@ async def _replay_quickly(nats_url: str) -> dict[str, Any]:
         return await Driver(client, post_2023_scenario(), timeout=3.0).drive()
     finally:
         await client.close()
+
+
+async def test_the_demos_showcase_of_contract_1_1_leaves_the_papers_figures(
+    replayed: dict[str, Any], post_platform: Platform, analytics: httpx.AsyncClient
+) -> None:
+    """`make demo` shows a policy, an availability and a FHIR report after the figures; the
+    next `make demo` on the same data must still match the paper."""
+    lines = await showcase.run(post_platform.nats_url)
+    assert "SetMatchingPolicy same_department -> MatchingPolicySet" in "\n".join(lines)
+    assert any("-> SupporterAvailabilityChanged" in line for line in lines)
+    assert sum("RequestReferral ae-" in line for line in lines) == 2
+    await wait_consumed(post_platform.nats_url, "analytics")
+    answer = await reaim_when_caught_up(analytics)
+    assert mismatches(answer) == [], paper.format_table(paper.compare(answer))
+    assert (
+        answer["implementation"]["supporters_available"]
+        == (answer["maintenance"]["supporters_active"])
+    )
