@@ -4,8 +4,9 @@ Generation is split from driving. A pure, seeded generator produces a `Scenario`
 (`scenario`: the hospitals, departments, supporters with their training and retirement dates,
 referrals with their planned fate, surveys); the driver (`driver`) sends it with
 `shared.client.PlatformClient`: the roster first, then each referral (waiting for matching to
-pick its supporter, whose id the records commands must carry), then retirements, closings and
-surveys. Business times come from the scenario, never from the wall clock, and every command's
+pick its supporter, whose id the records commands must carry), then pauses and caps,
+retirements, closings and surveys. A region's programs also set matching policies (CONTRACT
+1.1). Business times come from the scenario, never from the wall clock, and every command's
 outcome is checked.
 
 - `post_2023_scenario()` (`post_2023`) replays the POST study (Tolins et al., PLoS ONE 2023) so
@@ -29,6 +30,8 @@ from postctl.simulate.scenario import (
     register_supporter,
     request_referral,
     retire_supporter,
+    set_matching_policy,
+    set_supporter_availability,
     submit_survey_response,
 )
 
@@ -52,5 +55,7 @@ __all__ = [
     "request_referral",
     "retire_supporter",
     "run_post_2023",
+    "set_matching_policy",
+    "set_supporter_availability",
     "submit_survey_response",
 ]

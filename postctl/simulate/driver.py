@@ -31,6 +31,8 @@ from postctl.simulate.scenario import (
     register_supporter,
     request_referral,
     retire_supporter,
+    set_matching_policy,
+    set_supporter_availability,
     submit_survey_response,
 )
 from shared.client import PlatformClient
@@ -130,8 +132,13 @@ class Driver:
         await self.send_all(
             (p.hospital, register_supporter(p), p.supporter_id) for p in s.supporters
         )
+        await self.send_all((p.hospital, set_matching_policy(p), p.hospital) for p in s.policies)
         await _gather_bounded([partial(self.referral, r) for r in s.referrals], self.concurrency)
-        # Retirements and closings come after the referrals they would otherwise turn away.
+        # Pauses, caps, retirements and closings come after the referrals they would otherwise
+        # turn away (their business dates still count for RE-AIM); a pause before a retirement.
+        await self.send_all(
+            (a.hospital, set_supporter_availability(a), a.supporter_id) for a in s.availability
+        )
         await self.send_all(
             (p.hospital, retire_supporter(p), p.supporter_id)
             for p in sorted(s.supporters, key=lambda p: p.retired_on or date.max)

@@ -12,10 +12,12 @@ from typing import Any
 
 from postctl.simulate.post_2023 import POST_MINUTES
 from postctl.simulate.scenario import (
+    AvailabilityPlan,
     DepartmentPlan,
     HospitalPlan,
     InteractionPlan,
     OutreachPlan,
+    PolicyPlan,
     ReferralPlan,
     Scenario,
     SupporterPlan,
@@ -76,6 +78,7 @@ DECLINE_WEIGHTS: dict[DeclineReason, int] = {
 }
 RETIREMENT_PER_YEAR = 0.06
 CLOSURE_CHANCE = 0.04
+PAUSE_CHANCE = 0.08
 SURVEY_RESPONSE = 0.294
 SURVEY_AFTER_MONTHS = 18
 RANK_WEIGHTS: dict[Rank, int] = {
@@ -105,6 +108,10 @@ def region_scenario(hospitals: int, years: int, seed: int, start: date = REGION_
         hospital = region_hospital_id(seed, index)
         physicians = rng.randint(300, 1500)
         plans.hospitals.append(HospitalPlan(hospital, f"Region hospital {index + 1}", physicians))
+        if index % 3 == 1:
+            # Some programs also take a peer from another department when nobody in the
+            # referral's own is eligible (CONTRACT 1.1).
+            plans.policies.append(PolicyPlan(hospital, "same_then_other"))
         # The first hospital starts the program; the others join over the first half.
         joined = start + timedelta(days=0 if index == 0 else rng.randint(0, 365 * years // 2))
         chosen = [
@@ -124,6 +131,8 @@ def region_scenario(hospitals: int, years: int, seed: int, start: date = REGION_
         supporters=tuple(plans.supporters),
         referrals=tuple(sorted(plans.referrals, key=lambda r: r.requested_at)),
         surveys=tuple(plans.surveys),
+        policies=tuple(plans.policies),
+        availability=tuple(plans.availability),
     )
 
 
@@ -134,6 +143,8 @@ class _RegionPlans:
     supporters: list[SupporterPlan] = field(default_factory=list)
     referrals: list[ReferralPlan] = field(default_factory=list)
     surveys: list[SurveyPlan] = field(default_factory=list)
+    policies: list[PolicyPlan] = field(default_factory=list)
+    availability: list[AvailabilityPlan] = field(default_factory=list)
     numbers: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def next_id(self, hospital: str, prefix: str) -> str:
@@ -175,10 +186,25 @@ def _region_department(
             years_served = rng.expovariate(RETIREMENT_PER_YEAR)
             candidate = trained_on + timedelta(days=int(years_served * 365))
             retired_on = candidate if candidate < active_until else None
+        supporter_id = plans.next_id(hospital, "sup")
+        # The survey's main barrier is time (54.5%): some supporters pause, a few take at most
+        # a handful of referrals at once. Never the first, who keeps every referral matchable.
+        paused_from = retired_on or active_until
+        if k > 0 and (paused_from - trained_on).days > 30 and rng.random() < PAUSE_CHANCE:
+            paused = rng.random() < 0.5  # else capped, still available
+            plans.availability.append(
+                AvailabilityPlan(
+                    hospital,
+                    supporter_id,
+                    available=not paused,
+                    changed_on=random_day(rng, trained_on, paused_from - timedelta(days=1)),
+                    max_open_assignments=None if paused else rng.randint(1, 5),
+                )
+            )
         plans.supporters.append(
             SupporterPlan(
                 hospital=hospital,
-                supporter_id=plans.next_id(hospital, "sup"),
+                supporter_id=supporter_id,
                 department=profile.department,
                 rank=Rank.senior if k == 0 else rng.choice((Rank.attending, Rank.senior)),
                 interventional=k == 0 or profile.interventional or rng.random() < 0.3,

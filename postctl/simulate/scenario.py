@@ -13,6 +13,7 @@ from shared.contracts import (
     DeclineReason,
     EventNature,
     LaunchDepartment,
+    MatchingPolicy,
     Outcome,
     Rank,
     RecordInteraction,
@@ -21,6 +22,8 @@ from shared.contracts import (
     RegisterSupporter,
     RequestReferral,
     RetireSupporter,
+    SetMatchingPolicy,
+    SetSupporterAvailability,
     Source,
     SubmitSurveyResponse,
 )
@@ -102,6 +105,26 @@ class SurveyPlan:
 
 
 @dataclass(frozen=True)
+class PolicyPlan:
+    """A program's choice of whom to match (CONTRACT 1.1): the hospital's, or a department's."""
+
+    hospital: str
+    policy: MatchingPolicy
+    department: str | None = None
+
+
+@dataclass(frozen=True)
+class AvailabilityPlan:
+    """A supporter paused (leave, a hard month) or capped, from `changed_on` (CONTRACT 1.1)."""
+
+    hospital: str
+    supporter_id: str
+    available: bool
+    changed_on: date
+    max_open_assignments: int | None = None
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     hospitals: tuple[HospitalPlan, ...]
@@ -109,6 +132,8 @@ class Scenario:
     supporters: tuple[SupporterPlan, ...]
     referrals: tuple[ReferralPlan, ...]
     surveys: tuple[SurveyPlan, ...]
+    policies: tuple[PolicyPlan, ...] = ()
+    availability: tuple[AvailabilityPlan, ...] = ()
 
     def business_dates(self) -> list[date]:
         """Every business date the scenario's commands carry (for the RE-AIM period's end)."""
@@ -126,6 +151,7 @@ class Scenario:
             dates.extend(o.at.date() for o in r.outreach)
             dates.extend(i.occurred_on for i in r.interactions)
         dates.extend(s.submitted_on for s in self.surveys)
+        dates.extend(a.changed_on for a in self.availability)
         return dates
 
     def command_count(self) -> int:
@@ -137,6 +163,8 @@ class Scenario:
             + sum(1 for s in self.supporters if s.retired_on is not None)
             + sum(1 + len(r.outreach) + len(r.interactions) for r in self.referrals)
             + len(self.surveys)
+            + len(self.policies)
+            + len(self.availability)
         )
 
 
@@ -173,6 +201,19 @@ def register_supporter(plan: SupporterPlan) -> RegisterSupporter:
 def retire_supporter(plan: SupporterPlan) -> RetireSupporter:
     assert plan.retired_on is not None
     return RetireSupporter(supporter_id=plan.supporter_id, retired_on=plan.retired_on)
+
+
+def set_matching_policy(plan: PolicyPlan) -> SetMatchingPolicy:
+    return SetMatchingPolicy(policy=plan.policy, department=plan.department)
+
+
+def set_supporter_availability(plan: AvailabilityPlan) -> SetSupporterAvailability:
+    return SetSupporterAvailability(
+        supporter_id=plan.supporter_id,
+        available=plan.available,
+        max_open_assignments=plan.max_open_assignments,
+        changed_on=plan.changed_on,
+    )
 
 
 def request_referral(plan: ReferralPlan) -> RequestReferral:

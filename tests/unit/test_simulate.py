@@ -31,6 +31,8 @@ from postctl.simulate import (
     register_supporter,
     request_referral,
     retire_supporter,
+    set_matching_policy,
+    set_supporter_availability,
     submit_survey_response,
 )
 from shared.contracts import ID_PATTERN, Command, parse_payload
@@ -150,6 +152,8 @@ def commands(scenario: Scenario) -> list[Command]:
         out += [record_outreach(r, o, "sup-x") for o in r.outreach]
         out += [record_interaction(r, i, "sup-x") for i in r.interactions]
     out += [submit_survey_response(s) for s in scenario.surveys]
+    out += [set_matching_policy(p) for p in scenario.policies]
+    out += [set_supporter_availability(a) for a in scenario.availability]
     return out
 
 
@@ -374,6 +378,20 @@ def test_region_has_the_situations_a_demo_shows() -> None:
     assert region.surveys
     rates = reaim(region)["adoption"]["outreach_acceptance_rate"]
     assert 0.7 < rates < 0.95
+
+
+def test_region_programs_set_policies_and_supporters_pause_or_cap() -> None:
+    region = region_scenario(12, 4, seed=5)
+    assert region.policies and {p.policy for p in region.policies} == {"same_then_other"}
+    assert {a.available for a in region.availability} == {True, False}  # paused and capped
+    supporters = {(s.hospital, s.supporter_id): s for s in region.supporters}
+    for a in region.availability:
+        s = supporters[(a.hospital, a.supporter_id)]
+        assert s.trained_on <= a.changed_on < (s.retired_on or date.max)
+        assert (a.max_open_assignments is None) == (not a.available)
+    # The first supporter of a department, senior and interventional, never pauses.
+    assert post_2023_scenario().availability == () == post_2023_scenario().policies
+    assert region.command_count() == len(commands(region))
 
 
 def test_region_commands_are_valid_contract_payloads() -> None:
