@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import urllib.error
 import urllib.request
@@ -58,7 +57,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         platform.stop()
         raise
     print(banner(platform), flush=True)
-    if os.environ.get("POST_DEMO_EXIT") == "1":  # for scripted checks of `make demo`
+    if settings.demo_exit:  # for scripted checks of `make demo`
         platform.stop()
         sys.exit(0 if ok else 1)
     run_until_stopped(platform)

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shared.contracts import HOSPITAL_PATTERN
+from shared.contracts import is_hospital_id
 
 ACCOUNT = "POST"
 # Not a valid hospital id (underscore), so no hospital can ever take this user name.
@@ -44,7 +44,6 @@ HEADER = """\
 # Once it holds hospitals it holds their passwords: keep it out of version control,
 # readable by the operators only, and reload the servers after a change.
 """
-_HOSPITAL_RE = re.compile(HOSPITAL_PATTERN)
 # A generated password (URL-safe) or a bcrypt hash: nothing that needs escaping.
 _PASSWORD_RE = re.compile(r"^(?:[A-Za-z0-9_-]{16,}|\$2[aby]?\$\d\d\$[./A-Za-z0-9]{53})$")
 _USER_LINE = re.compile(r'^\s*\{"user": "(?P<user>[^"]+)", "password": "(?P<password>[^"]+)"')
@@ -131,7 +130,7 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def _check_hospital(hospital: str) -> None:
-    if not _HOSPITAL_RE.match(hospital):
+    if not is_hospital_id(hospital):
         raise ValueError("a hospital id is a slug: [a-z0-9][a-z0-9-]{0,62}")
 
 

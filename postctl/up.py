@@ -20,10 +20,10 @@ def _platform(settings: Settings, instances: int = 1) -> Platform:
     return Platform(
         data_dir=settings.data_dir,
         nats_port=nats_port,
-        nats_monitor_port=int(os.environ.get("POST_NATS_MONITOR_PORT", "8222")),
-        pg_port=int(os.environ.get("POST_PG_PORT", "5432")),
+        nats_monitor_port=settings.nats_monitor_port,
+        pg_port=settings.pg_port,
         service_ports=ports,
-        database_url=os.environ.get("POST_DATABASE_URL"),
+        database_url=settings.database_url if settings.database_given else None,
         instances=instances,
     )
 

@@ -395,9 +395,12 @@ EVENTS: dict[str, type[Event]] = {
 }
 
 
-def is_hospital_id(value: str) -> bool:
-    """A hospital (tenant) id: a slug, CONTRACT.md's `[a-z0-9][a-z0-9-]{0,62}`."""
+def is_slug(value: str) -> bool:
+    """A hospital (tenant) or department id: CONTRACT.md's slug `[a-z0-9][a-z0-9-]{0,62}`."""
     return _HOSPITAL_RE.match(value) is not None
+
+
+is_hospital_id = is_slug
 
 
 # --- subjects -------------------------------------------------------------------------------

@@ -40,6 +40,14 @@ class Settings:
     # Scale-out (shared/partitions.py): a partition's holder whose session is idle this long
     # (a frozen process) loses it; instances look at the partitions this often.
     lease_seconds: float = field(default_factory=lambda: float(_env("POST_LEASE_SECONDS", "5")))
+    # The embedded runtime (postctl up): its ports, and whether a PostgreSQL was given instead.
+    nats_monitor_port: int = field(
+        default_factory=lambda: int(_env("POST_NATS_MONITOR_PORT", "8222"))
+    )
+    pg_port: int = field(default_factory=lambda: int(_env("POST_PG_PORT", "5432")))
+    database_given: bool = field(default_factory=lambda: "POST_DATABASE_URL" in os.environ)
+    # `make demo` exits after its report instead of running on (scripted checks).
+    demo_exit: bool = field(default_factory=lambda: _env("POST_DEMO_EXIT", "0") == "1")
     rebalance_seconds: float = field(
         default_factory=lambda: float(_env("POST_REBALANCE_SECONDS", "1"))
     )

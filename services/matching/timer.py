@@ -114,7 +114,7 @@ async def refresh_open_gauge(service: Service) -> None:
 
 async def overdue_timer(service: Service) -> None:
     """Every `timer_interval` seconds: expire due assignments (from the table: restart-safe)."""
-    interval = float(getattr(service.settings, "timer_interval", 1.0))
+    interval = service.settings.timer_interval
     while True:
         try:
             await sweep_overdue(service)

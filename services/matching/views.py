@@ -3,7 +3,6 @@ availability. The SQL lives in tables.py."""
 
 from __future__ import annotations
 
-import re
 from datetime import date
 from typing import Literal
 
@@ -12,12 +11,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from services.matching import domain, tables
-from shared.contracts import HOSPITAL_PATTERN, Rank, ReasonCode, Rejected
+from shared.contracts import Rank, ReasonCode, Rejected, is_hospital_id
 from shared.http import http_error, problem, service_of
 
 router = APIRouter(tags=["matching"])
 
-_HOSPITAL = re.compile(HOSPITAL_PATTERN)
 _ERROR = problem()
 
 
@@ -44,7 +42,7 @@ class SupporterView(BaseModel):
 
 
 async def _known_hospital(pool: asyncpg.Pool, hospital: str) -> None:
-    if not _HOSPITAL.match(hospital):
+    if not is_hospital_id(hospital):
         raise http_error(Rejected(ReasonCode.invalid_payload, "hospital: not a hospital id"))
     if not await tables.hospital_known(pool, hospital):
         raise http_error(Rejected(ReasonCode.unknown_hospital, "hospital is not registered"))

@@ -9,19 +9,18 @@ from fastapi import APIRouter, Depends, Request
 
 from shared.auth import AUTH_RESPONSES, require_hospital_token
 from shared.contracts import (
-    HOSPITAL_PATTERN,
     Command,
     ReasonCode,
     RecordInteraction,
     RecordOutreach,
     Rejected,
     SubmitSurveyResponse,
+    is_hospital_id,
 )
 from shared.http import command_body, http_error, problem, read_command, service_of
 
 router = APIRouter(tags=["records"])
 
-_HOSPITAL = re.compile(HOSPITAL_PATTERN)
 # A client's retry of the same request carries the same key and is recorded once.
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,256}$")
 _ERROR = problem()
@@ -59,7 +58,7 @@ def _openapi(model: type[Command]) -> dict[str, Any]:
 
 
 async def _intake(hospital: str, model: type[Command], request: Request) -> dict[str, Any]:
-    if not _HOSPITAL.match(hospital):
+    if not is_hospital_id(hospital):
         raise http_error(Rejected(ReasonCode.invalid_payload, "hospital: not a hospital id"))
     command = await read_command(request, model)
     key = request.headers.get("Idempotency-Key")

@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.contracts import HOSPITAL_PATTERN, ID_PATTERN, Rank, Rejected, RequestReferral
+from shared.contracts import ID_PATTERN, Rank, Rejected, RequestReferral, is_slug
 from shared.contracts import parse_payload as parse_command
 
 # A report names a handful of clinicians; a whole theatre team is a few dozen. Beyond this
@@ -40,7 +40,6 @@ SkipReason = Literal[
 ]
 
 _ID_RE = re.compile(ID_PATTERN)
-_SLUG_RE = re.compile(HOSPITAL_PATTERN)
 # FHIR dateTime with a time, which then needs a zone (a date alone or a time without a zone
 # is not a point in time).
 _DATETIME_RE = re.compile(
@@ -362,7 +361,7 @@ def _involved(
     if rank not in _RANKS:
         # A code of the rank system that is not one of the four ranks is no rank either.
         return "no_rank"
-    if not _ID_RE.match(physician_id) or not _SLUG_RE.match(department):
+    if not _ID_RE.match(physician_id) or not is_slug(department):
         return "invalid_id"
     return physician_id, department, rank
 
