@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -23,8 +24,22 @@ import asyncpg
 SERVICES = ("referral", "matching", "records", "analytics")
 
 
+# Below Linux's ephemeral range (32768-60999): a port handed out here cannot be taken, between
+# the choice and the bind, by one of the many outgoing connections a platform opens.
+_PORTS = (20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nothing listens on, outside the ephemeral range."""
+    for _ in range(200):
+        port = random.randrange(*_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: any port the kernel gives
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
