@@ -29,7 +29,7 @@ from bench.e2e import Watcher, _bounded, _referral, lifecycle, setup_hospitals
 from shared.partitions import partition_of
 from shared.runtime import NatsServer, Platform, free_port
 
-ROUNDS = 2  # of each configuration, alternating
+ROUNDS = 3  # of each configuration, alternating (the median of three)
 
 
 def _stop_services(platform: Platform) -> None:
