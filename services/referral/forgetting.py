@@ -311,7 +311,7 @@ async def _messages(
     )
     try:
         # What is there now, asked for exactly: a fetch of more waits out its whole timeout.
-        remaining = (await sub.consumer_info()).num_pending
+        remaining = (await sub.consumer_info()).num_pending or 0
         while remaining > 0:
             try:
                 msgs = await sub.fetch(min(500, remaining), timeout=5)

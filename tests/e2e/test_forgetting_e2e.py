@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -100,14 +103,16 @@ async def supported(
         await expect(client, hospital, interaction, "InteractionCompleted")
 
 
-async def answers(stack: Platform, hospital: str) -> list[Any]:
+async def answers(
+    stack: Platform, hospital: str, departments: tuple[str, ...] = (DEPARTMENT, OTHER)
+) -> list[Any]:
     """Every RE-AIM answer of the hospital: its own and each department's, for each period."""
     url = f"http://127.0.0.1:{stack.service_ports['analytics']}"
     found = []
     async with httpx.AsyncClient(base_url=url, timeout=30) as web:
         for path in (
             f"/reaim/{hospital}",
-            *(f"/reaim/{hospital}/{d}" for d in (DEPARTMENT, OTHER)),
+            *(f"/reaim/{hospital}/{d}" for d in departments),
         ):
             for period in PERIODS:
                 resp = await web.get(path, params=period)
@@ -285,3 +290,112 @@ async def test_forgetting_an_id_never_sent_is_answered_the_same_way(
     ]
     assert leaks == []
     assert json.dumps(answer).find(never) == -1
+
+
+async def test_a_forget_sent_right_after_a_waiting_referral_forgets_it_too(
+    client: PlatformClient, stack: Platform, hospital: str
+) -> None:
+    """Stream order: a referral waiting for its department's launch is sent before the forget,
+    so it is among what is forgotten (the forget waits for it) whatever comes in between."""
+    h = hospital
+    tag = uuid.uuid4().hex[:10]
+    physician = f"waiting-doc-{tag}"
+    await expect(client, h, RegisterHospital(name="Order", physician_count=9), "HospitalRegistered")
+    train = RegisterSupporter(
+        supporter_id=f"s-{tag}",
+        department=DEPARTMENT,
+        rank=Rank.senior,
+        interventional=True,
+        trained_on=date(2024, 7, 1),
+    )
+    request = RequestReferral(
+        referral_id=f"r-{tag}",
+        physician_id=physician,
+        department=DEPARTMENT,
+        rank=Rank.resident,
+        source="self",
+        event_nature="other",
+        requested_at=at(date(2025, 2, 1)),
+    )
+    forget = ForgetPhysician(physician_id=physician, requested_on=date(2025, 2, 2))
+    launch = LaunchDepartment(
+        department=DEPARTMENT, physician_count=9, launched_on=date(2024, 6, 1)
+    )
+    ids = [await client.send(h, c) for c in (request, forget, launch, train)]
+    created, forgotten = [await client.outcome(i, timeout=30) for i in ids[:2]]
+    assert created["type"] == "ReferralCreated", created["data"]
+    assert forgotten["type"] == "PhysicianForgotten", forgotten["data"]
+    assert forgotten["data"]["referral_ids"] == [f"r-{tag}"]
+    await forget_jobs_done(stack, h)
+    await settled(client, stack, [h])
+    assert await leaks_of(client, stack, physician) == []
+
+
+async def test_retention_forgets_who_closed_long_ago_and_keeps_the_rest(
+    client: PlatformClient, stack: Platform, hospital: str
+) -> None:
+    """`postctl hospital retention <h> --days N`: physicians (and referrers) whose referrals
+    all closed (last outreach or interaction, business date) more than N days ago are
+    forgotten; an open referral or a recent one keeps its physician. Imported history works
+    by business dates: everything here was handled just now."""
+    h = hospital
+    tag = uuid.uuid4().hex[:10]
+    old, still_open, recent, lead = (f"{n}-{tag}" for n in ("old", "open", "recent", "lead"))
+    await expect(
+        client, h, RegisterHospital(name="Retention", physician_count=50), "HospitalRegistered"
+    )
+    launch = LaunchDepartment(
+        department=DEPARTMENT, physician_count=50, launched_on=date(2023, 1, 1)
+    )
+    await expect(client, h, launch, "DepartmentLaunched")
+    for n in range(2):
+        train = RegisterSupporter(
+            supporter_id=f"s{n}-{tag}",
+            department=DEPARTMENT,
+            rank=Rank.senior,
+            interventional=True,
+            trained_on=date(2023, 2, 1),
+        )
+        await expect(client, h, train, "SupporterTrained")
+    today = datetime.now(UTC).date()
+    long_ago = date(2024, 1, 10)
+    supporter = await refer(
+        client, h, f"r1-{tag}", old, long_ago, source="third_party", referrer_id=lead
+    )
+    await supported(client, h, f"r1-{tag}", supporter, long_ago + timedelta(days=1))
+    await refer(client, h, f"r2-{tag}", still_open, long_ago)  # never reached: open
+    supporter = await refer(client, h, f"r3-{tag}", recent, today - timedelta(days=12))
+    await supported(client, h, f"r3-{tag}", supporter, today - timedelta(days=11))
+    await settled(client, stack, [h])
+    before = await answers(stack, h, (DEPARTMENT,))
+
+    env = {**os.environ, "POST_DATABASE_URL": stack.db_url, "POST_RETENTION_INTERVAL": "1"}
+    ran = subprocess.run(
+        [sys.executable, "-m", "postctl", "hospital", "retention", h, "--days", "30"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    told = json.loads(ran.stdout)
+    assert told["retention_days"] == 30 and told["physicians_due_now"] == 2  # old and lead
+
+    forgotten: list[Any] = []
+    for _ in range(300):  # the sweep looks every second
+        forgotten = client.of_type(h, "PhysicianForgotten")
+        if len(forgotten) >= 2:
+            break
+        await asyncio.sleep(0.2)
+    assert sorted(f["data"]["referral_ids"] for f in forgotten) == [[], [f"r1-{tag}"]]
+    assert sorted(f["data"]["referred_ids"] for f in forgotten) == [[], [f"r1-{tag}"]]
+    await forget_jobs_done(stack, h)
+    await settled(client, stack, [h])
+    assert await leaks_of(client, stack, old) == []
+    assert await leaks_of(client, stack, lead) == []
+    assert await leaks_of(client, stack, still_open) != []
+    assert await leaks_of(client, stack, recent) != []
+    assert await answers(stack, h, (DEPARTMENT,)) == before
+    # The sweep goes on: nothing more is forgotten, and no forget's own id is forgotten again.
+    await asyncio.sleep(3)
+    assert len(client.of_type(h, "PhysicianForgotten")) == 2
