@@ -37,6 +37,11 @@ class Settings:
     retention_interval: float = field(
         default_factory=lambda: float(_env("POST_RETENTION_INTERVAL", "300"))
     )
+    # The fault suite's knob: a forget job waits this long after each erasure, so that a kill
+    # lands in the middle of it. 0 (no wait) everywhere else.
+    forget_erase_delay: float = field(
+        default_factory=lambda: float(_env("POST_FORGET_ERASE_DELAY", "0"))
+    )
     max_deliver: int = field(default_factory=lambda: int(_env("POST_MAX_DELIVER", "20")))
     fetch_batch: int = field(default_factory=lambda: int(_env("POST_FETCH_BATCH", "100")))
     # Tests and demos may move a service's clock through POST /admin/clock.

@@ -330,7 +330,9 @@ async def _messages(
             log.debug("scan_consumer_left", error=repr(exc)[:200])
 
 
-async def scrub(js: JetStreamContext, job: Job, keepalive: asyncpg.Connection) -> dict[str, int]:
+async def scrub(
+    js: JetStreamContext, job: Job, keepalive: asyncpg.Connection, delay: float = 0.0
+) -> dict[str, int]:
     """Erase what the stream holds of the forgotten physician; safe to run again."""
     last_seq = (await js.stream_info(STREAM_NAME)).state.last_seq
     counts = {"erased": 0, "republished": 0, "scanned": 0}
@@ -360,6 +362,8 @@ async def scrub(js: JetStreamContext, job: Job, keepalive: asyncpg.Connection) -
             kind, type_ = found.split(".")[2:4]
             ERASED.labels(kind, type_ if kind != "dlq" else "dead_letter").inc()
             counts["erased"] += 1
+            if delay:
+                await asyncio.sleep(delay)
     return counts
 
 
@@ -381,7 +385,7 @@ async def scrub_next(service: Service) -> bool:
             return False
         job = Job.of(row)
         started = time.perf_counter()
-        counts = await scrub(service.js, job, conn)
+        counts = await scrub(service.js, job, conn, service.settings.forget_erase_delay)
         await conn.execute("DELETE FROM forget_jobs WHERE forget_id = $1", job.forget_id)
     JOB_SECONDS.observe(float(row["age"]) + time.perf_counter() - started)
     log.info("forget_stream_erased", forget_id=job.forget_id, **counts)
