@@ -25,7 +25,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from enum import Enum
@@ -331,30 +331,40 @@ async def _messages(
 
 
 async def scrub(
-    js: JetStreamContext, job: Job, keepalive: asyncpg.Connection, delay: float = 0.0
+    js: JetStreamContext,
+    jobs: Sequence[Job],
+    keepalive: asyncpg.Connection,
+    delay: float = 0.0,
 ) -> dict[str, int]:
-    """Erase what the stream holds of the forgotten physician; safe to run again."""
+    """Erase what the stream holds of the forgotten physicians (jobs of one hospital, read
+    once for all of them: a retention sweep queues many); safe to run again."""
     last_seq = (await js.stream_info(STREAM_NAME)).state.last_seq
     counts = {"erased": 0, "republished": 0, "scanned": 0}
-    for subject in job.subjects():
+    subjects = sorted({s for job in jobs for s in job.subjects()})
+    for subject in subjects:
         async for found, seq, body in _messages(js, subject, last_seq):
             counts["scanned"] += 1
             if counts["scanned"] % 1000 == 0:
                 await keepalive.execute("SELECT 1")  # not an idle transaction: still working
-            action = job.decide(found, seq, body)
-            if action is Action.keep:
-                continue
-            if action is Action.redact:
+            actions = [(job, job.decide(found, seq, body)) for job in jobs]
+            redacting = [job for job, action in actions if action is Action.redact]
+            if redacting:
+                copy = body
+                for job in redacting:
+                    copy = job.redacted(copy)
                 ce_id = json.loads(body)["id"]
                 await js.publish(
                     found,
-                    job.redacted(body),
+                    copy,
                     headers={
-                        "Nats-Msg-Id": f"{ce_id}:{job.forget_id}",
-                        "Post-Forgotten": job.forget_id,
+                        # A run killed after this publish repeats it: deduplicated by JetStream.
+                        "Nats-Msg-Id": f"{ce_id}:{redacting[0].forget_id}",
+                        "Post-Forgotten": redacting[0].forget_id,
                     },
                 )
                 counts["republished"] += 1
+            elif all(action is Action.keep for _, action in actions):
+                continue
             try:
                 await js.delete_msg(STREAM_NAME, seq)  # no_erase unset: JetStream overwrites it
             except NotFoundError:
@@ -371,24 +381,37 @@ async def scrub(
 SCRUBBER_WAKE = asyncio.Event()
 # A job's transaction is idle while the stream is read; a frozen holder loses it after this.
 JOB_IDLE_TIMEOUT = "30s"
+# Jobs of one hospital erased in one read of its messages.
+JOBS_PER_SCAN = 500
 
 
 async def scrub_next(service: Service) -> bool:
-    """Run the oldest job nobody is running; False when there is none."""
+    """Run the oldest job nobody is running, with the other jobs of its hospital nobody is
+    running; False when there is none."""
     async with service.pool.acquire() as conn, conn.transaction():
         await conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = '{JOB_IDLE_TIMEOUT}'")
-        row = await conn.fetchrow(
-            "SELECT *, extract(epoch FROM now() - created_at) AS age FROM forget_jobs"
-            " ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1"
+        first = await conn.fetchval(
+            "SELECT hospital FROM forget_jobs ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1"
         )
-        if row is None:
+        if first is None:
             return False
-        job = Job.of(row)
+        rows = await conn.fetch(
+            "SELECT *, extract(epoch FROM now() - created_at) AS age FROM forget_jobs"
+            " WHERE hospital = $1 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+            first,
+            JOBS_PER_SCAN,
+        )
+        jobs = [Job.of(row) for row in rows]
         started = time.perf_counter()
-        counts = await scrub(service.js, job, conn, service.settings.forget_erase_delay)
-        await conn.execute("DELETE FROM forget_jobs WHERE forget_id = $1", job.forget_id)
-    JOB_SECONDS.observe(float(row["age"]) + time.perf_counter() - started)
-    log.info("forget_stream_erased", forget_id=job.forget_id, **counts)
+        counts = await scrub(service.js, jobs, conn, service.settings.forget_erase_delay)
+        await conn.execute(
+            "DELETE FROM forget_jobs WHERE forget_id = ANY($1::text[])",
+            [job.forget_id for job in jobs],
+        )
+    took = time.perf_counter() - started
+    for row in rows:
+        JOB_SECONDS.observe(float(row["age"]) + took)
+    log.info("forget_stream_erased", forget_ids=[job.forget_id for job in jobs], **counts)
     return True
 
 

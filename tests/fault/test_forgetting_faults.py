@@ -206,6 +206,7 @@ async def test_kill_9_of_the_referral_service_mid_forgetting(make_platform: Make
         assert await _naming(client, other) == []
         assert await rows_containing(platform.db_url, other) == []
         await asyncio.sleep(2)  # a second answer would come now
-        assert len(client.of_type(HOSPITAL, "PhysicianForgotten")) == 2
+        got = client.of_type(HOSPITAL, "PhysicianForgotten")
+        assert len(got) == 2, [(e["id"], e["data"]["forget_id"], e.get("causationid")) for e in got]
     finally:
         await client.close()
