@@ -110,6 +110,12 @@ async def _answers(platform: Platform) -> list[Any]:
         ]
 
 
+def _answers_once(client: PlatformClient) -> set[str]:
+    """The distinct PhysicianForgotten seen. A plain NATS subscriber also sees an event that a
+    restarted relay publishes again (JetStream stores it once: same Nats-Msg-Id)."""
+    return {e["id"] for e in client.of_type(HOSPITAL, "PhysicianForgotten")}
+
+
 def _kill_referral(platform: Platform) -> None:
     for index in range(platform.instances):
         process = platform.processes[platform.key("referral", index)]
@@ -174,7 +180,7 @@ async def test_kill_9_of_the_referral_service_mid_forgetting(make_platform: Make
                 creations[data["referral_id"]] = creations.get(data["referral_id"], 0) + 1
                 assert data["physician_id"] == answer["data"]["forget_id"]
         assert creations == {f"r{n}": 1 for n in range(REFERRALS)}
-        assert len(client.of_type(HOSPITAL, "PhysicianForgotten")) == 1
+        assert len(_answers_once(client)) == 1
         assert await _answers(platform) == before
 
         # 2. Killed as the command comes in: answered once after the restart, all forgotten.
@@ -206,7 +212,6 @@ async def test_kill_9_of_the_referral_service_mid_forgetting(make_platform: Make
         assert await _naming(client, other) == []
         assert await rows_containing(platform.db_url, other) == []
         await asyncio.sleep(2)  # a second answer would come now
-        got = client.of_type(HOSPITAL, "PhysicianForgotten")
-        assert len(got) == 2, [(e["id"], e["data"]["forget_id"], e.get("causationid")) for e in got]
+        assert len(_answers_once(client)) == 2
     finally:
         await client.close()
