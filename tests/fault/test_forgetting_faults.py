@@ -213,5 +213,11 @@ async def test_kill_9_of_the_referral_service_mid_forgetting(make_platform: Make
         assert await rows_containing(platform.db_url, other) == []
         await asyncio.sleep(2)  # a second answer would come now
         assert len(_answers_once(client)) == 2
+        stored = [
+            seq
+            for seq, subject, _ in await stream_messages(client)
+            if subject == f"post.{HOSPITAL}.evt.PhysicianForgotten"
+        ]
+        assert len(stored) == 2, stored
     finally:
         await client.close()
