@@ -209,6 +209,16 @@ async def _build(
                 log.warning("rebuild_swap_retried", attempt=attempt)
                 await asyncio.sleep(0.2 * attempt)
         raise RuntimeError("the rebuilt read models could not be swapped in")
+    except BaseException:
+        # A half-built copy must not outlive the rebuild: it may name a physician forgotten
+        # since it read the stream (a killed rebuild's is dropped by the next one).
+        await pool.close()
+        cleanup = await asyncpg.connect(settings.database_url)
+        try:
+            await cleanup.execute(f'DROP SCHEMA IF EXISTS "{shadow}" CASCADE')
+        finally:
+            await cleanup.close()
+        raise
     finally:
         await pool.close()
 
