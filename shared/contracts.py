@@ -611,3 +611,11 @@ def parse_payload(model: type[M], data: dict[str, Any]) -> M:
 
 def parse_event(event_type: str, data: dict[str, Any]) -> Event:
     return parse_payload(EVENTS[event_type], data)
+
+
+def parse_event_json(event_type: str, data_json: str | bytes) -> Event:
+    """An event's payload from its JSON text (as stored): the same rules, one parse."""
+    try:
+        return EVENTS[event_type].model_validate_json(data_json, strict=True)
+    except ValidationError as exc:
+        raise describe_validation_error(exc) from None
