@@ -283,7 +283,10 @@ async def refresh_gauges_once(
         )
     ]
     for k in range(0, len(changed), CHUNK):
-        await _refresh_hospitals(pool, changed[k : k + CHUNK], with_departments, cache, state)
+        # A partition handed over meanwhile (instances starting): not ours to compute now.
+        chunk = [h for h in changed[k : k + CHUNK] if exports(h)]
+        if chunk:
+            await _refresh_hospitals(pool, chunk, with_departments, cache, state)
     if exports("") and state.versions.get("") != sum(versions.values()):
         await _refresh_region(pool, cache, state)
     elif not exports(""):
@@ -369,6 +372,9 @@ async def refresh_gauges(service: Service) -> None:
     refreshed = 0.0
     while True:
         took = 0.0
+        if not service.partitions:  # starting, or a spare instance: nothing of ours to export
+            await asyncio.sleep(1.0)
+            continue
         try:
             # Every fact row, whichever instance projected it, bumps its hospital's version.
             now = (
