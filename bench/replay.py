@@ -382,7 +382,7 @@ async def run_national(platform: Platform, scale: float = 1.0) -> Section:
         fig["hospital_kept_ms"] = percentiles(await query_latencies(port, ids, 300))
         paths = [f"/reaim/{h}" for h in ids]
         fig["hospital_new_period_ms"] = percentiles(await period_latencies(port, paths, 300, 1))
-        fig["region_new_period_ms"] = percentiles(await period_latencies(port, ["/reaim"], 60, 2))
+        fig["region_new_period_ms"] = percentiles(await period_latencies(port, ["/reaim"], 30, 2))
         fig["rss_kib"] = rss_kib(pid)
         fig["rss_peak_kib"] = _status_kib(pid, "VmHWM")
 

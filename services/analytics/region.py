@@ -81,12 +81,10 @@ WITH latest AS (
     SELECT s.trained_on, {_BEFORE_END.format(c="s.trained_on")} AS trained,
         {_BEFORE_END.format(c="s.trained_on")}
         AND NOT {_BEFORE_END.format(c="s.retired_on")}
-        AND NOT EXISTS (
-            SELECT 1 FROM departments d WHERE d.hospital = s.hospital
-                AND d.department = s.department AND {_BEFORE_END.format(c="d.closed_on")}
-        ) AS active,
+        AND NOT coalesce({_BEFORE_END.format(c="d.closed_on")}, false) AS active,
         coalesce(l.available, true) AS available
     FROM supporters s
+    LEFT JOIN departments d ON d.hospital = s.hospital AND d.department = s.department
     LEFT JOIN latest l ON l.hospital = s.hospital AND l.supporter_id = s.supporter_id
 )
 SELECT count(*) FILTER (WHERE trained) AS trained,
@@ -129,15 +127,14 @@ JOIN (
 WHERE {_BEFORE_END.format(c="d.launched_on")}
 """
 
-# Per day, per department and in all: one scan of the period's interactions.
+# Per day, per department and per minutes value: one scan of the period's interactions, hash
+# aggregates only (the minutes' mean, extremes and median come from the last, a few hundred
+# values).
 INTERACTIONS_SQL = f"""
-SELECT grouping(occurred_on, department) AS g, occurred_on, department, count(*) AS n,
-    count(*) FILTER (WHERE escalated) AS escalated, sum(minutes) AS minutes,
-    min(minutes) AS minutes_min, max(minutes) AS minutes_max,
-    CASE WHEN grouping(occurred_on, department) = 3
-        THEN percentile_cont(0.5) WITHIN GROUP (ORDER BY minutes::float8) END AS minutes_median
+SELECT grouping(occurred_on, department, minutes) AS g, occurred_on, department, minutes,
+    count(*) AS n, count(*) FILTER (WHERE escalated) AS escalated
 FROM interactions WHERE {_HOLDS.format(c="occurred_on")}
-GROUP BY GROUPING SETS ((occurred_on), (department), ())
+GROUP BY GROUPING SETS ((occurred_on), (department), (minutes))
 """
 
 # Until its ReferralCreated arrives, an interaction's referral stands for its physician.
@@ -172,7 +169,7 @@ class Aggregates:
     referred_departments: int = 0
     by_day: dict[date, tuple[int, int]] = field(default_factory=dict)  # (count, escalated)
     by_department: dict[str, int] = field(default_factory=dict)
-    interactions: dict[str, Any] = field(default_factory=dict)
+    by_minutes: dict[int, int] = field(default_factory=dict)
     physicians_supported: int = 0
     surveys: dict[str, Any] = field(default_factory=dict)
 
@@ -192,15 +189,29 @@ async def aggregates(conn: asyncpg.Connection, period: reaim.Period) -> Aggregat
     agg.referrals = dict(await conn.fetchrow(REFERRALS_SQL, *args))
     agg.referred_departments = int(await conn.fetchval(REFERRED_DEPARTMENTS_SQL, *args))
     for row in await conn.fetch(INTERACTIONS_SQL, *args):
-        if row["g"] == 1:  # per day
+        if row["g"] == 3:  # per day (department and minutes aggregated)
             agg.by_day[row["occurred_on"]] = (row["n"], row["escalated"])
-        elif row["g"] == 2:  # per department
+        elif row["g"] == 5:  # per department
             agg.by_department[row["department"]] = row["n"]
-        else:
-            agg.interactions = dict(row)
+        else:  # per minutes value
+            agg.by_minutes[row["minutes"]] = row["n"]
     agg.physicians_supported = int(await conn.fetchval(PHYSICIANS_SQL, *args))
     agg.surveys = dict(await conn.fetchrow(SURVEYS_SQL, *args))
     return agg
+
+
+def median_of_counts(counts: dict[int, int]) -> float | None:
+    """`reaim.median` of the values `counts` holds (value -> how many times). Pure."""
+    total = sum(counts.values())
+    if not total:
+        return None
+    wanted = {(total - 1) // 2, total // 2}  # the middle one, or the two middle ones
+    found: list[int] = []
+    seen = 0
+    for value in sorted(counts):
+        found += [value] * sum(1 for k in wanted if seen <= k < seen + counts[value])
+        seen += counts[value]
+    return reaim._round(Fraction(sum(found), len(found)), 1)
 
 
 def _half_units(value: float | None, unit: int) -> float | None:
@@ -215,10 +226,11 @@ def figures(
     agg: Aggregates, period: reaim.Period, span: tuple[date, date] | None
 ) -> dict[str, Any]:
     """The five RE-AIM objects from the aggregates: `reaim.compute`'s answer. Pure."""
-    d, s, r, i, v = agg.departments, agg.supporters, agg.referrals, agg.interactions, agg.surveys
+    d, s, r, v = agg.departments, agg.supporters, agg.referrals, agg.surveys
     launched, open_, eligible = d["launched"], d["open"], d["eligible"]
-    interactions = i.get("n") or 0
-    escalated = i.get("escalated") or 0
+    interactions = sum(n for n, _ in agg.by_day.values())
+    escalated = sum(e for _, e in agg.by_day.values())
+    minutes = agg.by_minutes
 
     # Every calendar month overlapping the period (from the first launch without `from`).
     monthly: list[dict[str, Any]] = []
@@ -249,7 +261,6 @@ def figures(
             by_year.append(sum(n for day, (n, _) in agg.by_day.items() if start <= day < stop))
             k += 1
 
-    minutes_sum = i.get("minutes")
     return {
         "reach": {
             "supporters_trained": s["trained_in_period"],
@@ -263,11 +274,11 @@ def figures(
             "minutes_mean": (
                 None
                 if not interactions
-                else reaim._round(Fraction(int(minutes_sum or 0), interactions), 1)
+                else reaim._round(Fraction(sum(m * n for m, n in minutes.items()), interactions), 1)
             ),
-            "minutes_median": _half_units(i.get("minutes_median"), 1),
-            "minutes_min": i.get("minutes_min"),
-            "minutes_max": i.get("minutes_max"),
+            "minutes_median": median_of_counts(minutes),
+            "minutes_min": min(minutes, default=None),
+            "minutes_max": max(minutes, default=None),
             "monthly": monthly,
             "monthly_mean": reaim.mean(counts),
             "monthly_median": reaim.median(counts),
