@@ -165,7 +165,7 @@ async def run(platform: Platform, scale: float = 1.0) -> Section:
     port = platform.service_ports["analytics"]
     try:
         await _ready(port, proc.alive)
-        fig["gauges_wait_seconds"] = await wait_for_gauges(port, 2, timeout=240)
+        fig["gauges_wait_seconds"] = await wait_for_gauges(port, 1, timeout=240)
         fig["gauge_refresh_seconds"] = _metric(port, "post_analytics_gauge_refresh_seconds_sum")
         ids = sorted({h.hospital for h in plan.hospitals})
         full_gc = 'python_gc_collections_total{generation="2"}'
