@@ -1,7 +1,10 @@
 """The RE-AIM figures as Prometheus gauges, and the analytics service's own metrics.
 
-A background task recomputes every scope's all-time figures from the fact tables when events
-came in (``refresh_gauges``) and swaps the snapshot the collector exports. Nothing here is
+A background task (``refresh_gauges``) recomputes the all-time figures of the hospitals whose
+facts changed since it last looked (their ``scope_versions``), a few hospitals' facts at a time,
+and the region's in PostgreSQL (region.py); the collector exports each hospital's latest
+samples. Hospital gauges cover every figure; department gauges only the hospitals of
+``POST_ANALYTICS_DEPARTMENT_GAUGES``, bounded (``department_gauges``). Nothing here is
 registered at import: ``export`` registers it when the service starts.
 """
 
