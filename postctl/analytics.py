@@ -1,4 +1,5 @@
-"""`postctl analytics rebuild`: drop the RE-AIM read models and replay the stream into them."""
+"""`postctl analytics rebuild`: new RE-AIM read models from the stream, swapped in while the
+old ones keep answering (services/analytics/rebuild.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ def add_cli(subparsers: Any) -> None:
     """Registers `postctl analytics rebuild`."""
     analytics = subparsers.add_parser("analytics", help="analytics operations")
     actions = analytics.add_subparsers(dest="action", required=True)
-    rebuild = actions.add_parser("rebuild", help="drop the read models and replay the stream")
+    rebuild = actions.add_parser(
+        "rebuild", help="build new read models from the stream and swap them in"
+    )
     rebuild.set_defaults(func=cmd_analytics_rebuild)
 
 

@@ -52,7 +52,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print(paper.format_table(rows))
         ok = all(r.match for r in rows)
         print("every figure the paper states matches." if ok else "SOME FIGURES DIFFER.")
-        showcase.show(platform.nats_url)
+        showcase.show(platform.nats_url, analytics)
     except BaseException:
         platform.stop()
         raise

@@ -1,6 +1,9 @@
 """What `postctl demo` shows of CONTRACT 1.1 after the paper's figures: a matching policy, a
-supporter's availability, and a FHIR safety report — each as a hospital sends it and as the
-platform answers.
+supporter's availability, a FHIR safety report and a physician forgotten — each as a hospital
+sends it and as the platform answers.
+
+Forgetting one of the study's supported physicians changes no figure either: the demo reads
+the region's RE-AIM answer before and after and says so.
 
 The policy and the availability go to a POST hospital and change no figure of the paper (the
 policy is the one in force anyway, the supporter stays available, dated the day it trained).
@@ -9,12 +12,15 @@ The AdverseEvent is mapped, not sent: its referrals would join the study's."""
 from __future__ import annotations
 
 import asyncio
+from datetime import date
 from typing import Any
+
+import httpx
 
 from postctl.simulate import post_2023_scenario
 from services.referral.fhir import map_adverse_event
-from shared.client import PlatformClient
-from shared.contracts import SetMatchingPolicy, SetSupporterAvailability
+from shared.client import PlatformClient, wait_consumed
+from shared.contracts import ForgetPhysician, SetMatchingPolicy, SetSupporterAvailability
 
 # Two involved physicians, a patient and a narrative: only the ids the contract names are read.
 ADVERSE_EVENT: dict[str, Any] = {
@@ -48,8 +54,9 @@ ADVERSE_EVENT: dict[str, Any] = {
 }
 
 
-async def run(nats_url: str) -> list[str]:
-    """Send the two commands, map the report; returns the lines to print."""
+async def run(nats_url: str, analytics_url: str | None = None) -> list[str]:
+    """Send the commands, map the report; returns the lines to print. With `analytics_url`,
+    forget a physician of the study and compare the region's answer before and after."""
     scenario = post_2023_scenario()
     supporter = next(
         s for s in scenario.supporters if s.retired_on is None and s.hospital == "kp-hospital-a"
@@ -71,6 +78,8 @@ async def run(nats_url: str) -> list[str]:
             f"  SetSupporterAvailability {supporter.supporter_id} available, at most 10 open"
             f" -> {answer['type']}"
         )
+        if analytics_url is not None:
+            lines += await _forget_one(client, nats_url, analytics_url)
     finally:
         await client.close()
     mapped = map_adverse_event("kp-hospital-a", ADVERSE_EVENT)
@@ -86,5 +95,28 @@ async def run(nats_url: str) -> list[str]:
     return lines
 
 
-def show(nats_url: str) -> None:
-    print("\n".join(asyncio.run(run(nats_url))), flush=True)
+async def _forget_one(client: PlatformClient, nats_url: str, analytics_url: str) -> list[str]:
+    """Forget the first physician the study supported; the region's figures stay."""
+    scenario = post_2023_scenario()
+    plan = next(r for r in scenario.referrals if r.interactions)
+    before = await _region(nats_url, analytics_url)
+    forget = ForgetPhysician(physician_id=plan.physician_id, requested_on=date.today())
+    answer = await client.send_and_wait(plan.hospital, forget, timeout=60)
+    data = answer["data"]
+    after = await _region(nats_url, analytics_url)
+    return [
+        f"  ForgetPhysician {plan.physician_id} -> {answer['type']} {data.get('forget_id')}:"
+        f" {len(data.get('referral_ids', []))} referral(s) now name the forget_id, not the id",
+        "  every RE-AIM figure of the region after forgetting: "
+        + ("unchanged" if after == before else "CHANGED"),
+    ]
+
+
+async def _region(nats_url: str, analytics_url: str) -> Any:
+    await wait_consumed(nats_url, "analytics")
+    async with httpx.AsyncClient(timeout=30) as web:
+        return (await web.get(f"{analytics_url}/reaim")).json()
+
+
+def show(nats_url: str, analytics_url: str | None = None) -> None:
+    print("\n".join(asyncio.run(run(nats_url, analytics_url))), flush=True)

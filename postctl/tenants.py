@@ -22,15 +22,18 @@ itself and the file is written readable by its owner only.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
 import secrets
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from shared.contracts import is_hospital_id
+from shared.settings import Settings
 
 ACCOUNT = "POST"
 # Not a valid hospital id (underscore), so no hospital can ever take this user name.
@@ -191,9 +194,47 @@ def cmd_token(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_retention(args: argparse.Namespace) -> None:
+    _check_hospital(args.hospital)
+    if args.days is None and not args.off:
+        raise SystemExit("give --days N (N >= 1) or --off")
+    if args.days is not None and args.days < 1:
+        raise SystemExit("--days must be at least 1")
+    print(json.dumps(asyncio.run(_retention(args.hospital, None if args.off else args.days))))
+
+
+async def _retention(hospital: str, days: int | None) -> dict[str, Any]:
+    """Set (or remove) a hospital's retention in the referral service's schema; the referral
+    service's sweep forgets what is past it (every POST_RETENTION_INTERVAL seconds)."""
+    import services.referral
+    from services.referral import forgetting
+    from shared.eventstore import create_pool, migrate
+
+    settings = Settings()
+    pool = await create_pool(settings.database_url, "referral", min_size=1, max_size=1)
+    try:
+        await migrate(pool, "referral", Path(services.referral.__file__).parent / "migrations")
+        async with pool.acquire() as conn:
+            await forgetting.set_retention(conn, hospital, days)
+            if days is None:
+                return {"hospital": hospital, "retention_days": None}
+            cutoff = datetime.now(UTC).date() - timedelta(days=days)
+            due = await forgetting.expired_ids(conn, hospital, cutoff, limit=1_000_000)
+    finally:
+        await pool.close()
+    return {
+        "hospital": hospital,
+        "retention_days": days,
+        "forgets_when_all_referrals_closed_before": cutoff.isoformat(),
+        "physicians_due_now": len(due),
+        "sweep_every_seconds": settings.retention_interval,
+    }
+
+
 def add_cli(subparsers: Any) -> None:
-    """Registers `postctl hospital onboard <hospital> [--conf ...] [--server ...]` and
-    `postctl hospital token <hospital> [--file ...] [--revoke]`."""
+    """Registers `postctl hospital onboard <hospital> [--conf ...] [--server ...]`,
+    `postctl hospital token <hospital> [--file ...] [--revoke]` and
+    `postctl hospital retention <hospital> (--days N | --off)`."""
     hospital = subparsers.add_parser("hospital", help="tenant operations")
     actions = hospital.add_subparsers(dest="action", required=True)
     onboard = actions.add_parser(
@@ -214,3 +255,13 @@ def add_cli(subparsers: Any) -> None:
     )
     token.add_argument("--revoke", action="store_true", help="remove the hospital's token")
     token.set_defaults(func=cmd_token)
+    retention = actions.add_parser(
+        "retention",
+        help="forget a hospital's physicians once all their referrals closed N days ago",
+    )
+    retention.add_argument("hospital", help="the hospital id (a slug)")
+    retention.add_argument(
+        "--days", type=int, help="days after a referral's last outreach or interaction"
+    )
+    retention.add_argument("--off", action="store_true", help="remove the hospital's retention")
+    retention.set_defaults(func=cmd_retention)

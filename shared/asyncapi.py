@@ -79,6 +79,7 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "SubmitSurveyResponse": ("SurveyResponseRecorded",),
     "SetMatchingPolicy": ("MatchingPolicySet",),
     "SetSupporterAvailability": ("SupporterAvailabilityChanged",),
+    "ForgetPhysician": ("PhysicianForgotten",),
 }
 # Events no command answers directly: who sends them, and when.
 EMITTED: dict[str, str] = {
@@ -90,6 +91,14 @@ EMITTED: dict[str, str] = {
     "AssignmentOverdue": (
         "Sent by matching when no outreach was recorded by `due_at`; a `SupporterAssigned`"
         " with reason `reassigned` follows when another supporter is eligible."
+    ),
+    "PhysicianForgotten": (
+        "The answer to `ForgetPhysician`, and sent on its own when a hospital's retention"
+        " forgets a physician. It has a new opaque `forget_id` instead of the id, which now"
+        " stands in for it in `referral_ids` (the physician's referrals) and `referred_ids`"
+        " (the referrals they made). Their `ReferralCreated` are then published again,"
+        " redacted, with the same CloudEvents `id` and the header `Post-Forgotten`; the"
+        " originals and every command that named the id are erased from the stream."
     ),
     "CommandRejected": (
         "The answer to a refused command: `command_id` and `causationid` are the command's"

@@ -132,8 +132,12 @@ async def wait_consumed(nats_url: str, service: str, timeout: float = 120.0) -> 
         js = nc.jetstream()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            # Twice, a moment apart: a work stream's source lag is what its sourcing consumer
+            # last saw, so it reads 0 for the moment between a publish and its delivery.
             if await service_lag(js, service) == (0, 0):
-                return
+                await asyncio.sleep(0.3)
+                if await service_lag(js, service) == (0, 0):
+                    return
             await asyncio.sleep(0.2)
         raise TimeoutError(f"the {service} service has not caught up after {timeout:.0f} s")
     finally:

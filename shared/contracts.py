@@ -191,6 +191,15 @@ class RequestReferral(Command):
     safety_event_id: PseudonymousId | None = None
 
 
+class ForgetPhysician(Command):
+    """Version 1.1: forget a physician (and the same id as referrer) everywhere the platform
+    keeps data; answered with `PhysicianForgotten`, which does not carry the id."""
+
+    owner = "referral"
+    physician_id: PseudonymousId
+    requested_on: date
+
+
 class RecordOutreach(Command):
     owner = "records"
     referral_id: PseudonymousId
@@ -348,6 +357,18 @@ class SurveyResponseRecorded(Event):
     satisfaction: Score | None = None
 
 
+class PhysicianForgotten(Event):
+    """Version 1.1: the answer to `ForgetPhysician` (or to a retention sweep). `forget_id` is
+    new and opaque; it also stands in for the forgotten id in the physician's referrals, so each
+    still counts as the same one physician. Added: the referrals that named the physician, so
+    every service (and the hospital) can forget without ever being told the id again."""
+
+    forget_id: PseudonymousId
+    requested_on: date
+    referral_ids: list[PseudonymousId] = Field(default_factory=list)  # as the physician
+    referred_ids: list[PseudonymousId] = Field(default_factory=list)  # as the referrer
+
+
 class CommandRejected(Event):
     command_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     command_type: str
@@ -364,6 +385,7 @@ COMMANDS: dict[str, type[Command]] = {
         RegisterSupporter,
         RetireSupporter,
         RequestReferral,
+        ForgetPhysician,
         RecordOutreach,
         RecordInteraction,
         SubmitSurveyResponse,
@@ -390,6 +412,7 @@ EVENTS: dict[str, type[Event]] = {
         SurveyResponseRecorded,
         CommandRejected,
         MatchingPolicySet,
+        PhysicianForgotten,
         SupporterAvailabilityChanged,
     )
 }

@@ -32,6 +32,16 @@ class Settings:
     not_yet_known_seconds: float = field(
         default_factory=lambda: float(_env("POST_NOT_YET_KNOWN_SECONDS", "600"))
     )
+    # Forgetting (CONTRACT.md 1.1): the retention sweep looks at the hospitals with a retention
+    # set (`postctl hospital retention`) this often.
+    retention_interval: float = field(
+        default_factory=lambda: float(_env("POST_RETENTION_INTERVAL", "300"))
+    )
+    # The fault suite's knob: a forget job waits this long after each erasure, so that a kill
+    # lands in the middle of it. 0 (no wait) everywhere else.
+    forget_erase_delay: float = field(
+        default_factory=lambda: float(_env("POST_FORGET_ERASE_DELAY", "0"))
+    )
     max_deliver: int = field(default_factory=lambda: int(_env("POST_MAX_DELIVER", "20")))
     fetch_batch: int = field(default_factory=lambda: int(_env("POST_FETCH_BATCH", "100")))
     # Tests and demos may move a service's clock through POST /admin/clock.

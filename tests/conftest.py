@@ -62,6 +62,8 @@ def platform() -> Iterator[Platform]:
             # (600 s in production): refusals such as unknown_hospital then come after ~6.2 s,
             # the first retry past it (back-off 0.2, 0.4, 0.8, 1.6, 3.2 s).
             "POST_NOT_YET_KNOWN_SECONDS": "6",
+            # The retention sweep (300 s in production) looks every second.
+            "POST_RETENTION_INTERVAL": "1",
         },
     )
     try:

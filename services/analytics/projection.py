@@ -24,6 +24,7 @@ from shared.contracts import (
     OutreachAccepted,
     OutreachDeclined,
     OutreachUnreachable,
+    PhysicianForgotten,
     ReferralCreated,
     SupporterAssigned,
     SupporterAvailabilityChanged,
@@ -194,6 +195,19 @@ def referral_created(e: ReferralCreated, seq: int | None, event_id: str) -> Row:
     )
 
 
+# A forgotten physician's referrals name the forget's id instead: one physician still, counted
+# once by physicians_supported. Its `requested_on` is no fact: no date is recorded.
+FORGOTTEN_SQL = """
+UPDATE referrals SET physician_id = $2 WHERE hospital = $1 AND referral_id = ANY($3::text[])
+"""
+
+
+def physician_forgotten(e: PhysicianForgotten, seq: int | None, event_id: str) -> Row | None:
+    if not e.referral_ids:
+        return None
+    return Row(FORGOTTEN_SQL, (e.hospital, e.forget_id, list(e.referral_ids)))
+
+
 def supporter_assigned(e: SupporterAssigned, seq: int | None, event_id: str) -> Row:
     return Row(MATCHING_SQL, (e.hospital, e.referral_id, e.department, domain.ASSIGNED, seq))
 
@@ -274,6 +288,7 @@ PROJECTIONS: dict[str, Callable[[Any, int | None, str], Row | None]] = {
     "OutreachUnreachable": outreach_recorded,
     "InteractionCompleted": interaction_completed,
     "SurveyResponseRecorded": survey_response_recorded,
+    "PhysicianForgotten": physician_forgotten,
 }
 
 

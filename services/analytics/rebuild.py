@@ -1,11 +1,20 @@
-"""`postctl analytics rebuild`: drop the read models and replay the whole POST stream.
+"""`postctl analytics rebuild`: new read models from the whole POST stream, blue/green.
 
-It empties the fact tables and ``processed``, then reads every event message up to the
-stream's last sequence at start with a bounded ephemeral consumer, and writes the same rows as
-the live handler (``projection.row_of``) in batched transactions, recording each message in
-``processed`` like the live consumer does. Both insert into ``processed`` first and apply
-only what they inserted, so the running service may keep consuming meanwhile: each message
-is applied once, by whichever of the two gets to it first.
+The old read models keep answering while the new ones are built (as Marten's blue/green
+rebuild does):
+
+1. **Build** a schema of its own (``<schema>_rebuild``, created by the same migrations): every
+   event message up to the stream's last sequence at start, read with a bounded ephemeral
+   consumer and written as the live handler writes it (``projection.row_of``), in batched
+   transactions, each message recorded in ``processed``.
+2. **Catch up** with what came meanwhile, the same way, until the tail is short.
+3. **Swap**, in one transaction: lock every table of the live schema (the live consumer's next
+   write waits), replay the last few messages, carry over what is not a read model (waiting
+   messages, instances, versions raised above every old one so no kept answer is served
+   again), rename the live schema away and the new one into its place, drop the old one.
+   A live write that waited fails on the dropped table and is retried into the new schema; a
+   query that waited is planned again against it. A deadlock with a live transaction (the
+   swap locks many tables) rolls the swap back and it is tried again; the built schema stays.
 """
 
 from __future__ import annotations
@@ -123,27 +132,24 @@ async def rebuild(
     batch_size: int = BATCH,
     idle_seconds: float = IDLE_SECONDS,
 ) -> dict[str, Any]:
-    """Replay the stream into empty read models (of `schema`); returns counts and the speed."""
+    """Build new read models of `schema` from the stream and swap them in; returns counts and
+    the speed."""
     settings = settings or Settings()
     started = time.perf_counter()
-    pool = await create_pool(settings.database_url, schema, min_size=1, max_size=2)
+    shadow = f"{schema}{SHADOW_SUFFIX}"
+    live = await create_pool(settings.database_url, schema, min_size=1, max_size=1)
     nc = await nats.connect(settings.nats_url, name="post-analytics-rebuild")
-    counts = {"messages": 0, "events_applied": 0, "skipped": 0}
+    counts = {"messages": 0, "events_applied": 0, "skipped": 0, "swap_attempts": 0}
     try:
-        await migrate(pool, schema, MIGRATIONS)
-        async with pool.acquire() as lock:
+        await migrate(live, schema, MIGRATIONS)
+        async with live.acquire() as lock:
             # One rebuild of a schema at a time.
             await lock.execute("SELECT pg_advisory_lock(hashtext($1))", f"rebuild:{schema}")
             try:
-                tables = ", ".join((*projection.FACT_TABLES, "processed"))
-                async with lock.transaction():
-                    await lock.execute(f"TRUNCATE {tables}")
-                    # Every answer computed before is void (answers.py).
-                    await lock.execute("UPDATE scope_versions SET version = version + 1")
                 js = nc.jetstream()
-                last_seq = (await js.stream_info(STREAM_NAME)).state.last_seq
-                if last_seq:
-                    await _replay(js, pool, last_seq, batch_size, idle_seconds, counts)
+                last_seq = await _build(
+                    js, settings, schema, shadow, batch_size, idle_seconds, counts
+                )
                 rows = {
                     table: await lock.fetchval(f"SELECT count(*) FROM {table}")
                     for table in projection.FACT_TABLES
@@ -152,7 +158,7 @@ async def rebuild(
                 await lock.execute("SELECT pg_advisory_unlock(hashtext($1))", f"rebuild:{schema}")
     finally:
         await nc.close()
-        await pool.close()
+        await live.close()
     seconds = time.perf_counter() - started
     return {
         **counts,
@@ -163,6 +169,118 @@ async def rebuild(
     }
 
 
+SHADOW_SUFFIX = "_rebuild"
+CATCH_UP_ROUNDS = 5
+SHORT_TAIL = 1000  # messages: what the swap may replay while the live schema waits
+SWAP_ATTEMPTS = 30
+
+
+async def _build(
+    js: Any,
+    settings: Settings,
+    schema: str,
+    shadow: str,
+    batch_size: int,
+    idle_seconds: float,
+    counts: dict[str, int],
+) -> int:
+    """Build `shadow`, catch it up, swap it in for `schema`; returns the last sequence read."""
+    setup = await asyncpg.connect(settings.database_url)
+    try:
+        await setup.execute(f'DROP SCHEMA IF EXISTS "{shadow}" CASCADE')  # a crashed rebuild's
+    finally:
+        await setup.close()
+    pool = await create_pool(settings.database_url, shadow, min_size=1, max_size=2)
+    try:
+        await migrate(pool, shadow, MIGRATIONS)
+        done = 0
+        for _ in range(CATCH_UP_ROUNDS):
+            last_seq = (await js.stream_info(STREAM_NAME)).state.last_seq
+            if last_seq > done:
+                await _replay(js, pool, last_seq, batch_size, idle_seconds, counts, done + 1)
+            caught_up, done = last_seq - done <= SHORT_TAIL, last_seq
+            if caught_up:
+                break
+        for attempt in range(1, SWAP_ATTEMPTS + 1):
+            counts["swap_attempts"] = attempt
+            try:
+                return await _swap(js, pool, settings, schema, shadow, done, batch_size, counts)
+            except (asyncpg.DeadlockDetectedError, asyncpg.LockNotAvailableError):
+                log.warning("rebuild_swap_retried", attempt=attempt)
+                await asyncio.sleep(0.2 * attempt)
+        raise RuntimeError("the rebuilt read models could not be swapped in")
+    except BaseException:
+        # A half-built copy must not outlive the rebuild: it may name a physician forgotten
+        # since it read the stream (a killed rebuild's is dropped by the next one).
+        await pool.close()
+        cleanup = await asyncpg.connect(settings.database_url)
+        try:
+            await cleanup.execute(f'DROP SCHEMA IF EXISTS "{shadow}" CASCADE')
+        finally:
+            await cleanup.close()
+        raise
+    finally:
+        await pool.close()
+
+
+async def _swap(
+    js: Any,
+    pool: asyncpg.Pool,
+    settings: Settings,
+    schema: str,
+    shadow: str,
+    done: int,
+    batch_size: int,
+    counts: dict[str, int],
+) -> int:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with conn.transaction():
+            # Queries queue behind a waiting lock: wait briefly, and try again later instead.
+            await conn.execute("SET LOCAL lock_timeout = '2s'")
+            tables = [
+                r["tablename"]
+                for r in await conn.fetch(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY tablename",
+                    schema,
+                )
+            ]
+            names = ", ".join(f'"{schema}"."{t}"' for t in tables)
+            await conn.execute(f"LOCK TABLE {names} IN ACCESS EXCLUSIVE MODE")
+            last_seq = (await js.stream_info(STREAM_NAME)).state.last_seq
+            if last_seq > done:  # committed live before the lock: in the new schema too
+                await _replay(js, pool, last_seq, batch_size, 0.5, counts, done + 1)
+            for table in CARRIED_OVER:
+                await conn.execute(
+                    f'INSERT INTO "{shadow}"."{table}" SELECT * FROM "{schema}"."{table}"'
+                    " ON CONFLICT DO NOTHING"
+                )
+            await conn.execute(
+                f"SELECT setval(pg_get_serial_sequence('\"{shadow}\".events', 'position'),"
+                f' (SELECT max(position) FROM "{shadow}".events)) WHERE EXISTS'
+                f' (SELECT 1 FROM "{shadow}".events)'
+            )
+            # Versions only grow: an answer kept at an old version is never served again.
+            await conn.execute(
+                f'INSERT INTO "{shadow}".scope_versions AS v (hospital, version)'
+                f' SELECT hospital, version + 1 FROM "{schema}".scope_versions'
+                " ON CONFLICT (hospital) DO UPDATE SET version = v.version + EXCLUDED.version"
+            )
+            retired = f"{schema}_retired"
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{retired}" CASCADE')
+            await conn.execute(f'ALTER SCHEMA "{schema}" RENAME TO "{retired}"')
+            await conn.execute(f'ALTER SCHEMA "{shadow}" RENAME TO "{schema}"')
+            await conn.execute(f'DROP SCHEMA "{retired}" CASCADE')
+        log.info("rebuild_swapped", schema=schema, last_seq=last_seq)
+        return int(last_seq)
+    finally:
+        await conn.close()
+
+
+# Not read models: what the live service keeps in its schema besides them.
+CARRIED_OVER = ("waiting", "instances", "events", "outbox")
+
+
 async def _replay(
     js: Any,
     pool: asyncpg.Pool,
@@ -170,6 +288,7 @@ async def _replay(
     batch_size: int,
     idle_seconds: float,
     counts: dict[str, int],
+    first_seq: int = 1,
 ) -> None:
     """Read every event message with a sequence up to `last_seq`, in order, in batches.
 
@@ -222,7 +341,8 @@ async def _replay(
         manual_ack=True,
         config=ConsumerConfig(
             ack_policy=AckPolicy.ALL,
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.ALL if first_seq <= 1 else DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=None if first_seq <= 1 else first_seq,
             max_ack_pending=batch_size * IN_FLIGHT_BATCHES,
             ack_wait=120,
             inactive_threshold=60,

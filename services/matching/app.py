@@ -24,6 +24,7 @@ service = Service(
         "OutreachDeclined": handlers.outreach_recorded,
         "OutreachUnreachable": handlers.outreach_recorded,
         "InteractionCompleted": handlers.outreach_recorded,
+        "PhysicianForgotten": handlers.physician_forgotten,
     },
     migrations=Path(__file__).parent / "migrations",
     routers=[views.router],

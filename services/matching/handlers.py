@@ -23,6 +23,7 @@ from shared.contracts import (
     OutreachAccepted,
     OutreachDeclined,
     OutreachUnreachable,
+    PhysicianForgotten,
     ReasonCode,
     ReferralCreated,
     RegisterHospital,
@@ -175,6 +176,10 @@ async def referral_created(event: ReferralCreated, uow: UnitOfWork) -> None:
         log.info("referral_already_matched")  # a second ReferralCreated for it: nothing to do
         return
     await rematch(uow, [event.referral_id], leaving=None)
+
+
+async def physician_forgotten(event: PhysicianForgotten, uow: UnitOfWork) -> None:
+    await tables.forget_physician(uow.conn, event)
 
 
 async def outreach_recorded(

@@ -33,6 +33,7 @@ from shared.contracts import (
     MatchingPolicy,
     MatchingPolicySet,
     NoSupporterAvailable,
+    PhysicianForgotten,
     Rank,
     ReferralCreated,
     SupporterAssigned,
@@ -188,6 +189,23 @@ async def insert_referral(
         received_at,
     )
     return inserted is not None
+
+
+async def forget_physician(conn: asyncpg.Connection, event: PhysicianForgotten) -> None:
+    """A forgotten physician's referrals name the forget's id instead (as physician and as
+    referrer): matching is told which referrals, never the id."""
+    for column, referrals in (
+        ("physician_id", event.referral_ids),
+        ("referrer_id", event.referred_ids),
+    ):
+        if referrals:
+            await conn.execute(
+                f"UPDATE referrals SET {column} = $3 WHERE hospital = $1"
+                " AND referral_id = ANY($2::text[])",
+                event.hospital,
+                referrals,
+                event.forget_id,
+            )
 
 
 async def close_assignment(

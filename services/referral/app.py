@@ -4,21 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.referral import handlers, views
+from services.referral import forgetting, handlers, views
 from shared.service import Service
 
 service = Service(
     "referral",
-    command_handlers={"RequestReferral": handlers.request_referral},
+    command_handlers={
+        "RequestReferral": handlers.request_referral,
+        "ForgetPhysician": forgetting.forget_physician,
+    },
     event_handlers=handlers.EVENT_HANDLERS,
     migrations=Path(__file__).parent / "migrations",
     routers=[views.router],
+    background=[forgetting.scrubber, forgetting.retention_timer],
     # The front door also answers commands of a type no service owns (CONTRACT.md: never
     # silence): a CommandRejected, invalid_payload.
     answers_unknown_commands=True,
     description=(
         "Intake of self, third-party and safety-event referrals (`RequestReferral`), "
-        "and the status of each referral as the other services move it."
+        "the status of each referral as the other services move it, and forgetting a physician"
+        " (`ForgetPhysician`, retention)."
     ),
 )
 main = service.main

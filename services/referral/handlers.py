@@ -14,6 +14,7 @@ from prometheus_client import Counter
 
 from services.referral import domain
 from services.referral.domain import Fact, Intake, Referral, Status
+from services.referral.forgetting import closing_date
 from shared import registry
 from shared.contracts import (
     Event,
@@ -106,8 +107,8 @@ async def _record_created(uow: UnitOfWork, event: ReferralCreated, safety_key: s
     await uow.conn.execute(
         """
         INSERT INTO referrals (hospital, referral_id, department, source, requested_at, status,
-                               created_at, updated_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+                               created_at, updated_at, physician_id, referrer_id)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9)
         """,
         event.hospital,
         event.referral_id,
@@ -116,6 +117,8 @@ async def _record_created(uow: UnitOfWork, event: ReferralCreated, safety_key: s
         event.requested_at,
         Status.requested.value,
         now,
+        event.physician_id,
+        event.referrer_id,
     )
     if safety_key is not None:
         await uow.conn.execute(
@@ -160,7 +163,7 @@ async def referral_fact(event: Fact, uow: UnitOfWork) -> None:
         """
         UPDATE referrals
         SET status = $3, supporter_id = $4, assignment_reason = $5, interactions = $6,
-            updated_at = $7
+            updated_at = $7, last_contact_on = GREATEST(last_contact_on, $8)
         WHERE hospital = $1 AND referral_id = $2
         """,
         event.hospital,
@@ -170,6 +173,7 @@ async def referral_fact(event: Fact, uow: UnitOfWork) -> None:
         after.assignment_reason,
         after.interactions,
         uow.now(),
+        closing_date(event),
     )
 
 

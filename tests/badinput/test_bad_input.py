@@ -90,6 +90,7 @@ BASE: dict[str, dict[str, Any]] = {
         "requested_at": "2024-03-01T09:00:00Z",
         "referrer_id": "lead-1",
     },
+    "ForgetPhysician": {"physician_id": "p-never-sent", "requested_on": "2024-06-01"},
     "RecordOutreach": {
         "referral_id": REFERRAL,
         "supporter_id": SUPPORTER,
@@ -139,6 +140,7 @@ DATE_FIELDS = {
     "occurred_on",
     "submitted_on",
     "changed_on",
+    "requested_on",
 }
 TIME_FIELDS = {"requested_at", "at"}
 FREE_TEXT_FIELDS = {"name"}  # a hospital's name: any printable text of 1..200 characters

@@ -145,9 +145,11 @@ async def _replay_quickly(nats_url: str) -> dict[str, Any]:
 async def test_the_demos_showcase_of_contract_1_1_leaves_the_papers_figures(
     replayed: dict[str, Any], post_platform: Platform, analytics: httpx.AsyncClient
 ) -> None:
-    """`make demo` shows a policy, an availability and a FHIR report after the figures; the
-    next `make demo` on the same data must still match the paper."""
-    lines = await showcase.run(post_platform.nats_url)
+    """`make demo` shows a policy, an availability, a FHIR report and a forgotten physician
+    after the figures; the next `make demo` on the same data must still match the paper."""
+    lines = await showcase.run(post_platform.nats_url, str(analytics.base_url).rstrip("/"))
+    assert any("-> PhysicianForgotten forgotten-" in line for line in lines), lines
+    assert any(line.endswith("after forgetting: unchanged") for line in lines), lines
     assert "SetMatchingPolicy same_department -> MatchingPolicySet" in "\n".join(lines)
     assert any("-> SupporterAvailabilityChanged" in line for line in lines)
     assert sum("RequestReferral ae-" in line for line in lines) == 2

@@ -71,6 +71,7 @@ NO_DATA: dict[str, str] = {
     'up{job="nats"}': "no prometheus-nats-exporter runs here (the nats job is skipped)",
     'gnatsd_varz_connections{job="nats"}': "a metric of prometheus-nats-exporter",
     "ConsumerLagGrowing": "a healthy stack never has over 100 messages waiting for 10 minutes",
+    "ForgetNotFinished": "a healthy stack finishes every forget within seconds",
 }
 # Dashboard expressions that are empty by design for one choice of the variables.
 EMPTY_FOR: dict[tuple[str, str], str] = {

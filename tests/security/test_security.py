@@ -21,17 +21,15 @@ import asyncio
 import json
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shared.auth import SCHEME_NAME, hash_token
 from shared.client import PlatformClient
-from shared.contracts import STREAM_NAME, cmd_subject, encode, make_cloudevent
-from shared.runtime import SERVICES, Platform
+from shared.contracts import cmd_subject, encode, make_cloudevent
+from shared.runtime import Platform
 from tests.badinput.test_bad_input import (
     BASE,
     REFERRAL,
@@ -40,6 +38,7 @@ from tests.badinput.test_bad_input import (
     settled,
     stored_for,
 )
+from tests.scan import log_files, stream_messages
 
 pytestmark = [pytest.mark.e2e, pytest.mark.security]
 
@@ -135,31 +134,6 @@ async def test_state_changing_routes_refuse_without_the_hospitals_token(
 # --- free text is never kept ------------------------------------------------------------------
 
 
-async def stream_messages(client: PlatformClient) -> list[tuple[int, str, bytes]]:
-    """Every message of the POST stream: (sequence, subject, body), read without acks."""
-    js = client.js
-    stored = (await js.stream_info(STREAM_NAME)).state.messages
-    sub = await js.pull_subscribe(
-        "post.>",
-        stream=STREAM_NAME,
-        config=ConsumerConfig(
-            ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=30
-        ),
-    )
-    found: list[tuple[int, str, bytes]] = []
-    try:
-        pending = 1
-        while pending:  # erased messages leave gaps in the sequence: count what is left
-            msgs = await sub.fetch(1000, timeout=5)
-            for m in msgs:
-                found.append((m.metadata.sequence.stream, m.subject, m.data))
-                pending = m.metadata.num_pending
-    finally:
-        await sub.unsubscribe()
-    assert len(found) >= stored, "the scan missed part of the stream"
-    return found
-
-
 async def erased_commands(stack: Platform) -> float:
     """`post_commands_erased_total` summed over the services that own commands."""
     total = 0.0
@@ -170,16 +144,6 @@ async def erased_commands(stack: Platform) -> float:
                 if line.startswith("post_commands_erased_total{"):
                     total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def log_files(stack: Platform) -> list[Path]:
-    files = sorted((stack.data_dir / "logs").glob("*.log"))
-    assert {f.stem for f in files} >= set(SERVICES), files
-    files += [
-        stack.data_dir / "nats" / "nats-server.log",
-        stack.data_dir / "postgres" / "postgres.log",
-    ]
-    return [f for f in files if f.exists()]
 
 
 async def test_no_event_no_answer_and_no_log_line_carries_free_text(
