@@ -341,6 +341,7 @@ async def run_national(platform: Platform, scale: float = 1.0) -> Section:
     fig = section.figures
     wanted = int(os.environ.get("POST_BENCH_NATIONAL_HOSPITALS", NATIONAL_DEFAULT))
     hospitals = max(20, int(wanted * scale))
+    region_queries = int(os.environ.get("POST_BENCH_NATIONAL_REGION_QUERIES", 30))
     fig["region"] = {"hospitals": hospitals, "years": NATIONAL_YEARS, "target": NATIONAL_HOSPITALS}
     # Building the region is set-up, not a measure: NATS's lazy fsync for it (with `always`
     # this machine stores about 3k messages/s, an hour for the national region).
@@ -382,7 +383,9 @@ async def run_national(platform: Platform, scale: float = 1.0) -> Section:
         fig["hospital_kept_ms"] = percentiles(await query_latencies(port, ids, 300))
         paths = [f"/reaim/{h}" for h in ids]
         fig["hospital_new_period_ms"] = percentiles(await period_latencies(port, paths, 300, 1))
-        fig["region_new_period_ms"] = percentiles(await period_latencies(port, ["/reaim"], 30, 2))
+        fig["region_new_period_ms"] = percentiles(
+            await period_latencies(port, ["/reaim"], region_queries, 2)
+        )
         fig["rss_kib"] = rss_kib(pid)
         fig["rss_peak_kib"] = _status_kib(pid, "VmHWM")
 
