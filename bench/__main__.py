@@ -31,6 +31,7 @@ SECTIONS: dict[str, Callable[[Platform, float], Coroutine[Any, Any, Section]]] =
     "e2e": e2e.run,
     "replay": replay.run,
     "scaleout": scaleout.run,
+    "national": replay.run_national,  # issue 15: analytics at national scale
 }
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import nats
 
 from bench.common import Timer, rate
 from postctl.simulate import ReferralPlan, Scenario, region_scenario
+from postctl.simulate.region import region_scenarios
 from shared.contracts import (
     STREAM_NAME,
     DepartmentClosed,
@@ -183,10 +184,20 @@ def message(event: Event, recorded: datetime) -> tuple[str, bytes]:
     return evt_subject(event.hospital, event.type_name), encode(ce)
 
 
-async def publish_region(nats_url: str, plan: Scenario, window: int = 5000) -> dict[str, float]:
-    """The region's events into the stream: plain publishes the stream stores, each `window`
-    closed by one acknowledged publish (acked, so everything before it is stored: one
-    connection keeps order). The count stored is checked at the end."""
+def national(hospitals: int, years: int, chunk: int = 100) -> Iterator[Scenario]:
+    """A national region, planned `chunk` hospitals at a time (postctl.simulate.region_scenarios):
+    memory holds one chunk's plans, not the region's."""
+    return region_scenarios(hospitals, years, SEED, chunk)
+
+
+async def publish_region(
+    nats_url: str, plan: Scenario | Iterable[Scenario], window: int = 5000
+) -> dict[str, float]:
+    """The region's events (of one plan, or of plans one after another) into the stream: plain
+    publishes the stream stores, each `window` closed by one acknowledged publish (acked, so
+    everything before it is stored: one connection keeps order). The count stored is checked
+    at the end."""
+    plans = [plan] if isinstance(plan, Scenario) else plan
     nc = await nats.connect(nats_url, name="post-bench-region", pending_size=64 * 1024 * 1024)
     try:
         js = nc.jetstream()
@@ -195,13 +206,13 @@ async def publish_region(nats_url: str, plan: Scenario, window: int = 5000) -> d
         recorded = datetime.now(UTC)
         sent = 0
         with Timer() as t:
-            for event in events(plan):
+            for event in (e for p in plans for e in events(p)):
                 subject, body = message(event, recorded)
                 sent += 1
                 if sent % window:
                     await nc.publish(subject, body)
                 else:
-                    await js.publish(subject, body)
+                    await js.publish(subject, body, timeout=60)
             await nc.flush()
         for _ in range(100):  # the last plain publishes may still be on their way in
             stored = (await js.stream_info(STREAM_NAME)).state.messages - before

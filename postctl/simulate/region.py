@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -94,17 +94,22 @@ def region_hospital_id(seed: int, index: int) -> str:
     return f"region-{seed}-h{index + 1:03d}"
 
 
-def region_scenario(hospitals: int, years: int, seed: int, start: date = REGION_START) -> Scenario:
+def region_scenario(
+    hospitals: int, years: int, seed: int, start: date = REGION_START, first: int = 0
+) -> Scenario:
     """A region of `hospitals` hospitals over `years` program years from `start`: departments
     launch over time and a few close, supporters retire, referrals are declined for stated
-    reasons, some outreach is late, some interactions come with no recorded outreach."""
+    reasons, some outreach is late, some interactions come with no recorded outreach.
+
+    `first` > 0 plans hospitals `first` to `first + hospitals - 1` of a bigger region alone, with
+    a random generator of their own (see `region_scenarios`)."""
     if hospitals < 1 or years < 1:
         raise ValueError("a region needs at least one hospital and one year")
-    rng = random.Random(seed)
+    rng = random.Random(seed if first == 0 else f"{seed}/{first}")
     end = add_months(start, 12 * years)  # exclusive
     minutes_pool = [value for value, n in POST_MINUTES for _ in range(n)]
     plans = _RegionPlans()
-    for index in range(hospitals):
+    for index in range(first, first + hospitals):
         hospital = region_hospital_id(seed, index)
         physicians = rng.randint(300, 1500)
         plans.hospitals.append(HospitalPlan(hospital, f"Region hospital {index + 1}", physicians))
@@ -134,6 +139,16 @@ def region_scenario(hospitals: int, years: int, seed: int, start: date = REGION_
         policies=tuple(plans.policies),
         availability=tuple(plans.availability),
     )
+
+
+def region_scenarios(
+    hospitals: int, years: int, seed: int, chunk: int = 100, start: date = REGION_START
+) -> Iterator[Scenario]:
+    """A national region (thousands of hospitals) as scenarios of `chunk` hospitals each, planned
+    one at a time, so memory holds one chunk's plans whatever the region's size. Repeatable: the
+    same arguments give the same region (chunks of another size give another one)."""
+    for first in range(0, hospitals, chunk):
+        yield region_scenario(min(chunk, hospitals - first), years, seed, start, first)
 
 
 @dataclass

@@ -51,16 +51,21 @@ async def hospital_versions(conn: asyncpg.Connection) -> dict[str, int]:
     return {r[0]: r[1] for r in await conn.fetch("SELECT hospital, version FROM scope_versions")}
 
 
-async def load_facts(conn: asyncpg.Connection, scope: domain.Scope) -> domain.Facts:
-    """The scope's fact rows, one indexed query per table, from one consistent snapshot (the
-    caller's, when it has opened one)."""
+async def load_facts(
+    conn: asyncpg.Connection, scope: domain.Scope, hospitals: list[str] | None = None
+) -> domain.Facts:
+    """The scope's fact rows (or those of `hospitals`: a few at a time, never the region's),
+    one indexed query per table, from one consistent snapshot (the caller's, when it has
+    opened one)."""
     if not conn.is_in_transaction():
         async with snapshot(conn):
-            return await load_facts(conn, scope)
+            return await load_facts(conn, scope, hospitals)
     rows: dict[str, list[Any]] = {}
     for table, cls in _TABLES.items():
-        sql, args = _SELECT[table], []
-        if scope.hospital is not None:
+        sql, args = _SELECT[table], list[Any]()
+        if hospitals is not None:
+            sql, args = sql + " WHERE hospital = ANY($1::text[])", [hospitals]
+        elif scope.hospital is not None:
             sql, args = sql + " WHERE hospital = $1", [scope.hospital]
             if scope.department is not None and table != "hospitals":
                 sql, args = sql + " AND department = $2", [scope.hospital, scope.department]
@@ -209,18 +214,11 @@ class HospitalEntry(BaseModel):
 # --- rendering ------------------------------------------------------------------------------
 
 
-def render(
-    scope: domain.Scope,
-    facts: domain.Facts,
-    figures: dict[str, Any],
-    period_from: date | None,
-    period_to: date | None,
-) -> bytes:
+def render(scope: domain.Scope, period: reaim.Period, figures: dict[str, Any]) -> bytes:
     """The answer as served: JSON of `ReaimAnswer` (its aliases: `from`)."""
-    effective = reaim.period_of(facts.within(scope), period_from, period_to)
     answer = {
         "scope": scope.as_dict(),
-        "period": {"from": effective.start, "to": effective.end},
+        "period": {"from": period.start, "to": period.end},
         **figures,
     }
     return ReaimAnswer.model_validate(answer).model_dump_json(by_alias=True).encode()

@@ -1,15 +1,20 @@
 """The RE-AIM figures as Prometheus gauges, and the analytics service's own metrics.
 
-A background task recomputes every scope's all-time figures from the fact tables when events
-came in (``refresh_gauges``) and swaps the snapshot the collector exports. Nothing here is
+A background task (``refresh_gauges``) recomputes the all-time figures of the hospitals whose
+facts changed since it last looked (their ``scope_versions``), a few hospitals' facts at a time,
+and the region's in PostgreSQL (region.py); the collector exports each hospital's latest
+samples. Hospital gauges cover every figure; department gauges only the hospitals of
+``POST_ANALYTICS_DEPARTMENT_GAUGES``, bounded (``department_gauges``). Nothing here is
 registered at import: ``export`` registers it when the service starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from threading import Lock
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +23,7 @@ import structlog
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from services.analytics import answers, domain, reaim
+from services.analytics import answers, domain, reaim, region
 from services.analytics.facts import (
     answer_key,
     facts_by_hospital,
@@ -81,40 +86,62 @@ def samples_of(
 
 
 Computed = Callable[[domain.Scope, domain.Facts, dict[str, Any]], None]
+# One scope's samples and the gauge each belongs to: a hospital's list holds its departments'.
+Scoped = list[tuple[str, Sample]]
+
+
+def hospital_samples(
+    hospital: str,
+    facts: domain.Facts,
+    departments: bool = True,
+    computed: Computed | None = None,
+) -> Scoped:
+    """The samples of one registered hospital (`facts`: its own) and, with `departments`, of
+    each of its launched departments. Pure."""
+    scoped: Scoped = []
+    scopes = [domain.Scope(hospital)]
+    if departments:
+        launched = sorted(d.department for d in facts.departments if d.launched_on is not None)
+        scopes += [domain.Scope(hospital, department) for department in launched]
+    for scope in scopes:
+        figures = reaim.compute(facts, scope=scope, period_from=None, period_to=None)
+        if computed is not None:
+            computed(scope, facts, figures)
+        scoped.extend(samples_of(figures, hospital, scope.department or ""))
+    return scoped
 
 
 def snapshot_of(facts: domain.Facts, computed: Computed | None = None) -> Snapshot:
     """Every gauge sample: the region (hospital ""), each registered hospital (department ""),
-    and each launched department of a registered hospital. Pure; run in a worker thread.
-    `computed` is shown each scope's all-time figures as they are computed."""
-    snapshot: Snapshot = {key: [] for key in GAUGES}
-
-    def add(samples: Iterable[tuple[str, Sample]]) -> None:
-        for key, sample in samples:
-            snapshot[key].append(sample)
-
-    def figures(part: domain.Facts, scope: domain.Scope) -> dict[str, Any]:
-        result = reaim.compute(part, scope=scope, period_from=None, period_to=None)
-        if computed is not None:
-            computed(scope, part, result)
-        return result
-
-    add(samples_of(figures(facts, domain.Scope()), "", ""))
+    and each launched department of a registered hospital. Pure: for tests and small regions;
+    the service computes the same per hospital (`refresh_gauges_once`)."""
+    region = reaim.compute(facts, scope=domain.Scope(), period_from=None, period_to=None)
+    if computed is not None:
+        computed(domain.Scope(), facts, region)
+    scopes = {"": list(samples_of(region, "", ""))}
     by_hospital = facts_by_hospital(facts)
     for h in sorted(h.hospital for h in facts.hospitals):
         mine = by_hospital.get(h, domain.Facts(hospitals=[]))
-        add(samples_of(figures(mine, domain.Scope(h)), h, ""))
-        launched = sorted(d.department for d in mine.departments if d.launched_on is not None)
-        for department in launched:
-            add(samples_of(figures(mine, domain.Scope(h, department)), h, department))
+        scopes[h] = hospital_samples(h, mine, True, computed)
+    return by_gauge(scopes)
+
+
+def by_gauge(scopes: dict[str, Scoped], exports: Callable[[str], bool] | None = None) -> Snapshot:
+    """Samples by gauge, of the scopes `exports` says this instance exports."""
+    snapshot: Snapshot = {key: [] for key in GAUGES}
+    for hospital, scoped in scopes.items():
+        if exports is None or exports(hospital):
+            for key, sample in scoped:
+                snapshot[key].append(sample)
     return snapshot
 
 
 class ReaimCollector:
-    """Exports the latest snapshot as `post_reaim_<key>` gauges; swapped whole on refresh."""
+    """Exports the latest samples as `post_reaim_<key>` gauges. The refresh replaces one
+    hospital's samples at a time (`scopes`: hospital, "" for the region, -> its samples)."""
 
     def __init__(self) -> None:
-        self.snapshot: Snapshot = {}
+        self.scopes: dict[str, Scoped] = {}
         # With several analytics instances each exports the hospitals it holds (the region:
         # the holder of partition 0), so a Prometheus sum over instances counts each once.
         self.exports: Callable[[str], bool] = lambda hospital: True
@@ -123,7 +150,8 @@ class ReaimCollector:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        for key, samples in sorted(self.snapshot.items()):
+        snapshot = by_gauge(dict(self.scopes), self.exports)
+        for key, samples in sorted(snapshot.items()):
             extra = [BREAKDOWNS[key]] if key in BREAKDOWNS else []
             if key == "interactions_by_program_year":
                 extra = ["program_year"]
@@ -133,10 +161,8 @@ class ReaimCollector:
                 ' region, department="" the whole hospital.',
                 labels=[*_LABELS, *extra],
             )
-            exports = self.exports
             for labels, value in samples:
-                if exports(labels[0]):
-                    family.add_metric(list(labels), value)
+                family.add_metric(list(labels), value)
             yield family
 
 
@@ -183,56 +209,191 @@ def projected(event: Event) -> None:
     EVENTS_PROJECTED.labels(event.type_name).inc()
 
 
+@dataclass
+class GaugeState:
+    """What the last refreshes computed: each hospital's samples with the version they were
+    computed at, so the next refresh computes only the hospitals whose facts changed."""
+
+    versions: dict[str, int] = field(default_factory=dict)  # "" the region: the sum
+    departments: dict[str, bool] = field(default_factory=dict)
+    scopes: dict[str, Scoped] = field(default_factory=dict)
+
+
+# Hospitals whose facts are loaded together: a few thousand rows each, so memory stays bounded
+# by this many hospitals' facts, never the region's.
+CHUNK = 25
+DEPARTMENT_GAUGES_ENV = "POST_ANALYTICS_DEPARTMENT_GAUGES"
+DEPARTMENT_GAUGES_MAX_ENV = "POST_ANALYTICS_DEPARTMENT_GAUGES_MAX"
+DEPARTMENT_GAUGES_MAX = 500
+LAUNCHED_SQL = (
+    "SELECT hospital, count(*) FROM departments WHERE launched_on IS NOT NULL"
+    " GROUP BY hospital ORDER BY hospital"
+)
+
+
+def department_gauges(
+    launched: list[tuple[str, int]], chosen: str, most: int = DEPARTMENT_GAUGES_MAX
+) -> set[str]:
+    """The hospitals whose departments get gauges: those `chosen` ("*": all, "": none, else a
+    comma-separated list) in id order, whole hospitals, while their launched departments add
+    up to at most `most`. Every instance computes the same set. Pure."""
+    wanted = {h.strip() for h in chosen.split(",") if h.strip()}
+    picked: set[str] = set()
+    total = 0
+    for hospital, count in launched:
+        if "*" not in wanted and hospital not in wanted:
+            continue
+        if total + count > most:
+            break
+        total += count
+        picked.add(hospital)
+    return picked
+
+
+def _department_setting() -> tuple[str, int]:
+    chosen = os.environ.get(DEPARTMENT_GAUGES_ENV, "*")
+    most = int(os.environ.get(DEPARTMENT_GAUGES_MAX_ENV, DEPARTMENT_GAUGES_MAX))
+    return chosen, most
+
+
 async def refresh_gauges_once(
-    pool: asyncpg.Pool, cache: answers.AnswerCache | None = None
+    pool: asyncpg.Pool,
+    cache: answers.AnswerCache | None = None,
+    state: GaugeState | None = None,
+    exports: Callable[[str], bool] | None = None,
 ) -> float:
-    """Recompute every gauge, and keep the all-time answers computed on the way in `cache`;
-    returns how long it took."""
+    """Recompute the gauges of every hospital (that this instance exports) whose facts changed
+    since `state` was computed (without one: all), a few hospitals at a time, and the region's
+    in PostgreSQL; keep the all-time answers computed on the way in `cache`. Returns how long
+    it took."""
     started = time.perf_counter()
-    async with pool.acquire() as conn, snapshot(conn):
+    state = state if state is not None else GaugeState()
+    exports = exports or (lambda hospital: True)
+    chosen, most = _department_setting()
+    async with pool.acquire() as conn:
         versions = await hospital_versions(conn)
-        facts = await load_facts(conn, domain.Scope())
-
-    def keep(scope: domain.Scope, part: domain.Facts, figures: dict[str, Any]) -> None:
-        assert cache is not None
-        hospital = scope.hospital
-        version = sum(versions.values()) if hospital is None else versions.get(hospital, 0)
-        body = render(scope, part, figures, None, None)
-        cache.put(answer_key(scope, None, None), version, body)
-
-    COLLECTOR.snapshot = await asyncio.to_thread(
-        snapshot_of, facts, None if cache is None else keep
-    )
+        with_departments = department_gauges(list(await conn.fetch(LAUNCHED_SQL)), chosen, most)
+    for gone in [h for h in state.scopes if h and (h not in versions or not exports(h))]:
+        del state.scopes[gone]  # a partition handed over: its holder exports it now
+        state.versions.pop(gone, None)
+    changed = [
+        h
+        for h in sorted(versions)
+        if exports(h)
+        and (
+            state.versions.get(h) != versions[h]
+            or state.departments.get(h) != (h in with_departments)
+        )
+    ]
+    for k in range(0, len(changed), CHUNK):
+        # A partition handed over meanwhile (instances starting): not ours to compute now.
+        chunk = [h for h in changed[k : k + CHUNK] if exports(h)]
+        if chunk:
+            await _refresh_hospitals(pool, chunk, with_departments, cache, state)
+    if exports("") and state.versions.get("") != sum(versions.values()):
+        await _refresh_region(pool, cache, state)
+    elif not exports(""):
+        state.scopes.pop("", None)
+        state.versions.pop("", None)
+    COLLECTOR.scopes = state.scopes
     took = time.perf_counter() - started
     GAUGE_REFRESH_SECONDS.observe(took)
     return took
+
+
+async def _refresh_hospitals(
+    pool: asyncpg.Pool,
+    hospitals: list[str],
+    with_departments: set[str],
+    cache: answers.AnswerCache | None,
+    state: GaugeState,
+) -> None:
+    async with pool.acquire() as conn, snapshot(conn):
+        versions = {
+            r[0]: r[1]
+            for r in await conn.fetch(
+                "SELECT hospital, version FROM scope_versions WHERE hospital = ANY($1::text[])",
+                hospitals,
+            )
+        }
+        facts = await load_facts(conn, domain.Scope(), hospitals)
+
+    def compute() -> dict[str, Scoped]:
+        def keep(scope: domain.Scope, part: domain.Facts, figures: dict[str, Any]) -> None:
+            if cache is not None:
+                period = reaim.period_of(part.within(scope), None, None)
+                body = render(scope, period, figures)
+                cache.put(
+                    answer_key(scope, None, None), versions.get(scope.hospital or "", 0), body
+                )
+
+        by_hospital = facts_by_hospital(facts)
+        registered = {h.hospital for h in facts.hospitals}
+        return {
+            h: hospital_samples(h, by_hospital[h], h in with_departments, keep)
+            if h in registered
+            else []
+            for h in hospitals
+        }
+
+    for h, scoped in (await asyncio.to_thread(compute)).items():
+        state.scopes[h] = scoped
+        state.versions[h] = versions.get(h, 0)
+        state.departments[h] = h in with_departments
+
+
+async def _refresh_region(
+    pool: asyncpg.Pool, cache: answers.AnswerCache | None, state: GaugeState
+) -> None:
+    """The region's all-time figures, aggregated in PostgreSQL (region.py)."""
+    async with pool.acquire() as conn, snapshot(conn):
+        version = int(await conn.fetchval(TOTAL_VERSION_SQL))
+        period, figures = await region.compute(conn, None, None)
+    if cache is not None:
+        cache.put(
+            answer_key(domain.Scope(), None, None), version, render(domain.Scope(), period, figures)
+        )
+    state.scopes[""] = list(samples_of(figures, "", ""))
+    state.versions[""] = version
 
 
 TOTAL_VERSION_SQL = "SELECT coalesce(sum(version), 0) FROM scope_versions"
 
 
 async def refresh_gauges(service: Service) -> None:
-    """Background task: register the metrics (the service has started), then recompute the
-    gauges every 15 seconds when a fact came in, whichever instance projected it."""
+    """Background task: register the metrics (the service has started), then every 15 seconds
+    recompute the gauges of the hospitals whose facts changed, whichever instance projected
+    them, and of the hospitals this instance has just taken over."""
     export()
-    COLLECTOR.exports = lambda hospital: (
-        service.owns(hospital) if hospital else 0 in service.partitions
-    )
-    seen, refreshed = -1, 0.0
+
+    def exports(hospital: str) -> bool:
+        return service.owns(hospital) if hospital else 0 in service.partitions
+
+    COLLECTOR.exports = exports
+    state = GaugeState()
+    seen: tuple[int, frozenset[int]] = (-1, frozenset())
+    refreshed = 0.0
     while True:
         took = 0.0
+        if not service.partitions:  # starting, or a spare instance: nothing of ours to export
+            await asyncio.sleep(1.0)
+            continue
         try:
             # Every fact row, whichever instance projected it, bumps its hospital's version.
-            total = int(await service.pool.fetchval(TOTAL_VERSION_SQL))
+            now = (
+                int(await service.pool.fetchval(TOTAL_VERSION_SQL)),
+                frozenset(service.partitions),
+            )
         except Exception as exc:  # the database away for a moment: the next round asks again
             log.warning("gauge_version_unavailable", error=repr(exc))
-            total = seen
+            now = seen
         stale = time.monotonic() - refreshed > GAUGE_MAX_AGE_SECONDS
-        if total != seen or stale:
+        if now != seen or stale:
             try:
-                took = await refresh_gauges_once(service.pool, answers.cache_for(service.name))
-                seen, refreshed = total, time.monotonic()
-            except Exception as exc:  # the next round tries again; the last snapshot stays
+                cache = answers.cache_for(service.name)
+                took = await refresh_gauges_once(service.pool, cache, state, exports)
+                seen, refreshed = now, time.monotonic()
+            except Exception as exc:  # the next round tries again; the last samples stay
                 log.warning("gauge_refresh_failed", error=repr(exc))
         # A big region takes seconds to compute: never spend more than a third of the time on it.
         await asyncio.sleep(max(GAUGE_INTERVAL_SECONDS, 2 * took))

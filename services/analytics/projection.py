@@ -76,18 +76,65 @@ ON CONFLICT (hospital, referral_id) DO UPDATE SET
 WHERE referrals.matching_seq IS NULL OR EXCLUDED.matching_seq IS NULL
     OR EXCLUDED.matching_seq > referrals.matching_seq
 """
-OUTREACH_SQL = """
-INSERT INTO outreach
-    (hospital, event_id, referral_id, department, outcome, at, decline_reason, stream_seq)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-ON CONFLICT (hospital, event_id) DO NOTHING
+
+
+def _earliest(columns: tuple[str, ...], when: str) -> str:
+    """SET clauses keeping the smaller of the row's and the new values of `columns`: a minimum,
+    so the order in which records arrive never matters."""
+    return ",\n    ".join(
+        f"{c} = CASE WHEN {when} THEN EXCLUDED.{c} ELSE r.{c} END" for c in columns
+    )
+
+
+_FIRST = ("first_at", "first_kind", "first_seq", "first_id", "first_outcome")
+_DECLINE = ("decline_at", "decline_seq", "decline_id", "decline_reason")
+# A referral's first record (its first outcome) and first decline, kept on its row for the
+# region's figures (region.py): the minimum by (at, kind, stream_seq, event_id), as reaim.py.
+_KEEP_FIRSTS = f"""
+ON CONFLICT (hospital, referral_id) DO UPDATE SET
+    department = COALESCE(r.department, EXCLUDED.department),
+    {
+    _earliest(
+        _FIRST,
+        "r.first_at IS NULL OR (EXCLUDED.first_at, EXCLUDED.first_kind,"
+        " EXCLUDED.first_seq, EXCLUDED.first_id) < (r.first_at, r.first_kind, r.first_seq,"
+        " r.first_id)",
+    )
+},
+    {
+    _earliest(
+        _DECLINE,
+        "EXCLUDED.decline_at IS NOT NULL AND (r.decline_at IS NULL OR"
+        " (EXCLUDED.decline_at, EXCLUDED.decline_seq, EXCLUDED.decline_id) < (r.decline_at,"
+        " r.decline_seq, r.decline_id))",
+    )
+}
 """
-INTERACTION_SQL = """
-INSERT INTO interactions
-    (hospital, event_id, referral_id, department, occurred_on, minutes, escalated, stream_seq)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-ON CONFLICT (hospital, event_id) DO NOTHING
-"""
+OUTREACH_SQL = f"""
+WITH fact AS (
+    INSERT INTO outreach
+        (hospital, event_id, referral_id, department, outcome, at, decline_reason, stream_seq)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    ON CONFLICT (hospital, event_id) DO NOTHING
+)
+INSERT INTO referrals AS r (hospital, referral_id, department, {", ".join(_FIRST + _DECLINE)})
+VALUES ($1, $3, $4, $6, 0, coalesce($8, 0), $2, $5,
+    CASE WHEN $5 = 'declined' THEN $6 END, CASE WHEN $5 = 'declined' THEN coalesce($8, 0) END,
+    CASE WHEN $5 = 'declined' THEN $2 END, CASE WHEN $5 = 'declined' THEN $7 END)
+{_KEEP_FIRSTS}"""
+# An interaction is an accepted first record at the start of its day (CONTRACT.md).
+INTERACTION_SQL = f"""
+WITH fact AS (
+    INSERT INTO interactions
+        (hospital, event_id, referral_id, department, occurred_on, minutes, escalated, stream_seq)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    ON CONFLICT (hospital, event_id) DO NOTHING
+)
+INSERT INTO referrals AS r (hospital, referral_id, department, {", ".join(_FIRST + _DECLINE)})
+VALUES ($1, $3, $4, $5::date::timestamp AT TIME ZONE 'UTC', 1, coalesce($8, 0), $2,
+    'accepted', NULL, NULL, NULL, NULL)
+{_KEEP_FIRSTS}"""
+
 AVAILABILITY_SQL = """
 INSERT INTO availability_changes
     (hospital, event_id, supporter_id, department, changed_on, available, stream_seq)
@@ -267,7 +314,10 @@ def versioned(sql: str) -> str:
     """The row's upsert and its hospital's version bump as one statement."""
     found = _VERSIONED.get(sql)
     if found is None:
-        found = _VERSIONED[sql] = _BUMP_CTE + sql.strip()
+        body = sql.strip()
+        # A statement with CTEs of its own: one WITH list.
+        joined = _BUMP_CTE.rstrip() + ", " + body[5:] if body.startswith("WITH ") else None
+        found = _VERSIONED[sql] = joined or _BUMP_CTE + body
     return found
 
 

@@ -112,9 +112,17 @@ class Period:
 
 def period_of(facts: Facts, period_from: date | None, period_to: date | None) -> Period:
     """Without `to`, the period ends after the day of the scope's last business date."""
+    return period_from_span(
+        None if period_to is not None else facts.business_span(), period_from, period_to
+    )
+
+
+def period_from_span(
+    span: tuple[date, date] | None, period_from: date | None, period_to: date | None
+) -> Period:
+    """The period, given the scope's first and last business dates (`span`)."""
     if period_to is not None:
         return Period(period_from, period_to)
-    span = facts.business_span()
     end = span[1] + timedelta(days=1) if span else None
     if end is not None and period_from is not None and end < period_from:
         end = period_from  # a `from` after the last fact: an empty period, not a reversed one

@@ -1,4 +1,5 @@
-"""The RE-AIM answers over HTTP and the hospital list (facts.py loads and renders)."""
+"""The RE-AIM answers over HTTP and the hospital list (facts.py loads and renders a hospital's
+or a department's facts; region.py aggregates the region's in PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from services.analytics import answers, domain, reaim
+from services.analytics import answers, domain, reaim, region
 from services.analytics.facts import (
     HospitalEntry,
     ReaimAnswer,
@@ -54,7 +55,7 @@ def _compute_and_render(
     facts: domain.Facts, scope: domain.Scope, start: date | None, end: date | None
 ) -> bytes:
     figures = reaim.compute(facts, scope=scope, period_from=start, period_to=end)
-    return render(scope, facts, figures, start, end)
+    return render(scope, reaim.period_of(facts.within(scope), start, end), figures)
 
 
 async def _answer(
@@ -67,7 +68,12 @@ async def _answer(
     async with service.pool.acquire() as conn, snapshot(conn):
         version = await scope_version(conn, scope)
         body = cache.get(key, version)
-        if body is None:
+        if body is None and scope.hospital is None:
+            # The region: aggregated in PostgreSQL, never its facts in Python (region.py).
+            period, figures = await region.compute(conn, start, end)
+            body = render(scope, period, figures)
+            cache.put(key, version, body)
+        elif body is None:
             facts = await load_facts(conn, scope)
     if body is None:
         if scope.hospital is not None and not (facts.hospitals or facts.departments):

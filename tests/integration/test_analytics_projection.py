@@ -530,3 +530,116 @@ async def test_arrival_order_and_redelivery_do_not_change_the_facts(platform: Pl
         answers.append(reaim.compute(facts, scope=Scope(h), period_from=None, period_to=None))
     assert answers[0] == answers[1]
     assert answers[0]["reach"]["interactions"] == 3
+
+
+# --- the region, aggregated in PostgreSQL (region.py), against reaim.compute ----------------
+
+
+def _region_events(seed: int) -> list[Event]:
+    """A small simulated region (bench.region's events) with what it lacks added: availability
+    changes, referrals nobody could take, a physician referred twice, outreach before its
+    referral is known, same-day records."""
+    from bench import region as bench_region
+    from postctl.simulate import region_scenario
+    from shared.contracts import SupporterAvailabilityChanged
+
+    plan = region_scenario(3, 2, seed)
+    events = list(bench_region.events(plan))
+    departments = {s.supporter_id: s.department for s in plan.supporters}
+    for a in plan.availability:
+        events.append(
+            SupporterAvailabilityChanged(
+                hospital=a.hospital,
+                supporter_id=a.supporter_id,
+                available=a.available,
+                changed_on=a.changed_on,
+                department=departments[a.supporter_id],
+            )
+        )
+    rng = random.Random(seed)
+    referrals = [e for e in events if isinstance(e, ReferralCreated)]
+    for r in rng.sample(referrals, 5):
+        events.append(
+            NoSupporterAvailable(
+                hospital=r.hospital, referral_id=r.referral_id, department=r.department,
+                reason="none_eligible",
+            )
+        )  # fmt: skip
+    h = referrals[0].hospital
+    em = referrals[0].department
+    again = referrals[0].model_copy(
+        update={"referral_id": "again", "requested_at": at("2020-09-01T23:30")}
+    )
+    events += [
+        again,
+        OutreachDeclined(
+            hospital=h, referral_id="again", supporter_id="s", at=at("2020-09-02T10:00"),
+            decline_reason=None, department=em,
+        ),
+        InteractionCompleted(
+            hospital=h, referral_id="again", supporter_id="s", occurred_on=day("2020-09-02"),
+            minutes=41, department=em,
+        ),
+        OutreachAccepted(
+            hospital=h, referral_id="unknown", supporter_id="s", at=at("2020-10-02T10:00"),
+            department=em,
+        ),
+        InteractionCompleted(
+            hospital=h, referral_id="unknown", supporter_id="s", occurred_on=day("2020-10-03"),
+            minutes=17, department=em,
+        ),
+    ]  # fmt: skip
+    return events
+
+
+async def test_the_regions_figures_from_postgresql_equal_reaim_compute(platform: Platform) -> None:
+    """Every key of every RE-AIM object, for the region, as aggregated in PostgreSQL and as the
+    pure computation gives it from every fact, over many periods; the events applied in a
+    shuffled order (first outcomes are minima, whatever came first)."""
+    from services.analytics import region
+
+    events = _region_events(4)
+    delivered = list(enumerate(events, start=1))
+    random.Random(8).shuffle(delivered)
+    schema = f"analytics_region_{uuid.uuid4().hex[:8]}"
+    pool = await create_pool(platform.db_url, schema)
+    try:
+        await migrate(pool, schema, MIGRATIONS)
+        async with pool.acquire() as conn, conn.transaction():
+            for seq, event in delivered:
+                await projection.project(conn, event, seq, f"evt-{seq}")
+        rng = random.Random(3)
+        periods: list[tuple[date | None, date | None]] = [
+            (None, None),
+            (day("2020-01-01"), None),
+            (None, day("2020-07-15")),
+            (day("2030-01-01"), None),
+            (None, day("2019-01-01")),
+        ]
+        for _ in range(12):
+            start = day("2019-05-01").toordinal() + rng.randint(0, 900)
+            length = rng.choice([1, 7, 31, 95, 400, 900])
+            periods.append((date.fromordinal(start), date.fromordinal(start + length)))
+        async with pool.acquire() as conn:
+            facts = await load_facts(conn, Scope())
+            assert len(facts.interactions) > 100
+            whole = reaim.compute(facts, scope=Scope(), period_from=None, period_to=None)
+            # The data reaches every kind of figure the comparison is meant to check.
+            assert whole["implementation"]["referrals_without_supporter"] >= 1
+            assert whole["implementation"]["decline_reasons"]["unspecified"] >= 1
+            assert sum(whole["implementation"]["decline_reasons"].values()) >= 3
+            assert whole["implementation"]["supporters_available"] > 0
+            assert whole["implementation"]["hours_to_outreach_median"] is not None
+            assert whole["reach"]["physicians_supported"] < len(
+                {(r.hospital, r.referral_id) for r in facts.referrals}
+            )
+            for start, end in periods:
+                expected = reaim.compute(facts, scope=Scope(), period_from=start, period_to=end)
+                period, got = await region.compute(conn, start, end)
+                assert period == reaim.period_of(facts, start, end), (start, end)
+                for name in reaim.OBJECTS:
+                    assert got[name] == expected[name], (start, end, name)
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await pool.close()

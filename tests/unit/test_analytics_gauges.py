@@ -33,12 +33,35 @@ def test_two_services_starting_in_one_process_register_the_metrics_once() -> Non
     registry = CollectorRegistry()
     gauges.export(registry)
     gauges.export(registry)  # a second analytics service of the same process
-    gauges.COLLECTOR.snapshot = {"interactions": [(("h", ""), 3.0)]}
+    gauges.COLLECTOR.scopes = {"h": [("interactions", (("h", ""), 3.0))]}
     try:
         text = generate_latest(registry).decode()
     finally:
-        gauges.COLLECTOR.snapshot = {}
+        gauges.COLLECTOR.scopes = {}
     assert text.count("# TYPE post_reaim_interactions gauge") == 1
     assert 'post_reaim_interactions{department="",hospital="h"} 3.0' in text
     assert text.count("# TYPE post_analytics_events_projected_total counter") == 1
     assert "post_analytics_answer_lookups_total" in text
+
+
+def test_an_instance_exports_only_the_hospitals_it_holds_and_the_region_with_partition_0() -> None:
+    scopes = {
+        "": [("interactions", (("", ""), 5.0))],
+        "a": [("interactions", (("a", ""), 2.0)), ("interactions", (("a", "em"), 2.0))],
+        "b": [("interactions", (("b", ""), 3.0))],
+    }
+    held = gauges.by_gauge(scopes, lambda hospital: hospital == "b")
+    assert held["interactions"] == [(("b", ""), 3.0)]
+    assert set(held) == set(gauges.GAUGES)  # every gauge, empty or not
+    assert len(gauges.by_gauge(scopes)["interactions"]) == 4
+
+
+def test_department_gauges_are_opt_in_per_hospital_and_bounded() -> None:
+    launched = [("a", 3), ("b", 5), ("c", 2), ("d", 1)]
+    assert gauges.department_gauges(launched, "*", 1000) == {"a", "b", "c", "d"}
+    assert gauges.department_gauges(launched, "", 1000) == set()
+    assert gauges.department_gauges(launched, "b, d", 1000) == {"b", "d"}
+    # Whole hospitals in id order while the departments add up to at most the bound.
+    assert gauges.department_gauges(launched, "*", 9) == {"a", "b"}
+    assert gauges.department_gauges(launched, "c,d", 2) == {"c"}
+    assert gauges.department_gauges(launched, "*", 0) == set()

@@ -1066,3 +1066,32 @@ def test_the_gauge_of_supporters_available() -> None:
         (A, "em"): 2.0,
         (A, "icu"): 0.0,
     }
+
+
+# --- issue 15: the region's figures from aggregates (region.py) ------------------------------
+
+
+def test_the_median_of_counted_values_is_the_median_of_the_values() -> None:
+    import random
+    from collections import Counter
+
+    from services.analytics import reaim
+    from services.analytics.region import median_of_counts
+
+    rng = random.Random(15)
+    assert median_of_counts({}) is None
+    for _ in range(300):
+        values = [rng.randint(1, 40) for _ in range(rng.randint(1, 30))]
+        assert median_of_counts(dict(Counter(values))) == reaim.median(values), values
+
+
+def test_a_region_period_from_its_span_is_the_period_of_its_facts() -> None:
+    from services.analytics import reaim
+
+    facts = _two_hospitals()
+    span = facts.business_span()
+    for start, end in [(None, None), (d("2020-01-01"), None), (None, d("2020-02-01"))]:
+        assert reaim.period_from_span(span, start, end) == reaim.period_of(facts, start, end)
+    assert reaim.period_from_span(None, None, None) == reaim.Period(None, None)
+    late = d("2031-01-01")
+    assert reaim.period_from_span(span, late, None) == reaim.Period(late, late)
