@@ -28,6 +28,7 @@ from typing import Any
 
 import asyncpg
 import nats
+import nats.errors
 import pytest
 import yaml
 from nats.aio.client import Client as NATS
@@ -360,8 +361,15 @@ async def test_a_hospital_receives_its_own_events(cluster: Cluster, platform_nc:
         sub = await nc.subscribe("post.a.evt.>")
         await nc.flush()
         marker = uuid.uuid4().hex.encode()
-        await platform_nc.jetstream().publish("post.a.evt.HospitalRegistered", marker)
-        msg = await sub.next_msg(timeout=5)
+        # The subscription's interest reaches the other nodes a moment after its flush: an
+        # event published before that is routed nowhere, so publish until one arrives.
+        for _ in range(20):
+            await platform_nc.jetstream().publish("post.a.evt.HospitalRegistered", marker)
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+                break
+            except nats.errors.TimeoutError:
+                continue
         assert (msg.subject, msg.data) == ("post.a.evt.HospitalRegistered", marker)
         assert errors == []
     finally:
