@@ -1,6 +1,6 @@
 """4. Rebuild and 5. query, over one simulated region of 500 hospitals (over a million events).
 
-The region goes straight into the stream (bench.region). `postctl analytics rebuild`
+The region goes straight into the stream (postctl.simulate.straight). `postctl analytics rebuild`
 (services.analytics.rebuild) replays it into the read models, against a bare nats-py pull
 consumer reading the same messages (no parsing, no database: the limit). Then the analytics
 service serves GET /reaim/{hospital} over those read models, measured one request at a time.
@@ -21,7 +21,6 @@ import httpx
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from bench import region
 from bench.common import (
     Section,
     Timer,
@@ -32,6 +31,7 @@ from bench.common import (
     rate,
     rss_kib,
 )
+from postctl.simulate import straight as region
 from services.analytics import handlers as analytics_handlers
 from services.analytics.rebuild import rebuild
 from shared.contracts import STREAM_NAME, evt_subject

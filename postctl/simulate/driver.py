@@ -303,6 +303,13 @@ def add_cli(subparsers: Any) -> None:
     sim.add_argument("--hospitals", type=int, default=10)
     sim.add_argument("--years", type=int, default=3)
     sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument(
+        "--straight",
+        action="store_true",
+        help="region only: write the facts the services would emit straight into the stream"
+        " (6,000 hospitals x 5 years in minutes), for analytics and its rebuild at scale; run"
+        " it where only analytics consumes, as the other services would act on these facts",
+    )
     sim.set_defaults(func=cmd_simulate)
 
 
@@ -310,6 +317,12 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     url = Settings().nats_url
     if args.scenario == "post-2023":
         summary = asyncio.run(run_post_2023(url))
+    elif args.straight:
+        from postctl.simulate import straight
+        from postctl.simulate.region import region_scenarios
+
+        plans = region_scenarios(args.hospitals, args.years, args.seed)
+        summary = asyncio.run(straight.publish_region(url, plans))
     else:
         summary = asyncio.run(run_region(url, args.hospitals, args.years, args.seed))
     print(json.dumps(summary, indent=2, default=str))

@@ -536,11 +536,11 @@ async def test_arrival_order_and_redelivery_do_not_change_the_facts(platform: Pl
 
 
 def _region_events(seed: int) -> list[Event]:
-    """A small simulated region (bench.region's events) with what it lacks added: availability
+    """A small simulated region (postctl.simulate.straight) with what it lacks added: availability
     changes, referrals nobody could take, a physician referred twice, outreach before its
     referral is known, same-day records."""
-    from bench import region as bench_region
     from postctl.simulate import region_scenario
+    from postctl.simulate import straight as bench_region
     from shared.contracts import SupporterAvailabilityChanged
 
     plan = region_scenario(3, 2, seed)

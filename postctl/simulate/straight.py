@@ -1,4 +1,5 @@
-"""A simulated region as contract events, written straight into the POST stream.
+"""A simulated region as contract events, written straight into the POST stream
+(`postctl simulate region --straight`, and the bench's `replay` and `national` sections).
 
 `postctl.simulate.region_scenario` plans the region (hospitals, departments, supporters,
 referrals with their fates, surveys); here each plan becomes the events the services would have
@@ -10,13 +11,13 @@ the setup of a million events take a minute instead of hours.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import nats
 
-from bench.common import Timer, rate
 from postctl.simulate import ReferralPlan, Scenario, region_scenario
 from postctl.simulate.region import region_scenarios
 from shared.contracts import (
@@ -198,28 +199,33 @@ async def publish_region(
     everything before it is stored: one connection keeps order). The count stored is checked
     at the end."""
     plans = [plan] if isinstance(plan, Scenario) else plan
-    nc = await nats.connect(nats_url, name="post-bench-region", pending_size=64 * 1024 * 1024)
+    nc = await nats.connect(nats_url, name="post-simulate-straight", pending_size=64 * 1024 * 1024)
     try:
         js = nc.jetstream()
         await ensure_stream(js)
         before = (await js.stream_info(STREAM_NAME)).state.messages
         recorded = datetime.now(UTC)
         sent = 0
-        with Timer() as t:
-            for event in (e for p in plans for e in events(p)):
-                subject, body = message(event, recorded)
-                sent += 1
-                if sent % window:
-                    await nc.publish(subject, body)
-                else:
-                    await js.publish(subject, body, timeout=60)
-            await nc.flush()
+        started = time.perf_counter()
+        for event in (e for p in plans for e in events(p)):
+            subject, body = message(event, recorded)
+            sent += 1
+            if sent % window:
+                await nc.publish(subject, body)
+            else:
+                await js.publish(subject, body, timeout=60)
+        await nc.flush()
+        seconds = time.perf_counter() - started
         for _ in range(100):  # the last plain publishes may still be on their way in
             stored = (await js.stream_info(STREAM_NAME)).state.messages - before
             if stored >= sent:
                 break
             await asyncio.sleep(0.1)
         assert stored == sent, f"{sent} published, {stored} stored"
-        return {"events": sent, "seconds": t.seconds, "per_second": rate(sent, t.seconds)}
+        return {
+            "events": sent,
+            "seconds": round(seconds, 3),
+            "per_second": round(sent / seconds, 1) if seconds else 0.0,
+        }
     finally:
         await nc.close()
