@@ -84,7 +84,10 @@ async def ours_read(pool: asyncpg.Pool, readers: int = WRITERS) -> float:
         nonlocal total
         async with pool.acquire() as conn:
             for stream in streams[r::readers]:
-                total += len([e.data for e in await store.read_stream(conn, stream)])
+                # not `total += len(... await ...)`: that reads `total` before the await, so
+                # the readers overwrote each other's counts (ours was reported at about 1/4)
+                found = len([e.data for e in await store.read_stream(conn, stream)])
+                total += found
 
     seconds = await _concurrently(readers, reader)
     return rate(total, seconds)
