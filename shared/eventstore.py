@@ -7,7 +7,6 @@ unqualified names.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -205,7 +204,7 @@ WITH locked AS (
     SELECT coalesce(max(stream_version), 0) AS version FROM events WHERE stream_id = $1
 ), ins AS (
     INSERT INTO events (stream_id, stream_version, event_id, event_type, data, metadata)
-    SELECT $1, cur.version + u.n, u.e, u.t, u.d::jsonb, u.m::jsonb
+    SELECT $1, cur.version + u.n, coalesce(u.e, gen_random_uuid()), u.t, u.d::jsonb, u.m::jsonb
     FROM locked, cur,
         unnest($2::uuid[], $3::text[], $4::text[], $5::text[])
             WITH ORDINALITY AS u(e, t, d, m, n)
@@ -243,7 +242,8 @@ class EventStore:
             version, positions = await conn.fetchrow(
                 APPEND_SQL,
                 stream_id,
-                [uuid.UUID(e.event_id) if e.event_id else uuid.uuid4() for e in events],
+                # the ids the caller chose; PostgreSQL draws the others (uuid4 cost ~8 us each here)
+                [e.event_id or None for e in events],
                 [e.event.type_name for e in events],
                 # JSON text made here, in one call each (no dict, no codec call per element)
                 [e.event.model_dump_json() for e in events],
