@@ -84,7 +84,10 @@ async def ours_read(pool: asyncpg.Pool, readers: int = WRITERS) -> float:
         nonlocal total
         async with pool.acquire() as conn:
             for stream in streams[r::readers]:
-                total += len([e.data for e in await store.read_stream(conn, stream)])
+                # not `total += len(... await ...)`: that reads `total` before the await, so
+                # the readers overwrote each other's counts (ours was reported at about 1/4)
+                found = len([e.data for e in await store.read_stream(conn, stream)])
+                total += found
 
     seconds = await _concurrently(readers, reader)
     return rate(total, seconds)
@@ -293,6 +296,11 @@ async def run(platform: Platform, scale: float = 1.0, rounds: int = 3) -> Sectio
         runs["es_1x1"].append(es)
         pool = await _fresh_schema(platform, f"bench_store5_{r}")
         runs["ours_5x4"].append(await ours_append(pool, 5, WRITERS, batched))
+        # the limit at once beside it (issue 15's target is the ratio to it): tens of seconds
+        # apart, a neighbour's burst of load moved that ratio between 0.4x and 1x
+        runs["plain_insert_5x4"].append(
+            await plain_insert(platform.db_url, "bench_plain", 5, WRITERS, batched)
+        )
         runs["ours_read"].append(await ours_read(pool))
         await pool.close()
         pool = await _fresh_schema(platform, f"bench_store5tx_{r}")
@@ -303,9 +311,6 @@ async def run(platform: Platform, scale: float = 1.0, rounds: int = 3) -> Sectio
         )
         runs["es_5x4"].append(es)
         runs["es_read"].append(es_read)
-        runs["plain_insert_5x4"].append(
-            await plain_insert(platform.db_url, "bench_plain", 5, WRITERS, batched)
-        )
         runs["copy"].append(await plain_copy(platform.db_url, "bench_plain", copy_events))
     fig["rounds"] = runs
     for key, values in runs.items():
@@ -336,10 +341,22 @@ async def run(platform: Platform, scale: float = 1.0, rounds: int = 3) -> Sectio
     section.row("  ours inside BEGIN..COMMIT", fmt_rate(fig["ours_5x4_tx"]))
     section.row("  that / eventsourcing", fmt_ratio(fig["ratio_5x4_tx_vs_eventsourcing"]))
     section.row("  plain INSERT, no check (limit)", fmt_rate(fig["plain_insert_5x4"]))
-    section.row("  ours / plain INSERT", fmt_ratio(fig["ratio_5x4_vs_plain_insert"]))
+    fig["target_vs_plain_insert_met"] = fig["ratio_5x4_vs_plain_insert"] >= 0.9
+    section.row(
+        "  ours / plain INSERT",
+        fmt_ratio(fig["ratio_5x4_vs_plain_insert"]),
+        ">= 0.90x",
+        fig["target_vs_plain_insert_met"],
+    )
     section.row("  COPY (practical limit)", fmt_rate(fig["copy"]))
     section.row("  ours / COPY", fmt_ratio(fig["ratio_5x4_vs_copy"]))
     section.row("read streams back: ours", fmt_rate(fig["ours_read"]))
     section.row("  eventsourcing select_events", fmt_rate(fig["es_read"]))
-    section.row("  ours / eventsourcing", fmt_ratio(fig["ratio_read_vs_eventsourcing"]))
+    fig["target_read_met"] = fig["ratio_read_vs_eventsourcing"] >= 1.0
+    section.row(
+        "  ours / eventsourcing",
+        fmt_ratio(fig["ratio_read_vs_eventsourcing"]),
+        ">= 1.00x",
+        fig["target_read_met"],
+    )
     return section

@@ -53,7 +53,13 @@ from shared.contracts import (
 from shared.eventstore import ConcurrencyError
 from shared.observability import COMMANDS_REJECTED
 from shared.partitions import partition_of
-from shared.unit_of_work import Handler, NotYetKnown, UnitOfWork, mark_processed
+from shared.unit_of_work import (
+    Handler,
+    NotYetKnown,
+    UnitOfWork,
+    mark_processed,
+    processed_savepoint,
+)
 
 log = structlog.get_logger()
 
@@ -206,7 +212,7 @@ class Dispatcher:
         is_command = incoming.kind == "cmd"
         key = f"{incoming.hospital}:{ce_id}"
         try:
-            async with conn.transaction():
+            async with processed_savepoint(conn, key, incoming.stream_seq) as fresh:
                 uow = UnitOfWork(
                     self.service,
                     conn,
@@ -217,7 +223,7 @@ class Dispatcher:
                     stream_seq=incoming.stream_seq,
                     message_time=incoming.stored_at,
                 )
-                if not await mark_processed(conn, key, incoming.stream_seq):
+                if not fresh:
                     return await self._duplicate(conn, key, incoming)
                 try:
                     if is_command:

@@ -31,10 +31,11 @@ WHERE o.partition = $3 AND o.position > $2
 ORDER BY o.position
 LIMIT $1
 """
-DELETE_SQL = "DELETE FROM outbox WHERE position = ANY($1::bigint[])"
+# By (partition, position): the outbox's one index (migration 003).
+DELETE_SQL = "DELETE FROM outbox WHERE partition = $2 AND position = ANY($1::bigint[])"
 # The rows of the batch JetStream has acknowledged go as the next batch is read: one round trip.
 DELETE_AND_NEXT_SQL = f"""
-WITH published AS (DELETE FROM outbox WHERE position = ANY($4::bigint[]))
+WITH published AS (DELETE FROM outbox WHERE partition = $3 AND position = ANY($4::bigint[]))
 {PENDING_SQL}"""
 
 
@@ -83,7 +84,7 @@ class OutboxRelay:
                         DELETE_AND_NEXT_SQL, self.batch_size, rows[-1]["position"], partition, acked
                     )
                 elif acked:
-                    await conn.execute(DELETE_SQL, acked)
+                    await conn.execute(DELETE_SQL, acked, partition)
             finally:
                 await acks  # never leave publishes behind, even when the database failed
             acked = [r["position"] for r in rows]
@@ -92,7 +93,7 @@ class OutboxRelay:
             total += len(rows)
             rows = following
         if acked:
-            await conn.execute(DELETE_SQL, acked)
+            await conn.execute(DELETE_SQL, acked, partition)
         return total
 
     async def _publish(self, row: asyncpg.Record) -> None:
