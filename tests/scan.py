@@ -78,3 +78,18 @@ async def rows_containing(db_url: str, needle: str) -> list[str]:
         return found
     finally:
         await conn.close()
+
+
+async def forget_jobs_left(db_url: str, hospital: str | None = None) -> int:
+    """Forget jobs not finished yet (of `hospital`, or of all): while one is, the referral
+    service still keeps its id and the stream may still name it."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM referral.forget_jobs WHERE $1::text IS NULL OR hospital = $1",
+                hospital,
+            )
+        )
+    finally:
+        await conn.close()

@@ -148,7 +148,7 @@ async def rebuild(
             try:
                 js = nc.jetstream()
                 last_seq = await _build(
-                    js, settings, schema, shadow, batch_size, idle_seconds, counts
+                    js, lock, settings, schema, shadow, batch_size, idle_seconds, counts
                 )
                 rows = {
                     table: await lock.fetchval(f"SELECT count(*) FROM {table}")
@@ -177,6 +177,7 @@ SWAP_ATTEMPTS = 30
 
 async def _build(
     js: Any,
+    conn: asyncpg.Connection,
     settings: Settings,
     schema: str,
     shadow: str,
@@ -184,97 +185,90 @@ async def _build(
     idle_seconds: float,
     counts: dict[str, int],
 ) -> int:
-    """Build `shadow`, catch it up, swap it in for `schema`; returns the last sequence read."""
-    setup = await asyncpg.connect(settings.database_url)
+    """Build `shadow`, catch it up, swap it in for `schema` on `conn` (the connection holding
+    the rebuild's lock); returns the last sequence read."""
+    await _drop_schema(conn, shadow)  # a killed rebuild's
     try:
-        await setup.execute(f'DROP SCHEMA IF EXISTS "{shadow}" CASCADE')  # a crashed rebuild's
-    finally:
-        await setup.close()
-    pool = await create_pool(settings.database_url, shadow, min_size=1, max_size=2)
-    try:
-        await migrate(pool, shadow, MIGRATIONS)
-        done = 0
-        for _ in range(CATCH_UP_ROUNDS):
-            last_seq = (await js.stream_info(STREAM_NAME)).state.last_seq
-            if last_seq > done:
-                await _replay(js, pool, last_seq, batch_size, idle_seconds, counts, done + 1)
-            caught_up, done = last_seq - done <= SHORT_TAIL, last_seq
-            if caught_up:
-                break
-        for attempt in range(1, SWAP_ATTEMPTS + 1):
-            counts["swap_attempts"] = attempt
-            try:
-                return await _swap(js, pool, settings, schema, shadow, done, batch_size, counts)
-            except (asyncpg.DeadlockDetectedError, asyncpg.LockNotAvailableError):
-                log.warning("rebuild_swap_retried", attempt=attempt)
-                await asyncio.sleep(0.2 * attempt)
-        raise RuntimeError("the rebuilt read models could not be swapped in")
+        pool = await create_pool(settings.database_url, shadow, min_size=1, max_size=2)
+        try:
+            await migrate(pool, shadow, MIGRATIONS)
+            done = 0
+            for _ in range(CATCH_UP_ROUNDS):
+                last_seq = (await js.stream_info(STREAM_NAME)).state.last_seq
+                if last_seq > done:
+                    await _replay(js, pool, last_seq, batch_size, idle_seconds, counts, done + 1)
+                caught_up, done = last_seq - done <= SHORT_TAIL, last_seq
+                if caught_up:
+                    break
+            for attempt in range(1, SWAP_ATTEMPTS + 1):
+                counts["swap_attempts"] = attempt
+                try:
+                    return await _swap(js, pool, conn, schema, shadow, done, batch_size, counts)
+                except (asyncpg.DeadlockDetectedError, asyncpg.LockNotAvailableError):
+                    log.warning("rebuild_swap_retried", attempt=attempt)
+                    await asyncio.sleep(0.2 * attempt)
+            raise RuntimeError("the rebuilt read models could not be swapped in")
+        finally:
+            await pool.close()
     except BaseException:
         # A half-built copy must not outlive the rebuild: it may name a physician forgotten
-        # since it read the stream (a killed rebuild's is dropped by the next one).
-        await pool.close()
-        cleanup = await asyncpg.connect(settings.database_url)
-        try:
-            await cleanup.execute(f'DROP SCHEMA IF EXISTS "{shadow}" CASCADE')
-        finally:
-            await cleanup.close()
+        # since it read the stream.
+        await _drop_schema(conn, shadow)
         raise
-    finally:
-        await pool.close()
+
+
+async def _drop_schema(conn: asyncpg.Connection, name: str) -> None:
+    await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 async def _swap(
     js: Any,
     pool: asyncpg.Pool,
-    settings: Settings,
+    conn: asyncpg.Connection,
     schema: str,
     shadow: str,
     done: int,
     batch_size: int,
     counts: dict[str, int],
 ) -> int:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        async with conn.transaction():
-            # Queries queue behind a waiting lock: wait briefly, and try again later instead.
-            await conn.execute("SET LOCAL lock_timeout = '2s'")
-            tables = [
-                r["tablename"]
-                for r in await conn.fetch(
-                    "SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY tablename",
-                    schema,
-                )
-            ]
-            names = ", ".join(f'"{schema}"."{t}"' for t in tables)
-            await conn.execute(f"LOCK TABLE {names} IN ACCESS EXCLUSIVE MODE")
-            last_seq = (await js.stream_info(STREAM_NAME)).state.last_seq
-            if last_seq > done:  # committed live before the lock: in the new schema too
-                await _replay(js, pool, last_seq, batch_size, 0.5, counts, done + 1)
-            for table in CARRIED_OVER:
-                await conn.execute(
-                    f'INSERT INTO "{shadow}"."{table}" SELECT * FROM "{schema}"."{table}"'
-                    " ON CONFLICT DO NOTHING"
-                )
-            await conn.execute(
-                f"SELECT setval(pg_get_serial_sequence('\"{shadow}\".events', 'position'),"
-                f' (SELECT max(position) FROM "{shadow}".events)) WHERE EXISTS'
-                f' (SELECT 1 FROM "{shadow}".events)'
+    async with conn.transaction():
+        # Queries queue behind a waiting lock: wait briefly, and try again later instead.
+        await conn.execute("SET LOCAL lock_timeout = '2s'")
+        tables = [
+            r["tablename"]
+            for r in await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY tablename",
+                schema,
             )
-            # Versions only grow: an answer kept at an old version is never served again.
+        ]
+        names = ", ".join(f'"{schema}"."{t}"' for t in tables)
+        await conn.execute(f"LOCK TABLE {names} IN ACCESS EXCLUSIVE MODE")
+        last_seq = (await js.stream_info(STREAM_NAME)).state.last_seq
+        if last_seq > done:  # committed live before the lock: in the new schema too
+            await _replay(js, pool, last_seq, batch_size, 0.5, counts, done + 1)
+        for table in CARRIED_OVER:
             await conn.execute(
-                f'INSERT INTO "{shadow}".scope_versions AS v (hospital, version)'
-                f' SELECT hospital, version + 1 FROM "{schema}".scope_versions'
-                " ON CONFLICT (hospital) DO UPDATE SET version = v.version + EXCLUDED.version"
+                f'INSERT INTO "{shadow}"."{table}" SELECT * FROM "{schema}"."{table}"'
+                " ON CONFLICT DO NOTHING"
             )
-            retired = f"{schema}_retired"
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{retired}" CASCADE')
-            await conn.execute(f'ALTER SCHEMA "{schema}" RENAME TO "{retired}"')
-            await conn.execute(f'ALTER SCHEMA "{shadow}" RENAME TO "{schema}"')
-            await conn.execute(f'DROP SCHEMA "{retired}" CASCADE')
-        log.info("rebuild_swapped", schema=schema, last_seq=last_seq)
-        return int(last_seq)
-    finally:
-        await conn.close()
+        await conn.execute(
+            f"SELECT setval(pg_get_serial_sequence('\"{shadow}\".events', 'position'),"
+            f' (SELECT max(position) FROM "{shadow}".events)) WHERE EXISTS'
+            f' (SELECT 1 FROM "{shadow}".events)'
+        )
+        # Versions only grow: an answer kept at an old version is never served again.
+        await conn.execute(
+            f'INSERT INTO "{shadow}".scope_versions AS v (hospital, version)'
+            f' SELECT hospital, version + 1 FROM "{schema}".scope_versions'
+            " ON CONFLICT (hospital) DO UPDATE SET version = v.version + EXCLUDED.version"
+        )
+        retired = f"{schema}_retired"
+        await _drop_schema(conn, retired)
+        await conn.execute(f'ALTER SCHEMA "{schema}" RENAME TO "{retired}"')
+        await conn.execute(f'ALTER SCHEMA "{shadow}" RENAME TO "{schema}"')
+        await conn.execute(f'DROP SCHEMA "{retired}" CASCADE')
+    log.info("rebuild_swapped", schema=schema, last_seq=last_seq)
+    return int(last_seq)
 
 
 # Not read models: what the live service keeps in its schema besides them.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 
 from shared.contracts import (
@@ -118,6 +118,16 @@ class Referral:
         if isinstance(fact, InteractionCompleted):
             return replace(self, status=target, interactions=self.interactions + 1)
         return replace(self, status=target)
+
+
+def closing_date(fact: Event) -> date | None:
+    """The business date a fact closes its referral on, for retention: an outreach's or an
+    interaction's (a referral closes at its last one); None for any other fact."""
+    if isinstance(fact, OutreachAccepted | OutreachDeclined | OutreachUnreachable):
+        return fact.at.date()
+    if isinstance(fact, InteractionCompleted):
+        return fact.occurred_on
+    return None
 
 
 def follow(referral: Referral, facts: Sequence[Event]) -> Referral:

@@ -111,40 +111,19 @@ async def forget(
     `PhysicianForgotten` and queue the stream's job, in `uow`'s transaction."""
     conn, hospital = uow.conn, uow.hospital
     forget_id = new_forget_id()
-    as_physician = await _rename(conn, hospital, "physician_id", physician_id, forget_id)
-    as_referrer = await _rename(conn, hospital, "referrer_id", physician_id, forget_id)
+    # A safety event's id goes with the physician: the FHIR referral ids are a hash of it and
+    # the physician's id.
+    as_physician = await _rename(
+        conn, hospital, "physician_id", physician_id, forget_id, {"safety_event_id": None}
+    )
+    as_referrer = await _rename(conn, hospital, "referrer_id", physician_id, forget_id, {})
     if as_physician:
-        # The stored creations (the referral's own and any repeat's copy). A safety event's id
-        # goes too: the FHIR referral ids are a hash of it and the physician's id.
-        await conn.execute(
-            """
-            UPDATE events SET data = data || jsonb_build_object(
-                'physician_id', $3::text, 'safety_event_id', NULL)
-            WHERE event_type = 'ReferralCreated' AND metadata->>'hospital' = $1
-              AND data->>'referral_id' = ANY($2::text[]) AND data->>'physician_id' = $4
-            """,
-            hospital,
-            as_physician,
-            forget_id,
-            physician_id,
-        )
         await conn.execute(
             "DELETE FROM safety_event_referrals WHERE hospital = $1 AND referral_id = ANY($2)",
             hospital,
             as_physician,
         )
     if as_referrer:
-        await conn.execute(
-            """
-            UPDATE events SET data = data || jsonb_build_object('referrer_id', $3::text)
-            WHERE event_type = 'ReferralCreated' AND metadata->>'hospital' = $1
-              AND data->>'referral_id' = ANY($2::text[]) AND data->>'referrer_id' = $4
-            """,
-            hospital,
-            as_referrer,
-            forget_id,
-            physician_id,
-        )
         # A safety event without an id is known by who reported it and when.
         await conn.execute(
             """
@@ -187,9 +166,16 @@ async def forget(
 
 
 async def _rename(
-    conn: asyncpg.Connection, hospital: str, column: str, old: str, new: str
+    conn: asyncpg.Connection,
+    hospital: str,
+    column: str,
+    old: str,
+    new: str,
+    also: dict[str, Any],
 ) -> list[str]:
-    """`column` (physician_id or referrer_id) from `old` to `new`; the referrals it named."""
+    """`column` (physician_id or referrer_id) from `old` to `new` in the referral rows and in
+    their stored creations (the referral's own and any repeat's copy), with `also` merged into
+    those; returns the referrals it named."""
     rows = await conn.fetch(
         f"UPDATE referrals SET {column} = $3 WHERE hospital = $1 AND {column} = $2"
         " RETURNING referral_id",
@@ -197,7 +183,22 @@ async def _rename(
         old,
         new,
     )
-    return sorted(r["referral_id"] for r in rows)
+    referrals = sorted(r["referral_id"] for r in rows)
+    if referrals:
+        await conn.execute(
+            """
+            UPDATE events SET data = data || jsonb_build_object($4::text, $3::text) || $6::jsonb
+            WHERE event_type = 'ReferralCreated' AND metadata->>'hospital' = $1
+              AND data->>'referral_id' = ANY($2::text[]) AND data->>$4 = $5
+            """,
+            hospital,
+            referrals,
+            new,
+            column,
+            old,
+            also,
+        )
+    return referrals
 
 
 # --- the stream: a job per forget ---------------------------------------------------------------
@@ -526,12 +527,3 @@ async def retention_timer(service: Service) -> None:
         except Exception as exc:  # the database away for a moment: next time
             log.warning("retention_sweep_failed", error=repr(exc)[:300])
         await asyncio.sleep(service.settings.retention_interval)
-
-
-def closing_date(fact: Any) -> date | None:
-    """The business date a fact closes its referral on (an outreach or an interaction)."""
-    at = getattr(fact, "at", None)
-    if at is not None:
-        return at.date()
-    on = getattr(fact, "occurred_on", None)
-    return on if isinstance(on, date) else None

@@ -14,7 +14,6 @@ from prometheus_client import Counter
 
 from services.referral import domain
 from services.referral.domain import Fact, Intake, Referral, Status
-from services.referral.forgetting import closing_date
 from shared import registry
 from shared.contracts import (
     Event,
@@ -173,7 +172,7 @@ async def referral_fact(event: Fact, uow: UnitOfWork) -> None:
         after.assignment_reason,
         after.interactions,
         uow.now(),
-        closing_date(event),
+        domain.closing_date(event),
     )
 
 

@@ -20,7 +20,6 @@ import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
@@ -38,7 +37,7 @@ from shared.contracts import (
 from shared.runtime import Platform
 from shared.settings import Settings
 from tests.badinput.test_bad_input import settled
-from tests.scan import log_files, rows_containing, stream_messages
+from tests.scan import forget_jobs_left, log_files, rows_containing, stream_messages
 
 pytestmark = pytest.mark.e2e
 
@@ -122,17 +121,10 @@ async def answers(
 
 
 async def forget_jobs_done(stack: Platform, hospital: str, timeout: float = 60.0) -> None:
-    conn = await asyncpg.connect(stack.db_url)
-    try:
-        for _ in range(int(timeout * 5)):
-            left = await conn.fetchval(
-                "SELECT count(*) FROM referral.forget_jobs WHERE hospital = $1", hospital
-            )
-            if left == 0:
-                return
-            await asyncio.sleep(0.2)
-    finally:
-        await conn.close()
+    for _ in range(int(timeout * 5)):
+        if await forget_jobs_left(stack.db_url, hospital) == 0:
+            return
+        await asyncio.sleep(0.2)
     raise AssertionError("the forget job did not finish within the minute")
 
 

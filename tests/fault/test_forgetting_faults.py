@@ -15,7 +15,6 @@ import json
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
@@ -32,7 +31,7 @@ from shared.contracts import (
 )
 from shared.runtime import SERVICES, Platform
 from tests.fault.conftest import MakePlatform
-from tests.scan import rows_containing, stream_messages
+from tests.scan import forget_jobs_left, rows_containing, stream_messages
 
 pytestmark = pytest.mark.fault
 
@@ -130,14 +129,6 @@ async def _restart_referral(platform: Platform) -> None:
     await asyncio.to_thread(platform.wait_ready, 90.0)
 
 
-async def _jobs_left(platform: Platform) -> int:
-    conn = await asyncpg.connect(platform.db_url)
-    try:
-        return int(await conn.fetchval("SELECT count(*) FROM referral.forget_jobs"))
-    finally:
-        await conn.close()
-
-
 async def test_kill_9_of_the_referral_service_mid_forgetting(make_platform: MakePlatform) -> None:
     platform = await asyncio.to_thread(make_platform, extra_env={"POST_FORGET_ERASE_DELAY": "0.5"})
     client = await PlatformClient.connect(platform.nats_url)
@@ -162,14 +153,16 @@ async def test_kill_9_of_the_referral_service_mid_forgetting(make_platform: Make
         await asyncio.to_thread(_kill_referral, platform)
         half = await _naming(client, physician)
         assert 0 < len(half) < 2 * REFERRALS + 1, half  # killed in the middle of the job
-        assert await _jobs_left(platform) == 1, "the job is kept until it is done"
+        assert await forget_jobs_left(platform.db_url) == 1, "the job is kept until it is done"
 
         await _restart_referral(platform)
         for _ in range(300):
-            if await _jobs_left(platform) == 0:
+            if await forget_jobs_left(platform.db_url) == 0:
                 break
             await asyncio.sleep(0.2)
-        assert await _jobs_left(platform) == 0, "the job was not finished after the restart"
+        assert await forget_jobs_left(platform.db_url) == 0, (
+            "the job was not finished after the restart"
+        )
         assert await _naming(client, physician) == []
         assert await rows_containing(platform.db_url, physician) == []
         # Nothing lost, nothing doubled: one (redacted) creation per referral, one answer.
@@ -206,7 +199,7 @@ async def test_kill_9_of_the_referral_service_mid_forgetting(make_platform: Make
         assert answer["type"] == "PhysicianForgotten"
         assert answer["data"]["referral_ids"] == ["r-other"]
         for _ in range(300):
-            if await _jobs_left(platform) == 0 and not await _naming(client, other):
+            if await forget_jobs_left(platform.db_url) == 0 and not await _naming(client, other):
                 break
             await asyncio.sleep(0.2)
         assert await _naming(client, other) == []

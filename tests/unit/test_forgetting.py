@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from datetime import UTC, date, datetime
 
-from services.referral.forgetting import FORGET_PREFIX, Action, Job, closing_date, new_forget_id
+from services.referral.domain import closing_date
+from services.referral.forgetting import FORGET_PREFIX, Action, Job, new_forget_id
 from shared.contracts import InteractionCompleted, OutreachAccepted, SupporterAssigned
 
 P = "doc-7"
