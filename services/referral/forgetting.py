@@ -68,7 +68,8 @@ ERASED = Counter(
 )
 JOBS_PENDING = Gauge(
     "post_referral_forget_jobs_pending",
-    "Forget jobs whose stream messages are not all erased yet (the id is kept until then).",
+    "Forget jobs whose stream messages are not all erased yet (the id is kept until then);"
+    " every referral instance reports the same count: take the max, not the sum.",
 )
 JOB_SECONDS = Histogram(
     "post_referral_forget_job_seconds",
