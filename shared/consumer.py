@@ -37,15 +37,26 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from shared import inbox
 from shared.contracts import COMMANDS, STREAM_NAME, dlq_subject, parse_subject
-from shared.dispatch import WAITING, Dispatcher, Incoming, Outcome, waiting_messages
+from shared.dispatch import (
+    HELD,
+    IGNORED,
+    RETRYING,
+    WAITING,
+    Dispatcher,
+    Outcome,
+    is_transient,
+)
 from shared.eventstore import connect
+from shared.inbox import Incoming
 from shared.observability import (
     COMMANDS_ERASED,
     CONSUMER_ACK_PENDING,
     CONSUMER_PENDING,
     DEAD_LETTERS,
     HANDLER_SECONDS,
+    HOSPITALS_HELD_BACK,
     MESSAGES_HANDLED,
     PARTITIONS_HELD,
 )
@@ -83,6 +94,7 @@ class Handled:
     outcome: Outcome
     error: BaseException | None = None
     seconds: float = 0.0
+    batch_failed: bool = False  # the batch's transaction failed, not this message alone
 
 
 class LostPartition(Exception):
@@ -112,6 +124,7 @@ class PartitionWorker:
         self.wake = asyncio.Event()  # events were committed elsewhere in this process
         self.held = False
         self.waiting = 0
+        self.holding: set[str] = set()  # this partition's hospitals held back by a retried message
         self._conn: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()  # one user of the connection at a time
         self._quiet_before = False
@@ -140,6 +153,7 @@ class PartitionWorker:
             self.waiting = await conn.fetchval(
                 "SELECT count(*) FROM waiting WHERE partition = $1", self.partition
             )
+            self.holding = await inbox.held_back(conn, self.partition)
             publisher = asyncio.create_task(self._publish_loop())
             await self._consume(sub)
         finally:
@@ -148,7 +162,7 @@ class PartitionWorker:
                 await asyncio.gather(publisher, return_exceptions=True)
             if self.held:
                 PARTITIONS_HELD.labels(self.service).dec()
-                for gauge in (CONSUMER_PENDING, CONSUMER_ACK_PENDING):  # its holder reports it
+                for gauge in (CONSUMER_PENDING, CONSUMER_ACK_PENDING, HOSPITALS_HELD_BACK):
                     with contextlib.suppress(KeyError):
                         gauge.remove(self.service, str(self.partition))
                 log.info("partition_released", partition=self.partition)
@@ -188,12 +202,16 @@ class PartitionWorker:
                 msgs = await sub.fetch(self.settings.fetch_batch if backlog else 1, 1.0)
             except (NatsTimeoutError, TimeoutError):
                 backlog = False
+                if self.holding:
+                    await self.retry_held()
                 if self.waiting:
                     await self.retry_waiting(settle=True)
                 continue
             last = msgs[-1].metadata if msgs else None
             backlog = bool(last and last.num_pending)
             await self.handle_batch(msgs)
+            if self.holding:
+                await self.retry_held()
 
     def _connection(self) -> asyncpg.Connection:
         conn = self._conn
@@ -215,21 +233,93 @@ class PartitionWorker:
             try:
                 async with conn.transaction():
                     for _, incoming in items:
-                        done.append(await self._dispatch(conn, incoming))
+                        done.append(await self._take(conn, incoming))
                     hospitals = sorted({i.hospital for _, i in items if i is not None})
                     if self.waiting and hospitals:
                         retried = await self._retry(conn, hospitals, settled=False)
             except Exception as exc:  # the commit or the connection failed: nothing stands
                 if conn.is_closed():
                     raise LostPartition(repr(exc)) from exc
-                done = [Handled(Outcome("error"), exc) for _ in items]
+                done = [Handled(Outcome("error"), exc, batch_failed=True) for _ in items]
                 retried = []
+                self.holding = await inbox.held_back(conn, self.partition)
             self._count_waiting(done, retried)
             await self.relay.publish_pending(conn, self.partition)
             for (msg, incoming), handled in zip(items, done, strict=True):
                 await self._settle(conn, msg, incoming, handled)
             for incoming, handled in retried:
                 await self._settle(conn, None, incoming, handled)
+
+    async def _take(self, conn: asyncpg.Connection, incoming: Incoming | None) -> Handled:
+        """One message from the stream: kept behind its hospital's retried message, or handled;
+        a passing failure makes it its hospital's head, tried again later."""
+        if incoming is None or self.dispatcher.ignores(incoming):
+            return Handled(IGNORED)
+        if incoming.hospital in self.holding:
+            kept = await inbox.hold(conn, incoming)
+            return Handled(HELD if kept else Outcome("duplicate", same_message=True))
+        handled = await self._dispatch(conn, incoming)
+        exc = handled.error
+        if exc is not None and is_transient(exc) and incoming.attempt < self.settings.max_deliver:
+            await self._hold_head(conn, incoming, exc)
+            return Handled(RETRYING, None, handled.seconds)
+        return handled
+
+    async def _hold_head(
+        self, conn: asyncpg.Connection, incoming: Incoming, exc: BaseException
+    ) -> None:
+        failures = incoming.attempt
+        retry_at = inbox.retry_time(self.dispatcher.clock.now(), backoff_seconds(failures))
+        await inbox.hold_head(conn, self.service, incoming, failures, retry_at)
+        self.holding.add(incoming.hospital)
+        # The class only: an error's text may quote what the message carried.
+        log.warning(
+            "hospital_held_back",
+            error=type(exc).__name__,
+            attempt=failures,
+            retry_in=backoff_seconds(failures),
+        )
+
+    async def retry_held(self) -> None:
+        """Try the heads that are due again; a head that is done releases its hospital's held
+        messages, handled in stream order as if they came now (the first that fails for a
+        passing reason becomes the new head, and the rest stay behind it)."""
+        if not self.holding:
+            return
+        async with self._lock:
+            conn = self._connection()
+            done: list[tuple[Incoming, Handled]] = []
+            try:
+                async with conn.transaction():
+                    now = self.dispatcher.clock.now()
+                    for hospital in await inbox.due_heads(conn, self.partition, now):
+                        done += await self._drain(conn, hospital)
+            except Exception as exc:
+                if conn.is_closed():
+                    raise LostPartition(repr(exc)) from exc
+                log.warning("held_retry_failed", error=type(exc).__name__)
+                done = []
+                self.holding = await inbox.held_back(conn, self.partition)
+            self._count_waiting([h for _, h in done], [])
+            await self.relay.publish_pending(conn, self.partition)
+            for incoming, handled in done:
+                await self._settle(conn, None, incoming, handled)
+
+    async def _drain(
+        self, conn: asyncpg.Connection, hospital: str
+    ) -> list[tuple[Incoming, Handled]]:
+        queue = await inbox.take_queue(conn, hospital)
+        self.holding.discard(hospital)
+        done = []
+        for i, incoming in enumerate(queue):
+            if hospital in self.holding:  # a new head: the rest wait behind it again
+                for rest in queue[i:]:
+                    await inbox.hold(conn, rest)
+                break
+            done.append((incoming, await self._take(conn, incoming)))
+        if hospital not in self.holding:
+            await inbox.release(conn, self.service, hospital)
+        return done
 
     async def _dispatch(
         self, conn: asyncpg.Connection, incoming: Incoming | None, settled: bool = False
@@ -252,8 +342,12 @@ class PartitionWorker:
         self, conn: asyncpg.Connection, hospitals: list[str] | None, settled: bool
     ) -> list[tuple[Incoming, Handled]]:
         retried = []
-        for incoming in await waiting_messages(conn, self.partition, hospitals):
-            retried.append((incoming, await self._dispatch(conn, incoming, settled)))
+        # Not settled for a hospital some service holds back: its held message may bring the
+        # fact (a RequestReferral retried in referral, a RecordOutreach waiting in records).
+        held = await inbox.held_back_anywhere(conn, self.partition) if settled else set()
+        for incoming in await inbox.waiting_messages(conn, self.partition, hospitals):
+            settled_here = settled and incoming.hospital not in held
+            retried.append((incoming, await self._dispatch(conn, incoming, settled_here)))
         return retried
 
     def _count_waiting(self, done: list[Handled], retried: list[tuple[Incoming, Handled]]) -> None:
@@ -309,22 +403,33 @@ class PartitionWorker:
         structlog.contextvars.bind_contextvars(event_type=incoming.type, hospital=incoming.hospital)
         try:
             if exc is not None:
-                if incoming.attempt >= self.settings.max_deliver:
-                    reason = f"failed {incoming.attempt} times: {exc!r}"[:500]
+                passing = handled.batch_failed or is_transient(exc)
+                if passing and incoming.attempt < self.settings.max_deliver:
+                    # The whole batch failed (the database or NATS): it comes again, in order.
+                    # A waiting message stays in ``waiting`` and is tried with the next.
+                    log.warning(
+                        "handler_failed", error=type(exc).__name__, attempt=incoming.attempt
+                    )
+                    if msg is not None:
+                        await msg.nak(delay=backoff_seconds(incoming.attempt))
+                else:
+                    # Failed for good (every try), or in a way no retry changes (a parse error,
+                    # a limit, a bug this message triggers): dead-lettered and answered now.
+                    how = f"failed {incoming.attempt} times" if passing else "failed for good"
+                    reason = f"{how}: {type(exc).__name__}"
                     await self.dead_letter(incoming, reason)
+                    if incoming.parked_key is not None:
+                        async with conn.transaction():
+                            await inbox.unpark(conn, incoming.parked_key)
                     if incoming.kind == "cmd":
                         try:
-                            await self.dispatcher.answer_unprocessable(conn, incoming, repr(exc))
+                            await self.dispatcher.answer_unprocessable(conn, incoming, reason)
                             await self.relay.publish_pending(conn, self.partition)
                         except Exception as failed:  # dead-lettered already: go on, never loop
-                            log.error("answer_failed", error=repr(failed)[:200])
+                            log.error("answer_failed", error=type(failed).__name__)
                     outcome = Outcome("dead_letter", reason)
                     if msg is not None:
                         await msg.ack()
-                else:
-                    log.warning("handler_failed", error=repr(exc), attempt=incoming.attempt)
-                    if msg is not None:
-                        await msg.nak(delay=backoff_seconds(incoming.attempt))
             else:
                 if outcome.label == "dead_letter":
                     await self.dead_letter(incoming, outcome.dead_letter_reason)
@@ -407,6 +512,7 @@ class PartitionWorker:
         labels = (self.service, str(self.partition))
         CONSUMER_PENDING.labels(*labels).set(info.num_pending or 0)
         CONSUMER_ACK_PENDING.labels(*labels).set(info.num_ack_pending or 0)
+        HOSPITALS_HELD_BACK.labels(*labels).set(len(self.holding))
 
 
 class Ownership:

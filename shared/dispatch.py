@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import nats.errors
 import structlog
 
 from shared.clock import Clock
@@ -49,10 +52,11 @@ from shared.contracts import (
     new_id,
     parse_envelope,
     parse_payload,
+    usable_id,
 )
 from shared.eventstore import ConcurrencyError
+from shared.inbox import Incoming, park, unpark, waited_once_more
 from shared.observability import COMMANDS_REJECTED
-from shared.partitions import partition_of
 from shared.unit_of_work import (
     Handler,
     NotYetKnown,
@@ -64,29 +68,11 @@ from shared.unit_of_work import (
 log = structlog.get_logger()
 
 
-@dataclass
-class Incoming:
-    """A message of the stream as the dispatcher sees it."""
-
-    subject: str
-    hospital: str
-    kind: str  # "cmd" or "evt"
-    type: str
-    body: bytes
-    stream_seq: int | None  # its sequence in POST
-    attempt: int
-    stored_at: datetime | None  # when POST stored it
-    waited: bool = False  # taken from ``waiting``
-
-    @property
-    def label(self) -> str:
-        """The type as a metric label: a subject's last token may be anything, labels not."""
-        return self.type if self.type in COMMANDS or self.type in EVENTS else "unknown"
-
-
 @dataclass(frozen=True)
 class Outcome:
-    label: str  # ok, duplicate, rejected, ignored, waiting, dead_letter (a metric label)
+    # ok, duplicate, rejected, ignored, waiting, dead_letter, error; held (kept behind its
+    # hospital's retried message), retrying (failed for a passing reason, tried again later)
+    label: str  # a metric label
     dead_letter_reason: str = ""
     same_message: bool = False  # a duplicate that is this message delivered again
 
@@ -103,6 +89,32 @@ class Outcome:
 OK = Outcome("ok")
 IGNORED = Outcome("ignored")
 WAITING = Outcome("waiting")
+HELD = Outcome("held")
+RETRYING = Outcome("retrying")
+
+# What can fail and then pass: the database or NATS away, a lock or a serialization conflict,
+# a concurrent writer. Anything else (a parse error, a validation error, a limit, a bug that
+# this message triggers) fails the same way every time: it is answered or dead-lettered at
+# once, never retried (issue 21: one deep array cost its partition six minutes).
+TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,  # ConnectionError, TimeoutError, ...
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.TransactionRollbackError,  # serialization failure, deadlock
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.QueryCanceledError,  # statement_timeout
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, crash shutdown
+    asyncpg.exceptions.InsufficientResourcesError,  # disk full, out of memory, connections
+    asyncpg.exceptions.InFailedSQLTransactionError,  # the transaction broke on another error
+    asyncpg.UniqueViolationError,  # a concurrent writer (an HTTP intake) was first
+    ConcurrencyError,
+    nats.errors.Error,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT)
 
 
 def dead_letter(reason: str) -> Outcome:
@@ -123,6 +135,33 @@ class _Wait(Exception):
     """Roll the handler's work back and keep the message in ``waiting``."""
 
 
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]')
+
+
+def envelope_id(body: bytes) -> str | None:
+    """The CloudEvents id of a body that parse_envelope refused, to answer it; None when it
+    has none to answer with. Found without decoding the body (it may be nested past any
+    recursion limit): the top-level object's `"id"` string, from a scan of its tokens."""
+    depth, key, last = 0, None, b""
+    for match in _TOKEN.finditer(body):
+        token = match.group()
+        if token in (b"{", b"["):
+            depth += 1
+        elif token in (b"}", b"]"):
+            depth -= 1
+        elif depth == 1 and token[:1] == b'"':
+            if last in (b"{", b","):
+                key = token
+            elif last == b":" and key == b'"id"':
+                try:
+                    value = json.loads(token)
+                except ValueError:
+                    return None
+                return value if usable_id(value) else None
+        last = token
+    return None
+
+
 def stored_age_seconds(incoming: Incoming, clock: Clock) -> float:
     if incoming.stored_at is None:
         return 0.0
@@ -130,6 +169,41 @@ def stored_age_seconds(incoming: Incoming, clock: Clock) -> float:
     if stored.tzinfo is None:
         stored = stored.replace(tzinfo=UTC)
     return (clock.now() - stored).total_seconds()
+
+
+class InjectedFault(ConnectionError):
+    """A passing failure the fault suite asks for (POST_TEST_FAULTS_FILE)."""
+
+
+class InjectedFaults:
+    """The fault suite's switch: while a hospital is a line of the file (`<hospital>`, or
+    `<service>:<hospital>` for one service), its messages fail in this service as if the
+    database were away. Never set outside tests."""
+
+    def __init__(self, path: Path, service: str) -> None:
+        self.path = path
+        self.service = service
+        self._stamp: tuple[int, int] | None = None
+        self._hospitals: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_file(cls, path: str, service: str) -> InjectedFaults | None:
+        return cls(Path(path), service) if path else None
+
+    def failing(self, hospital: str) -> bool:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return False
+        if (st.st_mtime_ns, st.st_size) != self._stamp:
+            self._stamp = (st.st_mtime_ns, st.st_size)
+            mine = f"{self.service}:"
+            self._hospitals = frozenset(
+                line.removeprefix(mine)
+                for line in self.path.read_text().split()
+                if ":" not in line or line.startswith(mine)
+            )
+        return hospital in self._hospitals
 
 
 class Dispatcher:
@@ -143,6 +217,7 @@ class Dispatcher:
         event_handlers: Mapping[str, Handler],
         answers_unknown_commands: bool,
         not_yet_known_seconds: float,
+        faults: InjectedFaults | None = None,
     ) -> None:
         self.service = service
         self.clock = clock
@@ -152,6 +227,7 @@ class Dispatcher:
         # hospital's integration): a CommandRejected, never silence.
         self.answers_unknown_commands = answers_unknown_commands
         self.not_yet_known_seconds = not_yet_known_seconds
+        self.faults = faults
         for t in self.command_handlers:
             if t not in COMMANDS or COMMANDS[t].owner != role:
                 raise ValueError(f"{service} may not handle {t}: its owner is another service")
@@ -161,15 +237,19 @@ class Dispatcher:
 
     # -- a message of the stream -----------------------------------------------------------
 
+    def ignores(self, incoming: Incoming) -> bool:
+        """Another service's command: its owner answers it."""
+        owned = incoming.type in self.command_handlers
+        unowned = incoming.type not in COMMANDS and self.answers_unknown_commands
+        return incoming.kind == "cmd" and not (owned or unowned)
+
     async def dispatch(
         self, incoming: Incoming, conn: asyncpg.Connection, *, settled: bool = False
     ) -> Outcome:
         """Decide the fate of one message, in `conn`'s transaction (each message in a
         savepoint of its own). `settled`: nothing it could wait for is pending any more."""
-        owned = incoming.type in self.command_handlers
-        unowned = incoming.type not in COMMANDS and self.answers_unknown_commands
-        if incoming.kind == "cmd" and not (owned or unowned):
-            return IGNORED  # another service's command: its owner answers it
+        if self.ignores(incoming):
+            return IGNORED
         if not is_hospital_id(incoming.hospital):
             # No tenant can have this id (CONTRACT.md: hospital ids are slugs), so there is no
             # hospital to answer: a dead letter, at once (an answer could not even be built).
@@ -181,7 +261,9 @@ class Dispatcher:
         except Rejected as rejected:
             if incoming.kind != "cmd":
                 return dead_letter(rejected.detail)
-            raw_id = str(json.loads(incoming.body)["id"])
+            raw_id = envelope_id(incoming.body)
+            if raw_id is None:
+                return dead_letter(rejected.detail)
             return await self.reject(conn, incoming, raw_id, rejected)
         if incoming.kind == "cmd":
             mismatch = None
@@ -225,6 +307,8 @@ class Dispatcher:
                 )
                 if not fresh:
                     return await self._duplicate(conn, key, incoming)
+                if self.faults is not None and self.faults.failing(incoming.hospital):
+                    raise InjectedFault(f"{self.service}: injected for the fault suite")
                 try:
                     if is_command:
                         message: Any = parse_payload(COMMANDS[incoming.type], data)
@@ -252,17 +336,15 @@ class Dispatcher:
                 if is_command and not uow.emitted:
                     log.error("command_without_answer", command_type=incoming.type)
                 if incoming.waited:
-                    await _unpark(conn, key)
+                    await unpark(conn, key)
                 return OK
         except _Wait:
             if not incoming.waited:
-                kept = await _park(conn, key, incoming)
+                kept = await park(conn, key, incoming)
                 if kept != incoming.stream_seq:  # a copy of a message already waiting
                     return Outcome("duplicate", same_message=False)
             else:
-                await conn.execute(
-                    "UPDATE waiting SET attempts = attempts + 1 WHERE message_id = $1", key
-                )
+                await waited_once_more(conn, key)
             return WAITING
         except _Refused as refused:
             # Rolled back: nothing of the handler is kept. Recorded anew, with the answer.
@@ -270,7 +352,7 @@ class Dispatcher:
                 if not await mark_processed(conn, key, incoming.stream_seq):
                     return await self._duplicate(conn, key, incoming)
                 if incoming.waited:
-                    await _unpark(conn, key)
+                    await unpark(conn, key)
                 if refused.rejected is not None:
                     uow = UnitOfWork(
                         self.service, conn, incoming.hospital, self.clock, ce_id, chain
@@ -282,7 +364,7 @@ class Dispatcher:
         """Handled before: this very message again (redelivered after a crash or a takeover),
         or a copy sent later."""
         if incoming.waited:
-            await _unpark(conn, key)
+            await unpark(conn, key)
         seen = await conn.fetchval("SELECT stream_seq FROM processed WHERE message_id = $1", key)
         same = incoming.stream_seq is not None and seen == incoming.stream_seq
         return Outcome("duplicate", same_message=same)
@@ -305,9 +387,8 @@ class Dispatcher:
         self, conn: asyncpg.Connection, incoming: Incoming, reason: str
     ) -> None:
         """A command that failed every attempt still gets an answer."""
-        try:
-            command_id = str(json.loads(incoming.body)["id"])
-        except Exception:
+        command_id = envelope_id(incoming.body)
+        if command_id is None:
             return
         refused = Rejected(ReasonCode.internal_error, "could not be processed")
         await self.reject(conn, incoming, command_id, refused)
@@ -361,57 +442,3 @@ class Dispatcher:
                 ).inc()
                 raise
         raise Rejected(ReasonCode.internal_error, "too much contention, try again")
-
-
-# -- waiting messages ----------------------------------------------------------------------
-
-
-async def _park(conn: asyncpg.Connection, key: str, incoming: Incoming) -> int | None:
-    """Keep a message in ``waiting``; returns the stream sequence of the one kept under its id
-    (another when this is a copy of a message already waiting)."""
-    return await conn.fetchval(
-        "WITH kept AS (INSERT INTO waiting (message_id, partition, hospital, stream_seq, subject,"
-        " body, stored_at, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-        " ON CONFLICT (message_id) DO NOTHING RETURNING stream_seq)"
-        " SELECT stream_seq FROM kept"
-        " UNION ALL SELECT stream_seq FROM waiting WHERE message_id = $1 LIMIT 1",
-        key,
-        partition_of(incoming.hospital),
-        incoming.hospital,
-        incoming.stream_seq,
-        incoming.subject,
-        incoming.body,
-        incoming.stored_at or datetime.now(UTC),
-        incoming.attempt,
-    )
-
-
-async def _unpark(conn: asyncpg.Connection, key: str) -> None:
-    await conn.execute("DELETE FROM waiting WHERE message_id = $1", key)
-
-
-async def waiting_messages(
-    conn: asyncpg.Connection, partition: int, hospitals: list[str] | None = None
-) -> list[Incoming]:
-    """The messages of `partition` (of `hospitals`, when given) that wait, in stream order."""
-    rows = await conn.fetch(
-        "SELECT hospital, stream_seq, subject, body, stored_at, attempts FROM waiting"
-        " WHERE partition = $1 AND ($2::text[] IS NULL OR hospital = ANY($2::text[]))"
-        " ORDER BY stream_seq NULLS LAST, message_id",
-        partition,
-        hospitals,
-    )
-    return [
-        Incoming(
-            subject=r["subject"],
-            hospital=r["hospital"],
-            kind=r["subject"].split(".")[2],
-            type=r["subject"].split(".")[3],
-            body=bytes(r["body"]),
-            stream_seq=r["stream_seq"],
-            attempt=r["attempts"] + 1,
-            stored_at=r["stored_at"],
-            waited=True,
-        )
-        for r in rows
-    ]

@@ -157,6 +157,11 @@ async def migrate(pool: asyncpg.Pool, schema: str, service_migrations: Path | No
         files += [(schema, f) for f in sorted(service_migrations.glob("*.sql"))]
     applied: list[str] = []
     async with pool.acquire() as conn:
+        # The schema every service may read and write, for what the services coordinate on
+        # (shared/inbox.py `holds`); created under one lock for all services.
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('migrate:post_platform'))")
+            await conn.execute("CREATE SCHEMA IF NOT EXISTS post_platform")
         # One migrator per schema at a time, even with several replicas starting together.
         await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"migrate:{schema}")
         try:

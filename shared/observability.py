@@ -80,6 +80,12 @@ CONSUMER_ACK_PENDING = Gauge(
     "Messages of a partition delivered to the service but not yet acknowledged.",
     ["service", "partition"],
 )
+HOSPITALS_HELD_BACK = Gauge(
+    "post_hospitals_held_back",
+    "Hospitals of a partition whose messages wait behind one that failed for a passing reason"
+    " and is tried again (the partition's other hospitals go on).",
+    ["service", "partition"],
+)
 PARTITIONS_HELD = Gauge(
     "post_partitions_held",
     "Partitions of the service this instance holds (summed over instances: every partition).",

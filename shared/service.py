@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from shared.clock import Clock, ControlledClock, SystemClock
 from shared.consumer import Ownership
 from shared.contracts import STREAM_NAME, STREAM_SUBJECTS, Command, cmd_subject, evt_subject, new_id
-from shared.dispatch import Dispatcher
+from shared.dispatch import Dispatcher, InjectedFaults
 from shared.eventstore import create_pool, migrate
 from shared.http import install_error_handlers
 from shared.observability import SERVICE_UP, configure_logging
@@ -135,6 +135,7 @@ class Service:
             event_handlers=event_handlers or {},
             answers_unknown_commands=answers_unknown_commands,
             not_yet_known_seconds=self.settings.not_yet_known_seconds,
+            faults=InjectedFaults.from_file(self.settings.test_faults_file, name),
         )
         # The service that answers unknown command types sees every command (and lets the ones
         # other services own pass: see shared/dispatch.py).

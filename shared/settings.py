@@ -42,6 +42,9 @@ class Settings:
     forget_erase_delay: float = field(
         default_factory=lambda: float(_env("POST_FORGET_ERASE_DELAY", "0"))
     )
+    # The fault suite's other knob: a file naming hospitals whose messages fail for a passing
+    # reason in this service while they are listed (shared/dispatch.py `InjectedFaults`).
+    test_faults_file: str = field(default_factory=lambda: _env("POST_TEST_FAULTS_FILE", ""))
     max_deliver: int = field(default_factory=lambda: int(_env("POST_MAX_DELIVER", "20")))
     fetch_batch: int = field(default_factory=lambda: int(_env("POST_FETCH_BATCH", "100")))
     # Tests and demos may move a service's clock through POST /admin/clock.
