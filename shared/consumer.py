@@ -45,6 +45,7 @@ from shared.dispatch import (
     RETRYING,
     WAITING,
     Dispatcher,
+    Fate,
     Outcome,
     is_transient,
 )
@@ -240,7 +241,7 @@ class PartitionWorker:
             except Exception as exc:  # the commit or the connection failed: nothing stands
                 if conn.is_closed():
                     raise LostPartition(repr(exc)) from exc
-                done = [Handled(Outcome("error"), exc, batch_failed=True) for _ in items]
+                done = [Handled(Outcome(Fate.error), exc, batch_failed=True) for _ in items]
                 retried = []
                 self.holding = await inbox.held_back(conn, self.partition)
             self._count_waiting(done, retried)
@@ -257,7 +258,7 @@ class PartitionWorker:
             return Handled(IGNORED)
         if incoming.hospital in self.holding:
             kept = await inbox.hold(conn, incoming)
-            return Handled(HELD if kept else Outcome("duplicate", same_message=True))
+            return Handled(HELD if kept else Outcome(Fate.duplicate, same_message=True))
         handled = await self._dispatch(conn, incoming)
         exc = handled.error
         if exc is not None and is_transient(exc) and incoming.attempt < self.settings.max_deliver:
@@ -325,7 +326,7 @@ class PartitionWorker:
         self, conn: asyncpg.Connection, incoming: Incoming | None, settled: bool = False
     ) -> Handled:
         if incoming is None:
-            return Handled(Outcome("ignored"))
+            return Handled(IGNORED)
         started = time.perf_counter()
         structlog.contextvars.bind_contextvars(event_type=incoming.type, hospital=incoming.hospital)
         try:
@@ -334,7 +335,7 @@ class PartitionWorker:
         except Exception as exc:  # transient: retry with back-off, then dead-letter
             if conn.is_closed():
                 raise
-            return Handled(Outcome("error"), exc, time.perf_counter() - started)
+            return Handled(Outcome(Fate.error), exc, time.perf_counter() - started)
         finally:
             structlog.contextvars.unbind_contextvars("event_type", "hospital", "correlation_id")
 
@@ -427,11 +428,11 @@ class PartitionWorker:
                             await self.relay.publish_pending(conn, self.partition)
                         except Exception as failed:  # dead-lettered already: go on, never loop
                             log.error("answer_failed", error=type(failed).__name__)
-                    outcome = Outcome("dead_letter", reason)
+                    outcome = Outcome(Fate.dead_letter, reason)
                     if msg is not None:
                         await msg.ack()
             else:
-                if outcome.label == "dead_letter":
+                if outcome.label is Fate.dead_letter:
                     await self.dead_letter(incoming, outcome.dead_letter_reason)
                 if msg is not None:
                     await msg.ack()

@@ -32,6 +32,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -68,29 +69,44 @@ from shared.unit_of_work import (
 log = structlog.get_logger()
 
 
+class Fate(StrEnum):
+    """How a message ended (also its metric label)."""
+
+    ok = "ok"
+    duplicate = "duplicate"
+    rejected = "rejected"  # answered with CommandRejected
+    ignored = "ignored"  # another service's command; a fact refused by a handler
+    waiting = "waiting"  # kept in ``waiting`` for another service's fact
+    dead_letter = "dead_letter"
+    error = "error"  # failed; the consumer decides: try again, or dead-letter and answer
+    held = "held"  # kept behind its hospital's retried message
+    retrying = "retrying"  # failed for a passing reason: its hospital's head, tried again
+
+
 @dataclass(frozen=True)
 class Outcome:
-    # ok, duplicate, rejected, ignored, waiting, dead_letter, error; held (kept behind its
-    # hospital's retried message), retrying (failed for a passing reason, tried again later)
-    label: str  # a metric label
+    label: Fate
     dead_letter_reason: str = ""
     same_message: bool = False  # a duplicate that is this message delivered again
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", Fate(self.label))
 
     @property
     def erases_command(self) -> bool:
         """A command the platform did not take is erased from the stream once answered: a
         refused one may carry names in the fields that got it refused, a copy adds nothing, a
         dead letter's copy is on the dead-letter subject."""
-        if self.label == "duplicate":
+        if self.label is Fate.duplicate:
             return not self.same_message
-        return self.label in ("rejected", "dead_letter")
+        return self.label in (Fate.rejected, Fate.dead_letter)
 
 
-OK = Outcome("ok")
-IGNORED = Outcome("ignored")
-WAITING = Outcome("waiting")
-HELD = Outcome("held")
-RETRYING = Outcome("retrying")
+OK = Outcome(Fate.ok)
+IGNORED = Outcome(Fate.ignored)
+WAITING = Outcome(Fate.waiting)
+HELD = Outcome(Fate.held)
+RETRYING = Outcome(Fate.retrying)
 
 # What can fail and then pass: the database or NATS away, a lock or a serialization conflict,
 # a concurrent writer. Anything else (a parse error, a validation error, a limit, a bug that
@@ -118,7 +134,7 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def dead_letter(reason: str) -> Outcome:
-    return Outcome("dead_letter", reason)
+    return Outcome(Fate.dead_letter, reason)
 
 
 class _Refused(Exception):
@@ -322,7 +338,7 @@ class Dispatcher:
                             "event_refused", reason=rejected.reason_code, detail=rejected.detail
                         )
                         raise _Refused(IGNORED) from None
-                    raise _Refused(Outcome("rejected"), rejected) from None
+                    raise _Refused(Outcome(Fate.rejected), rejected) from None
                 except NotYetKnown as pending:
                     limit = self.not_yet_known_seconds
                     if not settled and stored_age_seconds(incoming, self.clock) < limit:
@@ -331,7 +347,7 @@ class Dispatcher:
                     if not is_command:
                         raise _Refused(dead_letter(f"not known: {pending.detail}")) from None
                     raise _Refused(
-                        Outcome("rejected"), Rejected(pending.reason_code, pending.detail)
+                        Outcome(Fate.rejected), Rejected(pending.reason_code, pending.detail)
                     ) from None
                 if is_command and not uow.emitted:
                     log.error("command_without_answer", command_type=incoming.type)
@@ -342,7 +358,7 @@ class Dispatcher:
             if not incoming.waited:
                 kept = await park(conn, key, incoming)
                 if kept != incoming.stream_seq:  # a copy of a message already waiting
-                    return Outcome("duplicate", same_message=False)
+                    return Outcome(Fate.duplicate, same_message=False)
             else:
                 await waited_once_more(conn, key)
             return WAITING
@@ -367,7 +383,7 @@ class Dispatcher:
             await unpark(conn, key)
         seen = await conn.fetchval("SELECT stream_seq FROM processed WHERE message_id = $1", key)
         same = incoming.stream_seq is not None and seen == incoming.stream_seq
-        return Outcome("duplicate", same_message=same)
+        return Outcome(Fate.duplicate, same_message=same)
 
     async def reject(
         self, conn: asyncpg.Connection, incoming: Incoming, command_id: str, rejected: Rejected
@@ -381,7 +397,7 @@ class Dispatcher:
                 return await self._duplicate(conn, key, incoming)
             uow = UnitOfWork(self.service, conn, incoming.hospital, self.clock, command_id)
             await self._append_rejection(uow, command_id, incoming.type, rejected)
-        return Outcome("rejected")
+        return Outcome(Fate.rejected)
 
     async def answer_unprocessable(
         self, conn: asyncpg.Connection, incoming: Incoming, reason: str

@@ -169,13 +169,16 @@ class _Calls:
     def __init__(self) -> None:
         self.handled: dict[str, list[str]] = {}
         self.fail_first: dict[str, int] = {}  # hospital -> failures still to come
+        self.broken: set[str] = set()  # hospitals whose handler always fails
 
 
 async def _start_test_service(platform: Platform, calls: _Calls) -> Service:
     async def register_hospital(cmd: RegisterHospital, uow: UnitOfWork) -> None:
         if calls.fail_first.get(uow.hospital, 0) > 0:
             calls.fail_first[uow.hospital] -= 1
-            raise RuntimeError("database hiccup")  # transient: must be retried
+            raise ConnectionResetError("database hiccup")  # passing: must be retried
+        if uow.hospital in calls.broken:
+            raise RuntimeError("a bug this message triggers")  # fails the same way every time
         if cmd.name == "refuse me":
             raise Rejected(ReasonCode.conflicting_duplicate, "refused on purpose")
         calls.handled.setdefault(uow.hospital, []).append(cmd.name)
@@ -288,6 +291,16 @@ async def test_consumer_redelivery_poison_rejection_and_retry(platform: Platform
         assert retried["type"] == "HospitalRegistered"
         assert calls.handled[hospital] == ["Once"]
         assert calls.handled[h2] == ["Retried"]
+
+        # a failure no retry changes is answered (and dead-lettered) on its first attempt
+        h3 = f"h-{uuid.uuid4().hex[:8]}"
+        calls.broken.add(h3)
+        failed = await answer(
+            await client.send(h3, RegisterHospital(name="Broken", physician_count=2)), h3
+        )
+        assert failed["type"] == "CommandRejected"
+        assert failed["data"]["reason_code"] == "internal_error"
+        assert h3 not in calls.handled
 
         # a command for another owner's type is not this service's business
         assert "LaunchDepartment" not in service.dispatcher.command_handlers
