@@ -10,9 +10,10 @@ with certificates from ``postctl certs``, refuse what they must and take what th
   docker-compose.yml: a connection without TLS is refused; the services' DSN
   (``sslmode=verify-full``) connects to the right name and refuses a server of the wrong
   name or of another CA.
-- The TLS proxy (Caddy, deploy/proxy/Caddyfile) in front of a real service: HTTPS with our
-  CA only, a plaintext request gets no page, the hospital routes reach the service (which
-  asks for a token), /healthz, /readyz and /metrics stay private.
+- The TLS proxy (Caddy, deploy/proxy/Caddyfile) in front of a real service that runs on that
+  PostgreSQL with the services' DSN: HTTPS with our CA only, a plaintext request gets no
+  page, the hospital routes reach the service (which asks for a token), /healthz, /readyz
+  and /metrics stay private.
 """
 
 from __future__ import annotations
@@ -471,9 +472,10 @@ class Proxy:
 
 
 @pytest.fixture(scope="module")
-async def proxy(platform: Platform, ours: Path) -> AsyncIterator[Proxy]:
+async def proxy(platform: Platform, ours: Path, tls_postgres: TlsPostgres) -> AsyncIterator[Proxy]:
     """deploy/proxy/Caddyfile run by Caddy, its listeners and upstreams moved to this
-    machine's free ports; behind it a real referral service."""
+    machine's free ports; behind it a real referral service, on the TLS PostgreSQL with the
+    services' DSN of docker-compose.yml (verify-full)."""
     caddy = shutil.which("caddy")
     if caddy is None:
         pytest.fail("caddy is missing: make system-deps")
@@ -481,7 +483,11 @@ async def proxy(platform: Platform, ours: Path) -> AsyncIterator[Proxy]:
     service_port = free_port()
     service = ServiceProcess(
         "referral",
-        {**platform.env(), "POST_REFERRAL_PORT": str(service_port)},
+        {
+            **platform.env(),
+            "POST_REFERRAL_PORT": str(service_port),
+            "POST_DATABASE_URL": _services_dsn(tls_postgres, ours / certs.CA_CERT),
+        },
         folder / "referral.log",
     ).start()
     text = (ROOT / "deploy" / "proxy" / "Caddyfile").read_text()
@@ -529,13 +535,25 @@ def _https(ca: Path) -> httpx.AsyncClient:
     return httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(ca)), timeout=10)
 
 
-async def test_the_proxy_serves_a_service_over_https_with_our_ca(proxy: Proxy, ours: Path) -> None:
+async def test_the_proxy_serves_a_service_over_https_with_our_ca(
+    proxy: Proxy, ours: Path, tls_postgres: TlsPostgres
+) -> None:
     async with _https(ours / certs.CA_CERT) as http:
         url = f"https://localhost:{proxy.ports[8001]}/hospitals/st-mary/referrals"
         answer = await http.post(url, json={})
     # The service itself answers: a hospital's routes need its token.
     assert answer.status_code == 401
     assert answer.json()["reason_code"] == "unauthenticated"
+    # Behind it, every connection of the service to PostgreSQL is TLS (pool and leases).
+    conn = await asyncpg.connect(_services_dsn(tls_postgres, ours / certs.CA_CERT))
+    try:
+        rows = await conn.fetch(
+            "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)"
+            " WHERE a.application_name LIKE 'post-referral%'"
+        )
+    finally:
+        await conn.close()
+    assert rows and all(row["ssl"] for row in rows)
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
