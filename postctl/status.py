@@ -17,7 +17,7 @@ from shared.settings import Settings
 
 
 async def report(settings: Settings) -> dict[str, Any]:
-    nc = await nats.connect(settings.nats_servers)
+    nc = await nats.connect(settings.nats_servers, tls=settings.nats_tls())
     conn = await asyncpg.connect(settings.database_url)
     try:
         return await ownership(conn, nc.jetstream(), SERVICES)

@@ -24,7 +24,6 @@ import sys
 from typing import Any, Literal
 
 from faststream.nats import NatsBroker
-from faststream.nats.security import NatsUserPassword
 from faststream.specification import AsyncAPI
 from pydantic import AwareDatetime, BaseModel, Field, create_model
 from pydantic.fields import FieldInfo
@@ -62,9 +61,52 @@ The contract in words is `shared/CONTRACT.md`; the guide for hospital IT teams i
 - Ids are pseudonymous; the platform never receives names or free text.
 """
 SERVER_DESCRIPTION = (
-    "The embedded default (`postctl up`). A deployment's NATS cluster nodes, user and password"
-    " are given to each hospital when it is onboarded (`postctl hospital onboard`)."
+    "The embedded default (`postctl up`, `make demo`): one node on the loopback interface"
+    " only, plaintext (`nats://`). Hospital keys work here with the same permissions as in a"
+    " deployment."
 )
+# A deployment (docker-compose.yml, deploy/): CONTRACT.md 1.2, "Encryption in transit".
+PRODUCTION = "production"
+PRODUCTION_SERVER: dict[str, Any] = {
+    "host": "{host}:{port}",
+    "protocol": "nats",
+    "description": (
+        "A deployment: a cluster of three nodes (give your client all of them), TLS only"
+        " (`tls://{host}:{port}`; a plaintext client is refused, and no connection is"
+        " anonymous). Each node's certificate names the host and chains to the CA the platform"
+        " team sends with your key (`ca.pem`, from `postctl certs`, or production's own). With"
+        ' nats-py: `nats.connect(["tls://post.example.org:4222", ...],'
+        ' nkeys_seed=FILE, inbox_prefix="_INBOX_<hospital>",'
+        ' tls=ssl.create_default_context(cafile="ca.pem"))`.'
+    ),
+    "variables": {
+        "host": {
+            "description": "The platform's DNS name, given when the hospital is onboarded.",
+            "default": "post.example.org",
+        },
+        "port": {
+            "description": "One port per node of the cluster (docker-compose.yml).",
+            "enum": ["4222", "4223", "4224"],
+            "default": "4222",
+        },
+    },
+    "tags": [{"name": "tls", "description": "TLS only: the URL scheme is `tls://`."}],
+    "security": [{"$ref": "#/components/securitySchemes/hospital-nkey"}],
+}
+HOSPITAL_KEY = "hospital-nkey"
+HOSPITAL_KEY_SCHEME = {
+    # NATS NKeys are Ed25519 key pairs: the server sends a nonce, the client signs it.
+    "type": "asymmetricEncryption",
+    "description": (
+        "A hospital's NKey (Ed25519): `postctl hospital onboard <hospital> --out FILE` writes"
+        " its seed to FILE (mode 0600); the platform keeps only the public key. nats-py:"
+        ' `nats.connect(servers, nkeys_seed=FILE, inbox_prefix="_INBOX_<hospital>")`:'
+        " the inbox prefix is required, replies (the stream's acknowledgements) come back only"
+        " on `_INBOX_<hospital>.>`. The key may publish `post.<hospital>.cmd.>`, subscribe"
+        " `post.<hospital>.evt.>`, pull from its own durable consumer `hospital-<hospital>`,"
+        " and nothing else."
+    ),
+}
 
 # The success events of each command (CONTRACT.md's table); CommandRejected answers any of them.
 ANSWERS: dict[str, tuple[str, ...]] = {
@@ -174,7 +216,6 @@ def build_broker() -> NatsBroker:
     """The broker that declares every subject; it is never connected."""
     broker = NatsBroker(
         "nats://127.0.0.1:4222",
-        security=NatsUserPassword(username="{hospital}", password="-"),
         description=SERVER_DESCRIPTION,
     )
     for name, model in COMMANDS.items():
@@ -273,6 +314,16 @@ def _complete(doc: dict[str, Any]) -> dict[str, Any]:
                 "description": "The type of the message that was dead-lettered.",
                 "enum": [*COMMANDS, *EVENTS],
             }
+
+    # FastStream knows one server, without TLS or NKeys: the deployment's is added, and both
+    # name the hospital key as their security.
+    doc["servers"]["development"]["security"] = [
+        {"$ref": f"#/components/securitySchemes/{HOSPITAL_KEY}"}
+    ]
+    doc["servers"][PRODUCTION] = PRODUCTION_SERVER
+    doc["components"]["securitySchemes"] = {HOSPITAL_KEY: HOSPITAL_KEY_SCHEME}
+    for channel in doc["channels"].values():
+        channel["servers"] = [{"$ref": f"#/servers/{name}"} for name in doc["servers"]]
 
     for name, message in doc["components"]["messages"].items():
         message["name"] = name

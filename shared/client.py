@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 
 from shared.contracts import Command, command_message, evt_subject
 from shared.partitions import service_lag
-from shared.settings import nats_servers
+from shared.settings import nats_servers, nats_tls
 
 CloudEventDict = dict[str, Any]
 
@@ -39,6 +39,7 @@ class PlatformClient:
 
     @classmethod
     async def connect(cls, url: str, subject: str = ALL_EVENTS, **options: Any) -> PlatformClient:
+        options.setdefault("tls", nats_tls())  # a deployment's CA ($POST_NATS_CA_FILE)
         nc = await nats.connect(nats_servers(url), name="post-client", **options)
         client = cls(nc, subject)
         await nc.subscribe(subject, cb=client._on_event, pending_msgs_limit=1_000_000)
@@ -127,7 +128,7 @@ class PlatformClient:
 
 async def wait_consumed(nats_url: str, service: str, timeout: float = 120.0) -> None:
     """Until a service (every instance of it) has handled everything in the stream so far."""
-    nc = await nats.connect(nats_servers(nats_url))
+    nc = await nats.connect(nats_servers(nats_url), tls=nats_tls())
     try:
         js = nc.jetstream()
         deadline = time.monotonic() + timeout

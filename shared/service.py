@@ -165,6 +165,7 @@ class Service:
         self.nc = await nats.connect(
             self.settings.nats_servers,
             name=f"post-{self.name}",
+            tls=self.settings.nats_tls(),
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,10 @@ def _env(name: str, default: str) -> str:
 @dataclass(frozen=True)
 class Settings:
     nats_url: str = field(default_factory=lambda: _env("POST_NATS_URL", "nats://127.0.0.1:4222"))
+    # A deployment's NATS speaks TLS only (tls:// URLs, CONTRACT.md 1.2): the CA its server
+    # certificates are checked against. Empty: the system's trust store (a public CA), or no
+    # TLS at all on the embedded default, which stays plaintext on loopback.
+    nats_ca_file: str = field(default_factory=lambda: _env("POST_NATS_CA_FILE", ""))
     database_url: str = field(
         default_factory=lambda: _env(
             "POST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/post"
@@ -75,9 +80,27 @@ class Settings:
         """The servers without credentials, for logs."""
         return [u.rsplit("@", 1)[-1] for u in self.nats_servers]
 
+    def nats_tls(self) -> ssl.SSLContext | None:
+        """nats-py's `tls=` for these settings (see `nats_tls`)."""
+        return nats_tls(self.nats_ca_file)
+
     def http_port(self, service: str) -> int:
         return int(_env(f"POST_{service.upper()}_PORT", str(SERVICE_PORTS.get(service, 0))))
 
 
 def nats_servers(url: str) -> list[str]:
     return [u.strip() for u in url.split(",") if u.strip()]
+
+
+def nats_tls(ca_file: str | os.PathLike[str] | None = None) -> ssl.SSLContext | None:
+    """The `tls=` context of every NATS connection the platform opens (services, postctl,
+    the client): the server's certificate must chain to `ca_file` (default
+    $POST_NATS_CA_FILE) and name the host of the URL; only that CA is trusted. None without a
+    CA file: nats-py then uses the system's trust store for a server that requires TLS, and
+    plaintext for the embedded default."""
+    path = os.fspath(ca_file) if ca_file is not None else _env("POST_NATS_CA_FILE", "")
+    if not path:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=path)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context

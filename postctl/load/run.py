@@ -32,7 +32,7 @@ from shared.contracts import (
     make_cloudevent,
 )
 from shared.partitions import service_lag
-from shared.settings import Settings, nats_servers
+from shared.settings import Settings, nats_servers, nats_tls
 
 
 @dataclass
@@ -132,7 +132,7 @@ class LoadRun:
             name="post-load",
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
-            **self.nats_options,
+            **{"tls": nats_tls(), **self.nats_options},
         )
         self.client = PlatformClient(self.nc)
         info = await self.client.js.stream_info(STREAM_NAME)

@@ -40,6 +40,7 @@ from shared.contracts import (
     make_cloudevent,
 )
 from shared.service import ensure_stream
+from shared.settings import nats_servers, nats_tls
 
 SEED = 9
 OUTREACH = {
@@ -199,7 +200,12 @@ async def publish_region(
     everything before it is stored: one connection keeps order). The count stored is checked
     at the end."""
     plans = [plan] if isinstance(plan, Scenario) else plan
-    nc = await nats.connect(nats_url, name="post-simulate-straight", pending_size=64 * 1024 * 1024)
+    nc = await nats.connect(
+        nats_servers(nats_url),
+        name="post-simulate-straight",
+        pending_size=64 * 1024 * 1024,
+        tls=nats_tls(),
+    )
     try:
         js = nc.jetstream()
         await ensure_stream(js)

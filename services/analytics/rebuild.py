@@ -138,7 +138,9 @@ async def rebuild(
     started = time.perf_counter()
     shadow = f"{schema}{SHADOW_SUFFIX}"
     live = await create_pool(settings.database_url, schema, min_size=1, max_size=1)
-    nc = await nats.connect(settings.nats_url, name="post-analytics-rebuild")
+    nc = await nats.connect(
+        settings.nats_servers, name="post-analytics-rebuild", tls=settings.nats_tls()
+    )
     counts = {"messages": 0, "events_applied": 0, "skipped": 0, "swap_attempts": 0}
     try:
         await migrate(live, schema, MIGRATIONS)

@@ -1,12 +1,14 @@
 """The production-like deployment, checked with the real tools on the files themselves.
 
 - nats-server validates each cluster node config (``nats-server -t``);
-- a 3-node cluster runs from those very files (only addresses and the storage folder moved
-  to this machine), with hospitals onboarded by ``postctl hospital onboard``, and proves the
-  tenant isolation: a hospital does its own business and nothing of another's;
+- a 3-node cluster runs from those very files (only addresses and the folders of the store and
+  the certificates moved to this machine; certificates from ``postctl certs``, over TLS), with
+  hospitals onboarded by ``postctl hospital onboard``, and proves the tenant isolation: a
+  hospital does its own business and nothing of another's;
 - a real service, with the settings docker-compose.yml gives it, runs on that cluster;
 - docker-compose.yml parses, every service has a health check, and every file it points at
-  exists; Prometheus and Grafana point at what compose runs.
+  exists; Prometheus and Grafana point at what compose runs; only the TLS proxy and the NATS
+  client ports are published, and every URL that crosses the network is TLS.
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ import yaml
 from nats.aio.client import Client as NATS
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
-from postctl import tenants
+from postctl import certs, tenants
 from shared.client import PlatformClient
 from shared.contracts import RegisterHospital
 from shared.runtime import Platform, ServiceProcess, free_port, nats_server_binary, wait_for_port
 from shared.service import ensure_stream
-from shared.settings import SERVICE_PORTS
+from shared.settings import SERVICE_PORTS, nats_tls
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +52,21 @@ NODES = ("nats-1", "nats-2", "nats-3")
 SERVICES = tuple(SERVICE_PORTS)
 PLATFORM_PASSWORD = "platform-test-password-1234"
 STORE_DIR_LINE = 'store_dir: "/data/jetstream"'
+CERTS_MOUNT = "/etc/post/certs/"  # where compose mounts deploy/certs in every container
+
+
+def deploy_nats_copy(folder: Path) -> Path:
+    """deploy/nats copied into folder/nats, with certificates from `postctl certs` in
+    folder/certs and the configs pointing there (where compose mounts them); returns the
+    certificates' folder."""
+    shutil.copytree(NATS_DIR, folder / "nats")
+    certs.write_certs(folder / "certs")
+    for node in NODES:
+        conf = folder / "nats" / f"{node}.conf"
+        text = conf.read_text()
+        assert CERTS_MOUNT in text, "the node's certificates are where compose mounts them"
+        conf.write_text(text.replace(CERTS_MOUNT, f"{folder / 'certs'}/"))
+    return folder / "certs"
 
 
 def _compose() -> dict[str, Any]:
@@ -61,9 +78,10 @@ def _compose() -> dict[str, Any]:
 
 @pytest.mark.parametrize("node", NODES)
 def test_each_cluster_node_config_validates(node: str, tmp_path: Path) -> None:
+    deploy_nats_copy(tmp_path / "deploy")
     # Run from elsewhere: the include of tenants.conf must resolve relative to the file.
     result = subprocess.run(
-        [nats_server_binary(), "-t", "-c", str(NATS_DIR / f"{node}.conf")],
+        [nats_server_binary(), "-t", "-c", str(tmp_path / "deploy" / "nats" / f"{node}.conf")],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -76,8 +94,9 @@ def test_each_cluster_node_config_validates(node: str, tmp_path: Path) -> None:
 
 def test_platform_password_comes_from_the_environment_only(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != tenants.PLATFORM_PASSWORD_VARIABLE}
+    deploy_nats_copy(tmp_path / "deploy")
     result = subprocess.run(
-        [nats_server_binary(), "-t", "-c", str(NATS_DIR / "nats-1.conf")],
+        [nats_server_binary(), "-t", "-c", str(tmp_path / "deploy" / "nats" / "nats-1.conf")],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -165,10 +184,16 @@ class Cluster:
     client_ports: list[int]
     monitor_ports: list[int]
     passwords: dict[str, str]
+    ca_file: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def url(self, node: int = 0) -> str:
-        return f"nats://127.0.0.1:{self.client_ports[node]}"
+        return f"tls://127.0.0.1:{self.client_ports[node]}"
+
+    @property
+    def tls(self) -> Any:
+        """The services' TLS context: our CA only (shared/settings.py nats_tls)."""
+        return nats_tls(self.ca_file)
 
     @property
     def servers(self) -> list[str]:
@@ -185,11 +210,12 @@ class Cluster:
             inbox_prefix=tenants.inbox_prefix(hospital),
             error_cb=on_error,
             name=f"hospital-{hospital}",
+            tls=self.tls,
         )
 
     async def connect_platform(self) -> NATS:
         return await nats.connect(
-            self.servers, user=tenants.PLATFORM_USER, password=PLATFORM_PASSWORD
+            self.servers, user=tenants.PLATFORM_USER, password=PLATFORM_PASSWORD, tls=self.tls
         )
 
 
@@ -197,7 +223,7 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     folder = tmp_path_factory.mktemp("nats-cluster")
     # The deploy folder as it is, with two hospitals onboarded the operator's way.
-    shutil.copytree(NATS_DIR, folder / "nats")
+    certs_dir = deploy_nats_copy(folder)
     passwords = dict(
         tenants.onboard_hospital(folder / "nats" / "tenants.conf", h) for h in ("a", "b")
     )
@@ -212,7 +238,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     route_ports = [free_port() for _ in NODES]
     routes = ",".join(f"nats-route://127.0.0.1:{p}" for p in route_ports)
     env = {**os.environ, tenants.PLATFORM_PASSWORD_VARIABLE: PLATFORM_PASSWORD}
-    cluster = Cluster(folder, client_ports, monitor_ports, passwords)
+    cluster = Cluster(folder, client_ports, monitor_ports, passwords, certs_dir / certs.CA_CERT)
     try:
         for i, node in enumerate(NODES):
             log = open(folder / f"{node}.log", "wb")
@@ -273,7 +299,10 @@ async def settle_stream(cluster: Cluster, timeout: float = 30.0) -> None:
     for node, port in enumerate(cluster.monitor_ports):
         await _wait_healthy(port, timeout)
         nc = await nats.connect(
-            cluster.url(node), user=tenants.PLATFORM_USER, password=PLATFORM_PASSWORD
+            cluster.url(node),
+            user=tenants.PLATFORM_USER,
+            password=PLATFORM_PASSWORD,
+            tls=cluster.tls,
         )
         try:
             while True:
@@ -474,6 +503,7 @@ async def test_wrong_credentials_are_refused(
             password=secret,
             allow_reconnect=False,
             max_reconnect_attempts=0,
+            tls=cluster.tls,
         )
 
 
@@ -491,6 +521,8 @@ def _compose_environment(service: str, cluster: Cluster, database_url: str) -> d
             f"@{node}:4222", f"@127.0.0.1:{cluster.client_ports[i]}"
         )
     assert "${" not in env["POST_NATS_URL"] and "nats-" not in env["POST_NATS_URL"]
+    assert env["POST_NATS_CA_FILE"] == f"{CERTS_MOUNT}{certs.CA_CERT}"
+    env["POST_NATS_CA_FILE"] = str(cluster.ca_file)
     env["POST_DATABASE_URL"] = database_url  # the test PostgreSQL, its own database
     env["POST_HTTP_HOST"] = "127.0.0.1"
     env[f"POST_{service.upper()}_PORT"] = str(free_port())
@@ -541,6 +573,7 @@ async def test_a_service_with_the_compose_settings_serves_a_hospital_on_the_clus
             user="a",
             password=cluster.passwords["a"],
             inbox_prefix=tenants.inbox_prefix("a"),
+            tls=cluster.tls,
         )
         answer = await client.send_and_wait(
             "a", RegisterHospital(name="General", physician_count=120), timeout=20
@@ -578,7 +611,7 @@ def _host_path(service: dict[str, Any], container_path: str) -> Path:
 
 def test_compose_runs_the_whole_platform() -> None:
     services = _compose()["services"]
-    expected = {*NODES, "postgres", *SERVICES, "prometheus", "grafana"}
+    expected = {*NODES, "postgres", *SERVICES, "prometheus", "grafana", "proxy"}
     expected |= {f"nats-exporter-{i}" for i in (1, 2, 3)}
     assert set(services) == expected
 
@@ -593,6 +626,9 @@ def test_every_compose_service_has_a_health_check_and_a_restart_policy() -> None
 def test_every_file_compose_points_at_exists() -> None:
     for name, service in _compose()["services"].items():
         for source, _ in _mounts(service):
+            if source.startswith("./deploy/certs/"):  # made per deployment, never committed
+                assert source.removeprefix("./deploy/certs/") in certs.files(), source
+                continue
             assert (ROOT / source).exists(), f"{name} mounts missing {source}"
         build = service.get("build")
         if build:
@@ -613,19 +649,20 @@ def test_the_four_services_share_one_image_and_the_settings_of_a_cluster() -> No
         service = services[name]
         assert service["build"]["dockerfile"] == "deploy/Dockerfile"
         assert service["command"] == ["python", "-m", f"services.{name}"]
-        # No authentication on HTTP: reachable from the host only (deploy/README.md), each
-        # replica on a port of its own.
+        # Reached through the TLS proxy only: no port of its own (deploy/proxy/Caddyfile).
         assert service["deploy"]["replicas"] >= 2
-        block = 8000 + 100 * (1 + list(SERVICE_PORTS).index(name))
-        assert service["ports"] == [f"127.0.0.1:{block + 1}-{block + 9}:{port}"]
+        assert "ports" not in service
         assert f"http://127.0.0.1:{port}/readyz" in " ".join(service["healthcheck"]["test"])
         env = service["environment"]
         assert env["POST_STREAM_REPLICAS"] == "3"
         assert env["POST_HTTP_HOST"] == "0.0.0.0"
-        assert env["POST_DATABASE_URL"].endswith("@postgres:5432/post")
+        assert env["POST_DATABASE_URL"].split("?")[0].endswith("@postgres:5432/post")
+        assert "sslmode=verify-full&sslrootcert=/etc/post/certs/ca.pem" in env["POST_DATABASE_URL"]
         servers = env["POST_NATS_URL"].split(",")
         assert [s.rsplit("@", 1)[1] for s in servers] == [f"{n}:4222" for n in NODES]
-        assert all(s.startswith(f"nats://{tenants.PLATFORM_USER}:") for s in servers)
+        assert all(s.startswith(f"tls://{tenants.PLATFORM_USER}:") for s in servers)
+        assert env["POST_NATS_CA_FILE"] == f"{CERTS_MOUNT}{certs.CA_CERT}"
+        assert _host_path(service, env["POST_NATS_CA_FILE"]) == ROOT / "deploy/certs/ca.pem"
         assert set(service["depends_on"]) == {*NODES, "postgres"}
         assert all(d["condition"] == "service_healthy" for d in service["depends_on"].values())
 
@@ -638,6 +675,12 @@ def test_each_nats_node_runs_its_own_config() -> None:
         assert _host_path(service, config) == NATS_DIR / f"{node}.conf"
         assert "/data" in [v.split(":")[1] for v in service["volumes"]]  # the store survives
         assert tenants.PLATFORM_PASSWORD_VARIABLE in service["environment"]
+        text = (NATS_DIR / f"{node}.conf").read_text()
+        for path in re.findall(r'(?:cert|key|ca)_file: "([^"]+)"', text):
+            assert path.startswith(CERTS_MOUNT), path
+            assert _host_path(service, path) == ROOT / "deploy/certs" / path[len(CERTS_MOUNT) :]
+        # The clients' port only, which speaks TLS alone (tests/integration/test_tls.py).
+        assert service["ports"] == [f"{4221 + int(node[-1])}:4222"]
         exporter = services[f"nats-exporter-{node[-1]}"]
         assert exporter["command"][-1] == f"http://{node}:8222"
 
@@ -709,8 +752,83 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboard_folder() -> No
     sources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
     (source,) = sources["datasources"]
     assert source["type"] == "prometheus" and source["uid"] == "prometheus"
-    assert source["url"] == "http://prometheus:9090"
-    assert "127.0.0.1:9090:9090" in services["prometheus"]["ports"]
+    assert source["url"] == "http://prometheus:9090"  # the private network
+    assert "ports" not in services["prometheus"]
     providers = yaml.safe_load((provisioning / "dashboards" / "post.yml").read_text())
     (provider,) = providers["providers"]
     assert _host_path(grafana, provider["options"]["path"]) == DEPLOY / "grafana" / "dashboards"
+
+
+# --- TLS on every hop (CONTRACT.md 1.2, "Encryption in transit") ----------------------------
+
+
+def test_nothing_but_the_proxy_and_the_nats_client_ports_is_published() -> None:
+    services = _compose()["services"]
+    published = {name: service["ports"] for name, service in services.items() if "ports" in service}
+    http_ports = [str(port) for port in SERVICE_PORTS.values()] + ["3000"]
+    assert published.pop("proxy") == [f"{port}:{port}" for port in http_ports]
+    # NATS monitoring (8222) is on no host port: the private network only.
+    assert published == {node: [f"{4221 + int(node[-1])}:4222"] for node in NODES}
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def test_every_url_in_compose_that_crosses_the_network_is_tls() -> None:
+    found = []
+    for name, service in _compose()["services"].items():
+        for text in _strings({k: v for k, v in service.items() if k != "healthcheck"}):
+            for url in re.findall(r"[a-z]+://[^\s,\"']+", text):
+                found.append((name, url))
+                scheme, rest = url.split("://", 1)
+                host = rest.rsplit("@", 1)[-1].split("/")[0].split(":")[0]
+                if scheme == "http" and host.startswith("nats-") and ":8222" in rest:
+                    continue  # an exporter reads its node's monitoring: the private network
+                if scheme == "postgresql":
+                    assert "sslmode=verify-full" in url and "sslrootcert=" in url, (name, url)
+                    continue
+                assert scheme in ("tls", "https"), (name, url)
+    assert {name for name, _ in found} >= {*SERVICES}
+    # A health check runs inside its own container, on its loopback: it crosses no network.
+    for name, service in _compose()["services"].items():
+        for url in re.findall(r"[a-z]+://[^\s,\"']+", " ".join(service["healthcheck"]["test"])):
+            assert "://127.0.0.1:" in url, (name, url)
+
+
+def test_postgres_serves_tls_only() -> None:
+    postgres = _compose()["services"]["postgres"]
+    settings = dict(
+        arg.split("=", 1) for arg in postgres["command"] if "=" in arg and not arg.startswith("-")
+    )
+    assert settings["ssl"] == "on"
+    assert _host_path(postgres, settings["ssl_cert_file"]) == ROOT / "deploy/certs/postgres.pem"
+    # The key is copied (owned by postgres) by the entrypoint from the mounted one.
+    script = " ".join(postgres["entrypoint"])
+    assert f"/etc/post/certs/postgres-key.pem {settings['ssl_key_file']}" in script
+    assert _host_path(postgres, "/etc/post/certs/postgres-key.pem").name == "postgres-key.pem"
+    hba = _host_path(postgres, settings["hba_file"]).read_text()
+    rules = [line.split() for line in hba.splitlines() if line and not line.startswith("#")]
+    assert ["hostnossl", "all", "all", "all", "reject"] in rules
+    assert all(rule[0] in ("local", "hostssl", "hostnossl") for rule in rules)
+
+
+def test_the_proxy_serves_every_service_and_grafana_over_https_only() -> None:
+    proxy = _compose()["services"]["proxy"]
+    config = proxy["command"][proxy["command"].index("--config") + 1]
+    caddyfile = _host_path(proxy, config).read_text()
+    sites = re.findall(r"^([^\s(]\S*) \{$", caddyfile, re.MULTILINE)  # not the (snippets)
+    assert sites == [f"https://:{port}" for port in [*SERVICE_PORTS.values(), 3000]]
+    for name, port in SERVICE_PORTS.items():
+        assert f"dynamic a {name} {port} {{" in caddyfile  # every replica of the service
+    assert "reverse_proxy grafana:3000" in caddyfile
+    for path in re.findall(r"(/etc/post/certs/\S+)", caddyfile):
+        assert _host_path(proxy, path).name in ("proxy.pem", "proxy-key.pem")
+    assert "auto_https off" in caddyfile  # no plain-HTTP listener, no ACME

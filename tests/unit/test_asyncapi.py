@@ -155,3 +155,27 @@ def test_dead_letter_headers_are_the_consumers(doc: dict[str, Any]) -> None:
     headers = doc["components"]["messages"][asyncapi.DEAD_LETTER]["headers"]["properties"]
     for header in headers:
         assert f'"{header}"' in consumer, header
+
+
+def test_the_deployment_server_is_tls_and_hospitals_connect_with_their_key(
+    doc: dict[str, Any],
+) -> None:
+    # CONTRACT.md 1.2: in a deployment every connection is TLS, and a hospital's key is an NKey.
+    servers = doc["servers"]
+    assert set(servers) == {"development", "production"}
+    assert servers["development"]["host"].startswith("127.0.0.1:")  # loopback, may be plaintext
+    production = servers["production"]
+    assert "tls://" in production["description"] and "ca.pem" in production["description"]
+    assert [tag["name"] for tag in production["tags"]] == ["tls"]
+    assert production["variables"]["port"]["enum"] == ["4222", "4223", "4224"]
+    key = {"$ref": "#/components/securitySchemes/hospital-nkey"}
+    assert all(server["security"] == [key] for server in servers.values())
+    (name,) = doc["components"]["securitySchemes"]
+    scheme = doc["components"]["securitySchemes"][name]
+    assert scheme["type"] == "asymmetricEncryption"
+    assert "nkeys_seed" in scheme["description"] and "inbox_prefix" in scheme["description"]
+    for channel in doc["channels"].values():
+        assert {s["$ref"] for s in channel["servers"]} == {
+            "#/servers/development",
+            "#/servers/production",
+        }
