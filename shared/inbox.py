@@ -76,15 +76,22 @@ def _incoming(row: asyncpg.Record, *, waited: bool) -> Incoming:
 # -- waiting for a fact ----------------------------------------------------------------------
 
 
-async def park(conn: asyncpg.Connection, key: str, incoming: Incoming) -> int | None:
-    """Keep a message in ``waiting``; returns the stream sequence of the one kept under its id
-    (another when this is a copy of a message already waiting)."""
-    return await conn.fetchval(
-        "WITH kept AS (INSERT INTO waiting (message_id, partition, hospital, stream_seq, subject,"
-        " body, stored_at, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-        " ON CONFLICT (message_id) DO NOTHING RETURNING stream_seq)"
-        " SELECT stream_seq FROM kept"
-        " UNION ALL SELECT stream_seq FROM waiting WHERE message_id = $1 LIMIT 1",
+_INSERT = (
+    "INSERT INTO waiting (message_id, partition, hospital, stream_seq, subject, body, stored_at,"
+    " attempts, held, retry_at, failures) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+)
+
+
+def _row(
+    key: str,
+    incoming: Incoming,
+    *,
+    attempts: int = 0,
+    held: bool = False,
+    retry_at: datetime | None = None,
+    failures: int = 0,
+) -> tuple[object, ...]:
+    return (
         key,
         partition_of(incoming.hospital),
         incoming.hospital,
@@ -92,7 +99,21 @@ async def park(conn: asyncpg.Connection, key: str, incoming: Incoming) -> int | 
         incoming.subject,
         incoming.body,
         incoming.stored_at or datetime.now(UTC),
-        incoming.attempt,
+        attempts,
+        held,
+        retry_at,
+        failures,
+    )
+
+
+async def park(conn: asyncpg.Connection, key: str, incoming: Incoming) -> int | None:
+    """Keep a message in ``waiting``; returns the stream sequence of the one kept under its id
+    (another when this is a copy of a message already waiting)."""
+    return await conn.fetchval(
+        f"WITH kept AS ({_INSERT} ON CONFLICT (message_id) DO NOTHING RETURNING stream_seq)"
+        " SELECT stream_seq FROM kept"
+        " UNION ALL SELECT stream_seq FROM waiting WHERE message_id = $1 LIMIT 1",
+        *_row(key, incoming, attempts=incoming.attempt),
     )
 
 
@@ -128,19 +149,9 @@ async def hold_head(
 ) -> None:
     """`incoming` failed for a passing reason: it holds back its hospital until `retry_at`."""
     await conn.execute(
-        "INSERT INTO waiting (message_id, partition, hospital, stream_seq, subject, body,"
-        " stored_at, attempts, held, retry_at, failures)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, 0, false, $8, $9)"
-        " ON CONFLICT (message_id) DO UPDATE SET held = false, retry_at = $8, failures = $9",
-        head_key(incoming),
-        partition_of(incoming.hospital),
-        incoming.hospital,
-        incoming.stream_seq,
-        incoming.subject,
-        incoming.body,
-        incoming.stored_at or datetime.now(UTC),
-        retry_at,
-        failures,
+        f"{_INSERT} ON CONFLICT (message_id) DO UPDATE SET held = false, retry_at = $10,"
+        " failures = $11",
+        *_row(head_key(incoming), incoming, retry_at=retry_at, failures=failures),
     )
     await conn.execute(
         "INSERT INTO post_platform.holds (service, hospital, partition) VALUES ($1, $2, $3)"
@@ -155,16 +166,8 @@ async def hold(conn: asyncpg.Connection, incoming: Incoming) -> bool:
     """Keep a message behind its hospital's head; False when it is kept already (delivered
     again)."""
     kept = await conn.fetchval(
-        "INSERT INTO waiting (message_id, partition, hospital, stream_seq, subject, body,"
-        " stored_at, attempts, held) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, true)"
-        " ON CONFLICT (message_id) DO NOTHING RETURNING 1",
-        head_key(incoming),
-        partition_of(incoming.hospital),
-        incoming.hospital,
-        incoming.stream_seq,
-        incoming.subject,
-        incoming.body,
-        incoming.stored_at or datetime.now(UTC),
+        f"{_INSERT} ON CONFLICT (message_id) DO NOTHING RETURNING 1",
+        *_row(head_key(incoming), incoming, held=True),
     )
     return kept is not None
 

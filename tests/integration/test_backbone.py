@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -44,15 +43,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _event(hospital: str, name: str = "General") -> HospitalRegistered:
     return HospitalRegistered(hospital=hospital, name=name, physician_count=10)
-
-
-@pytest.fixture
-async def pool(platform: Platform) -> AsyncIterator[asyncpg.Pool]:
-    schema = f"itest_{uuid.uuid4().hex[:8]}"
-    p = await create_pool(platform.db_url, schema)
-    await migrate(p, schema, None)
-    yield p
-    await p.close()
 
 
 async def _stream_messages(url: str, subject: str, wait: float = 1.0) -> list[dict]:

@@ -4,30 +4,18 @@ the messages that wait for a fact (issue 21)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
 from shared import inbox
-from shared.eventstore import create_pool, migrate
 from shared.inbox import Incoming
 from shared.partitions import partition_of
-from shared.runtime import Platform
 
 pytestmark = pytest.mark.integration
 
 NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def pool(platform: Platform) -> AsyncIterator[asyncpg.Pool]:
-    schema = f"itest_{uuid.uuid4().hex[:8]}"
-    p = await create_pool(platform.db_url, schema)
-    await migrate(p, schema, None)
-    yield p
-    await p.close()
 
 
 def message(hospital: str, seq: int, type_: str = "RecordOutreach") -> Incoming:

@@ -3,26 +3,12 @@ real PostgreSQL (issue 15)."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
-
 import asyncpg
 import pytest
 
-from shared.eventstore import create_pool, migrate
-from shared.runtime import Platform
 from shared.unit_of_work import processed_savepoint
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def pool(platform: Platform) -> AsyncIterator[asyncpg.Pool]:
-    schema = f"itest_{uuid.uuid4().hex[:8]}"
-    p = await create_pool(platform.db_url, schema)
-    await migrate(p, schema, None)
-    yield p
-    await p.close()
 
 
 @pytest.mark.parametrize("key", ["h-1:0f8c2b9e-1d2a-4c1e-9a51-3f1e2d4c5b6a", "h-1:o'brien; --"])
