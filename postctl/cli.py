@@ -11,6 +11,7 @@ postctl load --rate R --duration D [--hospitals N] [--seed S] [--analytics URL] 
 postctl analytics rebuild        drop the RE-AIM read models and replay the stream
 postctl hospital onboard H       create a hospital's NATS credentials in the tenants file
 postctl hospital token H         issue (or --revoke) a hospital's API token for the HTTP intakes
+postctl region token --name N    issue (or --revoke) a region token: reads every hospital over HTTP
 
 Each subcommand lives in its own module, which registers it with `add_cli(subparsers)`.
 """
@@ -19,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 
-from postctl import analytics, demo, load, simulate, status, tenants, up
+from postctl import analytics, demo, load, region, simulate, status, tenants, up
 
 __all__ = ["main"]
 
-SUBCOMMANDS = (up, status, demo, simulate, load, analytics, tenants)
+SUBCOMMANDS = (up, status, demo, simulate, load, analytics, tenants, region)
 
 
 def main(argv: list[str] | None = None) -> None:
