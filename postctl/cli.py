@@ -10,7 +10,7 @@ postctl load --rate R --duration D [--hospitals N] [--seed S] [--analytics URL] 
                                  soak: a known mix of commands, then check nothing was lost
 postctl analytics rebuild        drop the RE-AIM read models and replay the stream
 postctl hospital onboard H       create a hospital's NATS credentials in the tenants file
-postctl hospital token H         issue (or --revoke) a hospital's API token for the HTTP intakes
+postctl hospital token H         issue (or --revoke) a hospital's API token (its HTTP routes)
 postctl region token --name N    issue (or --revoke) a region token: reads every hospital over HTTP
 
 Each subcommand lives in its own module, which registers it with `add_cli(subparsers)`.

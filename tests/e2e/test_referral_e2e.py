@@ -129,7 +129,7 @@ async def eventually_status(
     """The referral's status once the other services' facts have reached the referral service."""
     deadline = time.monotonic() + timeout
     while True:
-        answer = await status_of(reader, hospital, referral_id)
+        answer = await status_of(http, hospital, referral_id)
         if answer.status_code == 200:
             body: dict[str, Any] = answer.json()
             if body["status"] == status and body["interactions"] >= interactions:

@@ -406,6 +406,28 @@ async def test_the_open_routes_need_no_token_and_write_no_access_line(
         assert not [line for line in logs if line["event"] == "http_access"]
 
 
+def test_the_access_line_is_written_whatever_the_log_level() -> None:
+    """An audit record: a service logging at `warning` still writes it (and nothing else)."""
+    import subprocess
+    import sys
+
+    script = (
+        "from shared.observability import configure_logging\n"
+        "configure_logging('referral', 'warning')\n"
+        "import structlog\n"
+        "from shared.auth import access_log\n"
+        "structlog.get_logger().info('an_info_line')\n"
+        "access_log.info('http_access', route='/reaim', status=200)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(e["event"], e["service"], e["status"]) for e in lines] == [
+        ("http_access", "referral", 200)
+    ]
+
+
 async def test_whoami_names_the_holder(tokens: Path) -> None:
     mary, region = auth.issue_token("st-mary"), auth.issue_region_token("director-east")
     async with _client(Service("referral").http) as web:
