@@ -386,7 +386,7 @@ class Service:
             """Prometheus exposition."""
             return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-        @app.get("/whoami", tags=["operations"], responses=AUTH_RESPONSES)
+        @app.get("/whoami", tags=["operations"], responses={401: AUTH_RESPONSES[401]})
         async def whoami(holder: Holder = Depends(require_any_token)) -> dict[str, str]:
             """Whose API token this is: `{"holder": "hospital:<id>" or "region:<name>", "kind",
             "name"}` (the dashboard asks, to show what the token may read)."""
