@@ -31,6 +31,7 @@ from bench.common import (
     rate,
     rss_kib,
 )
+from postctl import region as region_tokens
 from postctl.simulate import straight as region
 from services.analytics import handlers as analytics_handlers
 from services.analytics.rebuild import rebuild
@@ -117,14 +118,27 @@ async def wait_for_gauges(port: int, refreshes: int, timeout: float) -> float:
     return time.perf_counter() - started
 
 
+def reader(platform: Platform) -> dict[str, str]:
+    """The header of a region token issued for the benchmarks on `platform` (postctl/region.py):
+    the reads are measured as a region reader makes them, the token check included."""
+    token = region_tokens.reader_token("bench", {**os.environ, **platform.env()})
+    return region_tokens.bearer(token)
+
+
 async def query_latencies(
-    port: int, hospitals: list[str], requests: int, periods: bool = False
+    port: int,
+    hospitals: list[str],
+    requests: int,
+    periods: bool = False,
+    headers: dict[str, str] | None = None,
 ) -> list[float]:
     """`GET /reaim/{hospital}` of random hospitals, one at a time. With `periods`, each asks
     for a different random `from`, so no answer is kept from before: every one is computed."""
     rng = random.Random(5)
     latencies: list[float] = []
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", timeout=30, headers=headers
+    ) as http:
         for h in hospitals[:20]:  # warm-up
             (await http.get(f"/reaim/{h}")).raise_for_status()
         for n in range(requests):
@@ -170,14 +184,18 @@ async def run(platform: Platform, scale: float = 1.0) -> Section:
         ids = sorted({h.hospital for h in plan.hospitals})
         full_gc = 'python_gc_collections_total{generation="2"}'
         before = await asyncio.to_thread(_metric, port, full_gc)
-        latencies = await query_latencies(port, ids, int(max(100, 1000 * scale)))
+        latencies = await query_latencies(
+            port, ids, int(max(100, 1000 * scale)), headers=reader(platform)
+        )
         fig["query_ms"] = percentiles(latencies)
         # Full garbage collections during the queries: each walks every object of the process.
         fig["query_full_gc"] = await asyncio.to_thread(_metric, port, full_gc) - before
         hits = 'post_analytics_answer_lookups_total{result="hit"}'
         fig["query_kept_answers"] = await asyncio.to_thread(_metric, port, hits)
         # The same with a period nobody asked before: the answer computed from the read models.
-        computed = await query_latencies(port, ids, int(max(100, 300 * scale)), periods=True)
+        computed = await query_latencies(
+            port, ids, int(max(100, 300 * scale)), periods=True, headers=reader(platform)
+        )
         fig["query_computed_ms"] = percentiles(computed)
         assert proc.proc is not None
         fig["analytics_rss_kib_with_region"] = rss_kib(proc.proc.pid)
@@ -315,13 +333,17 @@ async def wait_for_hospitals(ports: list[int], hospitals: int, timeout: float) -
     return time.perf_counter() - started
 
 
-async def period_latencies(port: int, paths: list[str], requests: int, seed: int) -> list[float]:
+async def period_latencies(
+    port: int, paths: list[str], requests: int, seed: int, headers: dict[str, str] | None = None
+) -> list[float]:
     """GET of random `paths`, each with a period nobody asked before (random `from` and `to`,
     both new for every request): every answer is computed."""
     rng = random.Random(seed)
     latencies: list[float] = []
     first = date(2019, 6, 1).toordinal()
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", timeout=120, headers=headers
+    ) as http:
         (await http.get(paths[0])).raise_for_status()  # warm-up
         for n in range(requests):
             start = first + rng.randint(0, 5 * 365) + n % 7  # never the same pair twice
@@ -380,11 +402,16 @@ async def run_national(platform: Platform, scale: float = 1.0) -> Section:
         fig["metrics"]["per_hospital"] = round(fig["metrics"]["reaim_series"] / hospitals, 1)
         ids = [h.hospital for p in region.national(min(hospitals, 200), NATIONAL_YEARS)
                for h in p.hospitals]  # fmt: skip
-        fig["hospital_kept_ms"] = percentiles(await query_latencies(port, ids, 300))
+        headers = reader(platform)
+        fig["hospital_kept_ms"] = percentiles(
+            await query_latencies(port, ids, 300, headers=headers)
+        )
         paths = [f"/reaim/{h}" for h in ids]
-        fig["hospital_new_period_ms"] = percentiles(await period_latencies(port, paths, 300, 1))
+        fig["hospital_new_period_ms"] = percentiles(
+            await period_latencies(port, paths, 300, 1, headers)
+        )
         fig["region_new_period_ms"] = percentiles(
-            await period_latencies(port, ["/reaim"], region_queries, 2)
+            await period_latencies(port, ["/reaim"], region_queries, 2, headers)
         )
         fig["rss_kib"] = rss_kib(pid)
         fig["rss_peak_kib"] = _status_kib(pid, "VmHWM")

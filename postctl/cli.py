@@ -10,7 +10,8 @@ postctl load --rate R --duration D [--hospitals N] [--seed S] [--analytics URL] 
                                  soak: a known mix of commands, then check nothing was lost
 postctl analytics rebuild        drop the RE-AIM read models and replay the stream
 postctl hospital onboard H       create a hospital's NATS credentials in the tenants file
-postctl hospital token H         issue (or --revoke) a hospital's API token for the HTTP intakes
+postctl hospital token H         issue (or --revoke) a hospital's API token (its HTTP routes)
+postctl region token --name N    issue (or --revoke) a region token: reads every hospital over HTTP
 postctl certs --out DIR          a private CA and the server certificates of a trial deployment
 
 Each subcommand lives in its own module, which registers it with `add_cli(subparsers)`.
@@ -20,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 
-from postctl import analytics, certs, demo, load, simulate, status, tenants, up
+from postctl import analytics, certs, demo, load, region, simulate, status, tenants, up
 
 __all__ = ["main"]
 
-SUBCOMMANDS = (up, status, demo, simulate, load, analytics, tenants, certs)
+SUBCOMMANDS = (up, status, demo, simulate, load, analytics, tenants, region, certs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -54,7 +54,9 @@ ADVERSE_EVENT: dict[str, Any] = {
 }
 
 
-async def run(nats_url: str, analytics_url: str | None = None) -> list[str]:
+async def run(
+    nats_url: str, analytics_url: str | None = None, token: str | None = None
+) -> list[str]:
     """Send the commands, map the report; returns the lines to print. With `analytics_url`,
     forget a physician of the study and compare the region's answer before and after."""
     scenario = post_2023_scenario()
@@ -79,7 +81,8 @@ async def run(nats_url: str, analytics_url: str | None = None) -> list[str]:
             f" -> {answer['type']}"
         )
         if analytics_url is not None:
-            lines += await _forget_one(client, nats_url, analytics_url)
+            assert token, "reading the region's figures needs a region token"
+            lines += await _forget_one(client, nats_url, analytics_url, token)
     finally:
         await client.close()
     mapped = map_adverse_event("kp-hospital-a", ADVERSE_EVENT)
@@ -95,15 +98,17 @@ async def run(nats_url: str, analytics_url: str | None = None) -> list[str]:
     return lines
 
 
-async def _forget_one(client: PlatformClient, nats_url: str, analytics_url: str) -> list[str]:
+async def _forget_one(
+    client: PlatformClient, nats_url: str, analytics_url: str, token: str
+) -> list[str]:
     """Forget the first physician the study supported; the region's figures stay."""
     scenario = post_2023_scenario()
     plan = next(r for r in scenario.referrals if r.interactions)
-    before = await _region(nats_url, analytics_url)
+    before = await _region(nats_url, analytics_url, token)
     forget = ForgetPhysician(physician_id=plan.physician_id, requested_on=date.today())
     answer = await client.send_and_wait(plan.hospital, forget, timeout=60)
     data = answer["data"]
-    after = await _region(nats_url, analytics_url)
+    after = await _region(nats_url, analytics_url, token)
     return [
         f"  ForgetPhysician {plan.physician_id} -> {answer['type']} {data.get('forget_id')}:"
         f" {len(data.get('referral_ids', []))} referral(s) now name the forget_id, not the id",
@@ -112,11 +117,11 @@ async def _forget_one(client: PlatformClient, nats_url: str, analytics_url: str)
     ]
 
 
-async def _region(nats_url: str, analytics_url: str) -> Any:
+async def _region(nats_url: str, analytics_url: str, token: str) -> Any:
     await wait_consumed(nats_url, "analytics")
-    async with httpx.AsyncClient(timeout=30) as web:
+    async with httpx.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {token}"}) as web:
         return (await web.get(f"{analytics_url}/reaim")).json()
 
 
-def show(nats_url: str, analytics_url: str | None = None) -> None:
-    print("\n".join(asyncio.run(run(nats_url, analytics_url))), flush=True)
+def show(nats_url: str, analytics_url: str | None = None, token: str | None = None) -> None:
+    print("\n".join(asyncio.run(run(nats_url, analytics_url, token))), flush=True)

@@ -188,8 +188,10 @@ def cmd_token(args: argparse.Namespace) -> None:
     print(
         f"\nThe API token of hospital {args.hospital}, shown once: only its SHA-256 is kept, in"
         f" {path}.\nIt replaces any earlier one at once; the services need no restart. Send"
-        " it over a secure channel.\nUse it on the HTTP routes that change state:\n"
-        f"  Authorization: Bearer <token>   e.g. POST /hospitals/{args.hospital}/referrals",
+        " it over a secure channel.\nUse it on the hospital's HTTP routes, its intakes and its"
+        " reads:\n"
+        f"  Authorization: Bearer <token>   e.g. POST /hospitals/{args.hospital}/referrals,"
+        f" GET /reaim/{args.hospital}",
         file=sys.stderr,
     )
 

@@ -49,15 +49,20 @@ def _check_ports(platform: Platform) -> None:
         )
 
 
-def banner(platform: Platform) -> str:
+def banner(platform: Platform, region_token: str | None = None) -> str:
+    """What runs where; with `region_token`, the dashboard's URL that carries it."""
     lines = ["", "POST platform is up.", f"  NATS        {platform.nats_url}"]
     lines.append(f"  PostgreSQL  {platform.db_url}")
     for name in SERVICES:
         ports = ", ".join(str(platform.port(name, i)) for i in range(platform.instances))
         lines.append(f"  {name:<11} http://127.0.0.1:{ports}  (/healthz /readyz /metrics /docs)")
     port = platform.service_ports["analytics"]
+    dashboard = f"http://127.0.0.1:{port}/"
     lines += [
-        f"  RE-AIM      http://127.0.0.1:{port}/reaim",
+        f"  RE-AIM      http://127.0.0.1:{port}/reaim  (Authorization: Bearer <region token>)",
+        f"  dashboard   {dashboard}#token={region_token}"
+        if region_token
+        else f"  dashboard   {dashboard}  (a token: postctl region token --name <you>)",
         f"  data        {platform.data_dir}",
         "Ctrl-C stops everything; the data stays for the next `postctl up`.",
         "",

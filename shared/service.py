@@ -21,7 +21,7 @@ import asyncpg
 import nats
 import structlog
 import uvicorn
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
@@ -32,6 +32,7 @@ from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableErr
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
+from shared.auth import AUTH_RESPONSES, AccessLog, Holder, require_any_token
 from shared.clock import Clock, ControlledClock, SystemClock
 from shared.consumer import Ownership
 from shared.contracts import STREAM_NAME, STREAM_SUBJECTS, Command, cmd_subject, evt_subject, new_id
@@ -352,6 +353,8 @@ class Service:
         app.state.service = self
 
         install_error_handlers(app)
+        # One `http_access` line per request to a route that needs a token (shared/auth.py).
+        app.add_middleware(AccessLog, service=self.name)
 
         @app.get("/healthz", tags=["operations"])
         async def healthz() -> dict[str, str]:
@@ -384,6 +387,12 @@ class Service:
         async def metrics() -> Response:
             """Prometheus exposition."""
             return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+        @app.get("/whoami", tags=["operations"], responses={401: AUTH_RESPONSES[401]})
+        async def whoami(holder: Holder = Depends(require_any_token)) -> dict[str, str]:
+            """Whose API token this is: `{"holder": "hospital:<id>" or "region:<name>", "kind",
+            "name"}` (the dashboard asks, to show what the token may read)."""
+            return {"holder": str(holder), "kind": holder.kind, "name": holder.name}
 
         if self.settings.test_clock:
 

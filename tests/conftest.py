@@ -10,8 +10,11 @@ Fixtures:
 - ``client``: a `shared.client.PlatformClient` connected to the stack's NATS.
 - ``hospital``: a fresh hospital id for this test (tests share the stack, not tenants).
 - ``advance_clock(service, seconds)``: moves a running service's clock forward.
-- ``http(service)``: an httpx.AsyncClient on that service.
+- ``http(service, token=None)``: an httpx.AsyncClient on that service (sending
+  ``Authorization: Bearer <token>`` when given).
 - ``api_token(hospital)``: issues the hospital's API token on the stack (``Bearer`` it).
+- ``region_token()``: issues a new region token on the stack (reads every hospital's data over
+  HTTP, changes nothing; each call a new name, so no test replaces another's).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from shared.auth import issue_token, tokens_file
+from shared.auth import issue_region_token, issue_token, tokens_file
 from shared.client import PlatformClient
 from shared.runtime import Platform
 
@@ -48,6 +51,12 @@ def dedicated_platform(prefix: str, **extra_env: str) -> Iterator[Platform]:
         yield plat
     finally:
         _discard(plat)
+
+
+def region_token_for(plat: Platform, name: str = "tests") -> str:
+    """A region token issued on `plat` (a dedicated platform's own tokens file); the same name
+    again replaces it."""
+    return issue_region_token(name, tokens_file({**os.environ, **plat.env()}))
 
 
 @pytest.fixture(scope="session")
@@ -106,9 +115,12 @@ def advance_clock(stack: Platform) -> Callable[[str, float], Awaitable[None]]:
 
 
 @pytest.fixture
-def http(stack: Platform) -> Callable[[str], httpx.AsyncClient]:
-    def make(service: str) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.service_ports[service]}")
+def http(stack: Platform) -> Callable[..., httpx.AsyncClient]:
+    def make(service: str, token: str | None = None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{stack.service_ports[service]}",
+            headers={"Authorization": f"Bearer {token}"} if token else None,
+        )
 
     return make
 
@@ -120,5 +132,13 @@ def api_token(stack: Platform) -> Callable[[str], str]:
 
     def issue(hospital: str) -> str:
         return issue_token(hospital, path)
+
+    return issue
+
+
+@pytest.fixture
+def region_token(stack: Platform) -> Callable[[], str]:
+    def issue() -> str:
+        return region_token_for(stack, f"tests-{uuid.uuid4().hex[:10]}")
 
     return issue

@@ -19,6 +19,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
+from postctl import region
 from postctl.load.eventlog import EventLog
 from postctl.load.mix import Flow, Mix, Planned, other_supporter
 from postctl.load.oracle import expected_reaim, figure_mismatches
@@ -334,8 +335,9 @@ class LoadRun:
 # --- RE-AIM figures from the analytics service ------------------------------------------------
 
 
-def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=30) as resp:
+def _get_json(url: str, token: str) -> Any:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as resp:
         return json.loads(resp.read())
 
 
@@ -344,14 +346,17 @@ async def check_figures(
     report: LoadReport,
     analytics_url: str,
     wait_caught_up: Callable[[], Awaitable[None]] | None = None,
+    *,
+    token: str,
 ) -> LoadReport:
     """Compare GET /reaim/{hospital} with the figures computed from the commands sent (once
-    analytics has caught up; at once when answers are missing: it may never catch up then)."""
+    analytics has caught up; at once when answers are missing: it may never catch up then).
+    `token`: a region token (postctl/region.py `reader_token`)."""
     if wait_caught_up is not None and not report.missing:
         await wait_caught_up()
     for hospital, expected in run.expected().items():
         try:
-            actual = await asyncio.to_thread(_get_json, f"{analytics_url}/reaim/{hospital}")
+            actual = await asyncio.to_thread(_get_json, f"{analytics_url}/reaim/{hospital}", token)
         except (OSError, ValueError) as exc:
             report.figure_mismatches[hospital] = [f"GET /reaim/{hospital} failed: {exc!r}"]
             continue
@@ -361,13 +366,22 @@ async def check_figures(
 
 
 async def run_load(
-    nats_url: str, config: LoadConfig, analytics_url: str | None = None
+    nats_url: str,
+    config: LoadConfig,
+    analytics_url: str | None = None,
+    token: str | None = None,
 ) -> LoadReport:
+    """`token`: the region token that reads the figures (needed with `analytics_url`)."""
     async with LoadRun(nats_url, config) as run:
         report = await run.run()
         if analytics_url:
+            assert token, "reading the RE-AIM figures needs a region token"
             await check_figures(
-                run, report, analytics_url, lambda: wait_consumed(nats_url, "analytics")
+                run,
+                report,
+                analytics_url,
+                lambda: wait_consumed(nats_url, "analytics"),
+                token=token,
             )
         return report
 
@@ -390,7 +404,8 @@ def add_cli(subparsers: Any) -> None:
         "--analytics",
         default=None,
         help="the analytics service's URL (default: from POST_ANALYTICS_PORT); 'none' to skip"
-        " the RE-AIM check",
+        " the RE-AIM check, read with $POST_REGION_TOKEN or a region token postctl-load issued"
+        " in the local tokens file",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_load)
@@ -402,8 +417,11 @@ def cmd_load(args: argparse.Namespace) -> None:
     config = LoadConfig(
         rate=args.rate, duration=args.duration, hospitals=args.hospitals, seed=args.seed
     )
-    report = asyncio.run(
-        run_load(settings.nats_url, config, None if analytics == "none" else analytics)
-    )
+    if analytics == "none":
+        report = asyncio.run(run_load(settings.nats_url, config))
+    else:
+        # $POST_REGION_TOKEN, else one issued beside the services (postctl/region.py).
+        token = region.reader_token("postctl-load")
+        report = asyncio.run(run_load(settings.nats_url, config, analytics, token))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format(), flush=True)
     sys.exit(0 if report.ok else 1)

@@ -7,7 +7,7 @@ import asyncio
 from datetime import date
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from services.analytics import answers, domain, reaim, region
@@ -20,13 +20,29 @@ from services.analytics.facts import (
     scope_version,
     snapshot,
 )
-from shared.contracts import ReasonCode, Rejected
+from shared.auth import (
+    READ_RESPONSES,
+    REGION_RESPONSES,
+    require_hospital_reader,
+    require_region_token,
+)
+from shared.contracts import ReasonCode, Rejected, is_hospital_id
 from shared.http import HttpRejection, http_error, problem, service_of
 
 router = APIRouter(tags=["analytics"])
 
 _ERROR = problem()
 _RESPONSES: dict[int | str, dict[str, Any]] = {404: _ERROR, 422: _ERROR}
+# The API tokens (shared/auth.py): a hospital's data to its token or a region token, the
+# region's to a region token.
+_HOSPITAL: dict[str, Any] = {
+    "responses": {**READ_RESPONSES, **_RESPONSES},
+    "dependencies": [Depends(require_hospital_reader)],
+}
+_REGION: dict[str, Any] = {
+    "responses": {**REGION_RESPONSES, **_RESPONSES},
+    "dependencies": [Depends(require_region_token)],
+}
 _FROM = Query(None, alias="from", description="ISO date, inclusive")
 _TO = Query(None, alias="to", description="ISO date, exclusive")
 
@@ -86,7 +102,7 @@ async def _answer(
     return Response(body, media_type="application/json")
 
 
-@router.get("/reaim", response_model=ReaimAnswer, responses=_RESPONSES)
+@router.get("/reaim", response_model=ReaimAnswer, **_REGION)
 async def reaim_region(
     request: Request, period_from: str | None = _FROM, period_to: str | None = _TO
 ) -> Response:
@@ -94,7 +110,7 @@ async def reaim_region(
     return await _answer(request, domain.Scope(), period_from, period_to)
 
 
-@router.get("/reaim/{hospital}", response_model=ReaimAnswer, responses=_RESPONSES)
+@router.get("/reaim/{hospital}", response_model=ReaimAnswer, **_HOSPITAL)
 async def reaim_hospital(
     request: Request, hospital: str, period_from: str | None = _FROM, period_to: str | None = _TO
 ) -> Response:
@@ -102,7 +118,7 @@ async def reaim_hospital(
     return await _answer(request, domain.Scope(hospital), period_from, period_to)
 
 
-@router.get("/reaim/{hospital}/{department}", response_model=ReaimAnswer, responses=_RESPONSES)
+@router.get("/reaim/{hospital}/{department}", response_model=ReaimAnswer, **_HOSPITAL)
 async def reaim_department(
     request: Request,
     hospital: str,
@@ -114,14 +130,33 @@ async def reaim_department(
     return await _answer(request, domain.Scope(hospital, department), period_from, period_to)
 
 
-@router.get("/hospitals", response_model=list[HospitalEntry])
+@router.get("/hospitals", response_model=list[HospitalEntry], **_REGION)
 async def hospitals(request: Request) -> list[dict[str, Any]]:
     """Every hospital seen, with its departments (for dashboard pickers)."""
+    return await _hospital_entries(request, None)
+
+
+@router.get("/hospitals/{hospital}", response_model=HospitalEntry, **_HOSPITAL)
+async def hospital_entry(request: Request, hospital: str) -> dict[str, Any]:
+    """One hospital with its departments (the dashboard's pickers for a hospital's token)."""
+    found = await _hospital_entries(request, hospital) if is_hospital_id(hospital) else []
+    if not found:
+        raise HttpRejection(404, ReasonCode.unknown_hospital, "no such hospital")
+    return found[0]
+
+
+async def _hospital_entries(request: Request, hospital: str | None) -> list[dict[str, Any]]:
     async with service_of(request).pool.acquire() as conn:
-        registered = await conn.fetch("SELECT hospital, physician_count FROM hospitals")
+        registered = await conn.fetch(
+            "SELECT hospital, physician_count FROM hospitals"
+            " WHERE $1::text IS NULL OR hospital = $1",
+            hospital,
+        )
         departments = await conn.fetch(
             "SELECT hospital, department, physician_count, launched_on, closed_on"
-            " FROM departments ORDER BY hospital, department"
+            " FROM departments WHERE $1::text IS NULL OR hospital = $1"
+            " ORDER BY hospital, department",
+            hospital,
         )
     entries: dict[str, dict[str, Any]] = {
         r["hospital"]: {**dict(r), "departments": []} for r in registered

@@ -7,10 +7,11 @@ from datetime import date
 from typing import Literal
 
 import asyncpg
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
 from services.matching import domain, tables
+from shared.auth import READ_RESPONSES, require_hospital_reader
 from shared.contracts import Rank, ReasonCode, Rejected, is_hospital_id
 from shared.http import http_error, problem, service_of
 
@@ -51,7 +52,8 @@ async def _known_hospital(pool: asyncpg.Pool, hospital: str) -> None:
 @router.get(
     "/hospitals/{hospital}/departments",
     response_model=list[DepartmentView],
-    responses={404: _ERROR, 422: _ERROR},
+    responses={**READ_RESPONSES, 404: _ERROR, 422: _ERROR},
+    dependencies=[Depends(require_hospital_reader)],  # its token or a region's: shared/auth.py
 )
 async def list_departments(hospital: str, request: Request) -> list[DepartmentView]:
     """The hospital's departments, with active supporters and the 1:10 supporter ratio."""
@@ -81,7 +83,8 @@ async def list_departments(hospital: str, request: Request) -> list[DepartmentVi
 @router.get(
     "/hospitals/{hospital}/supporters",
     response_model=list[SupporterView],
-    responses={404: _ERROR, 422: _ERROR},
+    responses={**READ_RESPONSES, 404: _ERROR, 422: _ERROR},
+    dependencies=[Depends(require_hospital_reader)],  # its token or a region's: shared/auth.py
 )
 async def list_supporters(hospital: str, request: Request) -> list[SupporterView]:
     """The hospital's trained supporters, their status, availability and open assignments."""

@@ -12,7 +12,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from services.referral import domain, fhir
-from shared.auth import AUTH_RESPONSES, require_hospital_token
+from shared.auth import (
+    AUTH_RESPONSES,
+    READ_RESPONSES,
+    require_hospital_reader,
+    require_hospital_token,
+)
 from shared.contracts import (
     HOSPITAL_PATTERN,
     ID_PATTERN,
@@ -92,7 +97,8 @@ async def request_referral(hospital: HospitalPath, request: Request) -> JSONResp
 @router.get(
     "/hospitals/{hospital}/referrals/{referral_id}",
     response_model=ReferralStatus,
-    responses={404: problem("unknown_referral")},
+    responses={**READ_RESPONSES, 404: problem("unknown_referral")},
+    dependencies=[Depends(require_hospital_reader)],  # its token or a region's: shared/auth.py
 )
 async def referral_status(
     hospital: HospitalPath, referral_id: ReferralPath, request: Request

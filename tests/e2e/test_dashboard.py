@@ -2,8 +2,10 @@
 
 Chromium loads the analytics service's page at `/`, runs its scripts against the service's own
 JSON and hands back the rendered DOM (`--dump-dom`) or a picture (`--screenshot`). Each view is
-chosen through the page's query string (`?hospital=...&department=...&from=...&to=...`), so
-no browser driver is needed. The figures shown are checked against GET /reaim of the same view.
+chosen through the page's query string (`?hospital=...&department=...&from=...&to=...`) and the
+token through its fragment (`#token=...`), so no browser driver is needed. Without a token the
+page asks for one; a region token shows the region and every hospital, a hospital's token
+that hospital alone. The figures shown are checked against GET /reaim of the same view.
 Region figures must be the study's alone, so the module runs its own platform, as
 test_post_2023_e2e.py does. Needs Debian's `chromium` (`apt-get install -y chromium`).
 """
@@ -27,9 +29,10 @@ import httpx
 import pytest
 
 from postctl.simulate import run_post_2023
+from shared.auth import issue_token, tokens_file
 from shared.client import wait_consumed
 from shared.runtime import Platform
-from tests.conftest import dedicated_platform
+from tests.conftest import dedicated_platform, region_token_for
 
 pytestmark = pytest.mark.e2e
 
@@ -141,14 +144,18 @@ def chromium(url: str, *args: str) -> subprocess.CompletedProcess[str]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def rendered(base_url: str, query: str = "") -> Node:
-    """The page's DOM after its scripts ran; it must have finished loading."""
-    result = chromium(f"{base_url}/{query}", "--dump-dom")
+def rendered(base_url: str, query: str = "", token: str | None = None) -> Node:
+    """The page's DOM after its scripts ran (with `token` in the URL's fragment); it must have
+    finished loading, or be asking for a token."""
+    fragment = f"#token={token}" if token else ""
+    result = chromium(f"{base_url}/{query}{fragment}", "--dump-dom")
     assert result.returncode == 0, result.stderr[-2000:]
     page = parse(result.stdout)
     body = page.find_all("body")
     assert body, result.stdout[:500]
-    assert body[0].attrs.get("data-state") in {"ready", "error"}, result.stdout[:2000]
+    assert body[0].attrs.get("data-state") in {"ready", "error", "token"}, result.stdout[:2000]
+    if token:
+        assert token not in result.stdout  # taken from the address, written nowhere on the page
     return page
 
 
@@ -250,9 +257,25 @@ async def base_url(dashboard_platform: Platform) -> str:
     return f"http://127.0.0.1:{dashboard_platform.service_ports['analytics']}"
 
 
+@dataclass
+class Tokens:
+    region: str
+    hospital_a: str
+
+
 @pytest.fixture(scope="module")
-async def api(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+def tokens(dashboard_platform: Platform) -> Tokens:
+    return Tokens(
+        region=region_token_for(dashboard_platform, "dashboard"),
+        hospital_a=issue_token(HOSPITAL_A, tokens_file({**os.environ, **dashboard_platform.env()})),
+    )
+
+
+@pytest.fixture(scope="module")
+async def api(base_url: str, tokens: Tokens) -> AsyncIterator[httpx.AsyncClient]:
+    """The service's JSON as a region token reads it."""
+    headers = {"Authorization": f"Bearer {tokens.region}"}
+    async with httpx.AsyncClient(base_url=base_url, timeout=30, headers=headers) as http:
         yield http
 
 
@@ -291,9 +314,11 @@ def test_the_page_names_no_other_host() -> None:
         assert urls <= {"http://www.w3.org/2000/svg"}, (path.name, urls)
 
 
-async def test_region_view_shows_the_replayed_study(base_url: str, api: httpx.AsyncClient) -> None:
+async def test_region_view_shows_the_replayed_study(
+    base_url: str, api: httpx.AsyncClient, tokens: Tokens
+) -> None:
     answer = await reaim(api, "/reaim")
-    page = rendered(base_url)
+    page = rendered(base_url, token=tokens.region)
     assert page.find_all("body")[0].attrs["data-state"] == "ready"
     assert shown_figures(page) == expected_figures(answer)
     assert shown_figures(page)["interactions"] == "306"
@@ -322,12 +347,14 @@ async def test_region_view_shows_the_replayed_study(base_url: str, api: httpx.As
     assert selected(page, "pick-hospital") == ""
     assert "disabled" in page.by_id("pick-department").attrs
     assert "the whole region" in page.by_id("showing").text
+    assert "region token “dashboard”" in page.by_id("holder-text").text
+    assert "hidden" in page.by_id("token-form").attrs
 
 
-async def test_hospital_view(base_url: str, api: httpx.AsyncClient) -> None:
+async def test_hospital_view(base_url: str, api: httpx.AsyncClient, tokens: Tokens) -> None:
     answer = await reaim(api, f"/reaim/{HOSPITAL_A}")
     listed = {h["hospital"]: h for h in (await api.get("/hospitals")).json()}
-    page = rendered(base_url, f"?hospital={HOSPITAL_A}")
+    page = rendered(base_url, f"?hospital={HOSPITAL_A}", tokens.region)
     assert shown_figures(page) == expected_figures(answer)
     assert sum(n for _, n in bars(page, "monthly-svg")) == answer["reach"]["interactions"] > 0
     assert selected(page, "pick-hospital") == HOSPITAL_A
@@ -336,12 +363,15 @@ async def test_hospital_view(base_url: str, api: httpx.AsyncClient) -> None:
     assert f"hospital {HOSPITAL_A}, all departments" in page.by_id("showing").text
 
 
-async def test_department_view_over_a_period(base_url: str, api: httpx.AsyncClient) -> None:
+async def test_department_view_over_a_period(
+    base_url: str, api: httpx.AsyncClient, tokens: Tokens
+) -> None:
     period = {"from": "2020-01-01", "to": "2021-01-01"}
     answer = await reaim(api, f"/reaim/{HOSPITAL_A}/emergency-medicine", **period)
     page = rendered(
         base_url,
         f"?hospital={HOSPITAL_A}&department=emergency-medicine&from=2020-01-01&to=2021-01-01",
+        tokens.region,
     )
     assert shown_figures(page) == expected_figures(answer)
     monthly = bars(page, "monthly-svg")
@@ -355,29 +385,33 @@ async def test_department_view_over_a_period(base_url: str, api: httpx.AsyncClie
 
 
 async def test_a_figure_without_a_denominator_reads_no_data(
-    base_url: str, api: httpx.AsyncClient
+    base_url: str, api: httpx.AsyncClient, tokens: Tokens
 ) -> None:
     # The study's first day: a launch and little else, so most rates have nothing to divide.
     answer = await reaim(api, "/reaim", **{"from": "2019-06-01", "to": "2019-06-02"})
-    page = rendered(base_url, "?from=2019-06-01&to=2019-06-02")
+    page = rendered(base_url, "?from=2019-06-01&to=2019-06-02", tokens.region)
     shown = shown_figures(page)
     assert shown == expected_figures(answer)
     assert list(shown.values()).count(NO_DATA) >= 5
     assert shown["helpful"] == NO_DATA
 
 
-def test_an_unknown_department_is_explained(base_url: str) -> None:
-    page = rendered(base_url, f"?hospital={HOSPITAL_A}&department=no-such-department")
+def test_an_unknown_department_is_explained(base_url: str, tokens: Tokens) -> None:
+    page = rendered(
+        base_url, f"?hospital={HOSPITAL_A}&department=no-such-department", tokens.region
+    )
     assert page.find_all("body")[0].attrs["data-state"] == "error"
     assert "no such department" in page.by_id("status").text
     assert "hidden" in page.by_id("dashboard").attrs
 
 
-def test_screenshots(base_url: str, screenshots: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_screenshots(
+    base_url: str, tokens: Tokens, screenshots: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for name, query in [("region", ""), ("hospital", f"?hospital={HOSPITAL_A}")]:
         png = screenshots / f"dashboard-{name}.png"
         result = chromium(
-            f"{base_url}/{query}",
+            f"{base_url}/{query}#token={tokens.region}",
             f"--screenshot={png}",
             "--window-size=1400,2000",
             "--hide-scrollbars",
@@ -388,3 +422,48 @@ def test_screenshots(base_url: str, screenshots: Path, capsys: pytest.CaptureFix
         assert png.stat().st_size > 60_000
     with capsys.disabled():
         print(f"\ndashboard screenshots: {screenshots}")
+
+
+# --- the token ------------------------------------------------------------------------------
+
+
+def test_without_a_token_the_page_asks_for_one(base_url: str) -> None:
+    page = rendered(base_url, f"?hospital={HOSPITAL_A}")
+    assert page.find_all("body")[0].attrs["data-state"] == "token"
+    assert "hidden" not in page.by_id("token-form").attrs
+    assert "Enter an API token" in page.by_id("status").text
+    # Nothing of any hospital: no figure, no picker filled, no data asked for.
+    assert "hidden" in page.by_id("dashboard").attrs and "hidden" in page.by_id("filters").attrs
+    assert not [n for n in page.find_all(cls="figure")]
+    assert HOSPITAL_A not in page.by_id("pick-hospital").text
+
+
+def test_an_unknown_token_is_refused_and_asked_again(base_url: str) -> None:
+    page = rendered(base_url, "", "post_" + "D" * 43)
+    assert page.find_all("body")[0].attrs["data-state"] == "token"
+    assert "This token was refused" in page.by_id("status").text
+    assert not page.find_all(cls="figure")
+
+
+async def test_a_hospitals_token_shows_that_hospital_alone(
+    base_url: str, api: httpx.AsyncClient, tokens: Tokens
+) -> None:
+    answer = await reaim(api, f"/reaim/{HOSPITAL_A}")
+    listed = {h["hospital"]: h for h in (await api.get("/hospitals")).json()}
+    # Asked for nothing, for the region's place, or for another hospital: its own hospital.
+    for query in ("", "?hospital=kp-hospital-b"):
+        page = rendered(base_url, query, tokens.hospital_a)
+        assert page.find_all("body")[0].attrs["data-state"] == "ready", query
+        assert shown_figures(page) == expected_figures(answer), query
+        options = [o.attrs["value"] for o in page.by_id("pick-hospital").find_all("option")]
+        assert options == [HOSPITAL_A]  # no region, no other hospital
+        assert "disabled" in page.by_id("pick-hospital").attrs
+        departments = [o.attrs["value"] for o in page.by_id("pick-department").find_all("option")]
+        assert departments == ["", *(d["department"] for d in listed[HOSPITAL_A]["departments"])]
+        assert f"hospital {HOSPITAL_A}, all departments" in page.by_id("showing").text
+        assert f"token of hospital {HOSPITAL_A}" in page.by_id("holder-text").text
+    query = f"?hospital={HOSPITAL_A}&department=emergency-medicine"
+    page = rendered(base_url, query, tokens.hospital_a)
+    department = await reaim(api, f"/reaim/{HOSPITAL_A}/emergency-medicine")
+    assert shown_figures(page) == expected_figures(department)
+    assert selected(page, "pick-department") == "emergency-medicine"

@@ -17,7 +17,7 @@ from tests.e2e.test_referral_e2e import barrier
 
 pytestmark = pytest.mark.e2e
 
-Http = Callable[[str], httpx.AsyncClient]
+Http = Callable[..., httpx.AsyncClient]
 FHIR_JSON = "application/fhir+json"
 DEPARTMENTS = ("anesthesia", "emergency-medicine")
 
@@ -158,7 +158,7 @@ async def test_an_adverse_event_refers_each_involved_physician_once(
         again = await web.post(path, json=event, headers=headers)
         assert (again.status_code, again.json()) == (202, body)
         await barrier(client, hospital)  # the referral service has handled all before it
-        status = await web.get(f"/hospitals/{hospital}/referrals/{expected[0]}")
+        status = await web.get(f"/hospitals/{hospital}/referrals/{expected[0]}", headers=headers)
     assert status.status_code == 200 and status.json()["source"] == "safety_event"
     new = [e for e in client.events[seen:] if e["_subject"].startswith(f"post.{hospital}.")]
     assert [e["type"] for e in new] == ["CommandRejected"], [e["type"] for e in new]

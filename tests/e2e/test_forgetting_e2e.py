@@ -37,6 +37,7 @@ from shared.contracts import (
 from shared.runtime import Platform
 from shared.settings import Settings
 from tests.badinput.test_bad_input import settled
+from tests.conftest import region_token_for
 from tests.scan import forget_jobs_left, log_files, rows_containing, stream_messages
 
 pytestmark = pytest.mark.e2e
@@ -108,7 +109,8 @@ async def answers(
     """Every RE-AIM answer of the hospital: its own and each department's, for each period."""
     url = f"http://127.0.0.1:{stack.service_ports['analytics']}"
     found = []
-    async with httpx.AsyncClient(base_url=url, timeout=30) as web:
+    headers = {"Authorization": f"Bearer {region_token_for(stack, 'forgetting')}"}
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as web:
         for path in (
             f"/reaim/{hospital}",
             *(f"/reaim/{hospital}/{d}" for d in departments),

@@ -255,7 +255,11 @@ async def test_roster_refusals(client: PlatformClient, hospital: str) -> None:
 
 
 async def test_departments_and_supporters_over_http(
-    client: PlatformClient, hospital: str, http: Callable[[str], httpx.AsyncClient]
+    client: PlatformClient,
+    hospital: str,
+    http: Callable[..., httpx.AsyncClient],
+    api_token: Callable[[str], str],
+    region_token: Callable[[], str],
 ) -> None:
     await open_department(
         client, hospital, "medicine", [("s-m1", Rank.attending, False), ("s-m2", Rank.senior, True)]
@@ -266,9 +270,10 @@ async def test_departments_and_supporters_over_http(
     referral_id = _id("r")
     await client.send(hospital, request("medicine", referral_id))
     await client.wait_for(hospital, "SupporterAssigned", of_referral(referral_id))
-    async with http("matching") as api:
+    async with http("matching", api_token(hospital)) as api:  # the hospital reads its own
         departments = (await api.get(f"/hospitals/{hospital}/departments")).json()
         supporters = (await api.get(f"/hospitals/{hospital}/supporters")).json()
+    async with http("matching", region_token()) as api:  # a region token reads any
         missing = await api.get("/hospitals/no-such-hospital/departments")
     assert departments == [
         {

@@ -204,12 +204,15 @@ async def test_policy_and_availability_refusals(client: PlatformClient, hospital
 
 
 async def test_the_roster_shows_availability_over_http(
-    client: PlatformClient, hospital: str, http: Callable[[str], httpx.AsyncClient]
+    client: PlatformClient,
+    hospital: str,
+    http: Callable[..., httpx.AsyncClient],
+    api_token: Callable[[str], str],
 ) -> None:
     await open_department(client, hospital, "lab", [("s-lab", Rank.senior, True)])
     await client.wait_for(hospital, "SupporterTrained")
     await expect(client, hospital, availability("s-lab", True, 4), "SupporterAvailabilityChanged")
-    async with http("matching") as api:
+    async with http("matching", api_token(hospital)) as api:
         supporters = (await api.get(f"/hospitals/{hospital}/supporters")).json()
     assert [(s["supporter_id"], s["available"], s["max_open_assignments"]) for s in supporters] == [
         ("s-lab", True, 4)
@@ -217,7 +220,10 @@ async def test_the_roster_shows_availability_over_http(
 
 
 async def test_re_aim_counts_the_supporters_available(
-    client: PlatformClient, hospital: str, http: Callable[[str], httpx.AsyncClient]
+    client: PlatformClient,
+    hospital: str,
+    http: Callable[..., httpx.AsyncClient],
+    api_token: Callable[[str], str],
 ) -> None:
     await open_department(
         client, hospital, "rehab", [("s-in", Rank.senior, True), ("s-away", Rank.senior, True)]
@@ -227,7 +233,7 @@ async def test_re_aim_counts_the_supporters_available(
     )
     await expect(client, hospital, availability("s-away", False), "SupporterAvailabilityChanged")
     implementation: dict[str, object] = {}
-    async with http("analytics") as api:
+    async with http("analytics", api_token(hospital)) as api:
         for _ in range(100):  # analytics reads the stream on its own
             answer = (await api.get(f"/reaim/{hospital}/rehab")).json()
             implementation = answer.get("implementation", {})

@@ -20,7 +20,7 @@ from postctl.simulate import post_2023_scenario, run_post_2023
 from shared.client import wait_consumed
 from shared.runtime import Platform
 from shared.settings import Settings
-from tests.conftest import dedicated_platform
+from tests.conftest import dedicated_platform, region_token_for
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +34,10 @@ def post_platform() -> Iterator[Platform]:
 @pytest.fixture(scope="module")
 async def analytics(post_platform: Platform) -> AsyncIterator[httpx.AsyncClient]:
     port = post_platform.service_ports["analytics"]
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+    headers = {"Authorization": f"Bearer {region_token_for(post_platform)}"}
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", timeout=30, headers=headers
+    ) as http:
         yield http
 
 
@@ -147,7 +150,11 @@ async def test_the_demos_showcase_of_contract_1_1_leaves_the_papers_figures(
 ) -> None:
     """`make demo` shows a policy, an availability, a FHIR report and a forgotten physician
     after the figures; the next `make demo` on the same data must still match the paper."""
-    lines = await showcase.run(post_platform.nats_url, str(analytics.base_url).rstrip("/"))
+    lines = await showcase.run(
+        post_platform.nats_url,
+        str(analytics.base_url).rstrip("/"),
+        region_token_for(post_platform, "showcase"),
+    )
     assert any("-> PhysicianForgotten forgotten-" in line for line in lines), lines
     assert any(line.endswith("after forgetting: unchanged") for line in lines), lines
     assert "SetMatchingPolicy same_department -> MatchingPolicySet" in "\n".join(lines)

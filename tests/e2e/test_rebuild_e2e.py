@@ -15,6 +15,7 @@ from shared.client import PlatformClient, wait_consumed
 from shared.contracts import LaunchDepartment, RegisterHospital, SubmitSurveyResponse
 from shared.runtime import SERVICES, Platform
 from shared.settings import Settings
+from tests.conftest import region_token_for
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +55,8 @@ async def test_a_rebuild_answers_throughout_and_loses_nothing_handled_meanwhile(
     for service in SERVICES:
         await wait_consumed(stack.nats_url, service)
     url = f"http://127.0.0.1:{stack.service_ports['analytics']}"
-    async with httpx.AsyncClient(base_url=url, timeout=30) as web:
+    headers = {"Authorization": f"Bearer {region_token_for(stack, 'rebuild')}"}
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as web:
 
         async def respondents() -> int:
             resp = await web.get(f"/reaim/{h}")

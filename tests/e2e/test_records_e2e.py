@@ -291,7 +291,7 @@ async def test_an_extra_field_is_refused_and_nothing_is_stored(
 async def test_the_http_intake(
     client: PlatformClient,
     hospital: str,
-    http: Callable[[str], httpx.AsyncClient],
+    http: Callable[..., httpx.AsyncClient],
     api_token: Callable[[str], str],
 ) -> None:
     await open_program(client, hospital)

@@ -31,7 +31,7 @@ from shared.contracts import (
 pytestmark = pytest.mark.e2e
 
 DEPARTMENT = "emergency-medicine"
-Http = Callable[[str], httpx.AsyncClient]
+Http = Callable[..., httpx.AsyncClient]
 
 
 def now() -> datetime:
@@ -106,6 +106,13 @@ def created(client: PlatformClient, hospital: str, referral_id: str) -> list[Clo
     ]
 
 
+@pytest.fixture
+def reader(http: Http, region_token: Callable[[], str]) -> Http:
+    """`http` with a region token: reads any hospital's referrals."""
+    token = region_token()
+    return lambda service: http(service, token)
+
+
 async def status_of(http: Http, hospital: str, referral_id: str) -> httpx.Response:
     async with http("referral") as web:
         return await web.get(f"/hospitals/{hospital}/referrals/{referral_id}")
@@ -137,7 +144,7 @@ async def eventually_status(
 
 @pytest.mark.parametrize("source", ["self", "third_party", "safety_event"])
 async def test_a_valid_referral_becomes_referral_created_with_correlation_and_causation(
-    client: PlatformClient, hospital: str, http: Http, source: str
+    client: PlatformClient, hospital: str, reader: Http, source: str
 ) -> None:
     await onboard(client, hospital)
     cmd = referral(source=source, referrer_id="ref-1" if source != "self" else None)
@@ -152,7 +159,7 @@ async def test_a_valid_referral_becomes_referral_created_with_correlation_and_ca
     expected = {**cmd.to_data(), "hospital": hospital}
     assert {k: answer["data"].get(k) for k in expected} == expected
 
-    status = await status_of(http, hospital, cmd.referral_id)
+    status = await status_of(reader, hospital, cmd.referral_id)
     assert status.status_code == 200
     body = status.json()
     assert body["hospital"] == hospital
@@ -192,7 +199,7 @@ BAD_PAYLOADS: list[tuple[str, Callable[[], dict[str, Any]], str]] = [
 
 
 async def test_each_kind_of_bad_input_is_rejected_and_nothing_is_stored(
-    client: PlatformClient, hospital: str, http: Http
+    client: PlatformClient, hospital: str, reader: Http
 ) -> None:
     await onboard(client, hospital, DEPARTMENT, "closed-ward")
     closing = await client.send_and_wait(
@@ -219,24 +226,24 @@ async def test_each_kind_of_bad_input_is_rejected_and_nothing_is_stored(
         assert "Jane" not in answer["data"]["detail"]
         if "referral_id" in data and isinstance(data["referral_id"], str):
             assert created(client, hospital, data["referral_id"]) == []
-            assert (await status_of(http, hospital, data["referral_id"])).status_code == 404
+            assert (await status_of(reader, hospital, data["referral_id"])).status_code == 404
     [closed_id] = [command_id for why, _, command_id, _ in sent if why == "closed department"]
     assert "closed" in (await client.outcome(closed_id))["data"]["detail"]
 
 
 async def test_an_unregistered_hospital_is_rejected(
-    client: PlatformClient, hospital: str, http: Http
+    client: PlatformClient, hospital: str, reader: Http
 ) -> None:
     cmd = referral()
     # Refused once it is clear no registration is on its way (CONTRACT.md 1.1).
     answer = await client.outcome(await client.send(hospital, cmd), timeout=WAITED)
     assert answer["type"] == "CommandRejected"
     assert answer["data"]["reason_code"] == "unknown_hospital"
-    assert (await status_of(http, hospital, cmd.referral_id)).status_code == 404
+    assert (await status_of(reader, hospital, cmd.referral_id)).status_code == 404
 
 
 async def test_a_source_naming_another_hospital_than_the_subject_is_rejected(
-    client: PlatformClient, hospital: str, http: Http
+    client: PlatformClient, hospital: str, reader: Http
 ) -> None:
     await onboard(client, hospital)
     data = referral_data()
@@ -244,11 +251,11 @@ async def test_a_source_naming_another_hospital_than_the_subject_is_rejected(
     answer = await client.outcome(command_id)
     assert answer["data"]["reason_code"] == "invalid_payload"
     assert answer["_subject"] == f"post.{hospital}.evt.CommandRejected"
-    assert (await status_of(http, hospital, data["referral_id"])).status_code == 404
+    assert (await status_of(reader, hospital, data["referral_id"])).status_code == 404
 
 
 async def test_a_referral_id_reused_with_another_payload_is_a_conflicting_duplicate(
-    client: PlatformClient, hospital: str, http: Http
+    client: PlatformClient, hospital: str, reader: Http
 ) -> None:
     await onboard(client, hospital)
     first = referral(rank="resident")
@@ -257,11 +264,11 @@ async def test_a_referral_id_reused_with_another_payload_is_a_conflicting_duplic
     answer = await client.send_and_wait(hospital, other)
     assert answer["data"]["reason_code"] == "conflicting_duplicate"
     assert len(created(client, hospital, first.referral_id)) == 1
-    assert (await status_of(http, hospital, first.referral_id)).status_code == 200
+    assert (await status_of(reader, hospital, first.referral_id)).status_code == 200
 
 
 async def test_one_physician_is_referred_once_per_open_safety_event(
-    client: PlatformClient, hospital: str, http: Http
+    client: PlatformClient, hospital: str, reader: Http
 ) -> None:
     await onboard(client, hospital)
     report = {"source": "safety_event", "referrer_id": "safety-office", "safety_event_id": "se-1"}
@@ -271,7 +278,7 @@ async def test_one_physician_is_referred_once_per_open_safety_event(
     answer = await client.send_and_wait(hospital, again)
     assert answer["data"]["reason_code"] == "already_referred"
     assert first.referral_id in answer["data"]["detail"]
-    assert (await status_of(http, hospital, again.referral_id)).status_code == 404
+    assert (await status_of(reader, hospital, again.referral_id)).status_code == 404
     # Another clinician named in the same report is referred.
     colleague = referral(**report)
     assert (await client.send_and_wait(hospital, colleague))["type"] == "ReferralCreated"
@@ -315,7 +322,11 @@ async def test_the_same_command_twice_creates_one_referral(
 
 
 async def test_the_http_intake_creates_the_same_referral_as_nats(
-    client: PlatformClient, hospital: str, http: Http, api_token: Callable[[str], str]
+    client: PlatformClient,
+    hospital: str,
+    http: Http,
+    reader: Http,
+    api_token: Callable[[str], str],
 ) -> None:
     await onboard(client, hospital)
     data = referral_data(source="third_party", referrer_id="lead-1")
@@ -355,14 +366,14 @@ async def test_the_http_intake_creates_the_same_referral_as_nats(
     assert event["correlationid"] == event["causationid"]
     await asyncio.sleep(0.3)
     assert len(created(client, hospital, data["referral_id"])) == 1
-    assert (await status_of(http, hospital, "x-1")).status_code == 404
+    assert (await status_of(reader, hospital, "x-1")).status_code == 404
 
 
 # --- the referral follows its life ----------------------------------------------------------
 
 
 async def test_the_status_follows_assignment_outreach_and_interactions(
-    client: PlatformClient, hospital: str, http: Http
+    client: PlatformClient, hospital: str, reader: Http
 ) -> None:
     await onboard(client, hospital)
     trained = await client.send_and_wait(
@@ -378,14 +389,14 @@ async def test_the_status_follows_assignment_outreach_and_interactions(
     assert trained["type"] == "SupporterTrained", trained
     cmd = referral(rank="resident")
     assert (await client.send_and_wait(hospital, cmd))["type"] == "ReferralCreated"
-    assigned = await eventually_status(http, hospital, cmd.referral_id, "assigned")
+    assigned = await eventually_status(reader, hospital, cmd.referral_id, "assigned")
     assert assigned["supporter_id"] == "sup-1"
 
     outreach = RecordOutreach(
         referral_id=cmd.referral_id, supporter_id="sup-1", outcome="accepted", at=now()
     )
     assert (await client.send_and_wait(hospital, outreach))["type"] == "OutreachAccepted"
-    await eventually_status(http, hospital, cmd.referral_id, "accepted")
+    await eventually_status(reader, hospital, cmd.referral_id, "accepted")
 
     for _ in range(2):
         talk = RecordInteraction(
@@ -395,18 +406,18 @@ async def test_the_status_follows_assignment_outreach_and_interactions(
             minutes=30,
         )
         assert (await client.send_and_wait(hospital, talk))["type"] == "InteractionCompleted"
-    body = await eventually_status(http, hospital, cmd.referral_id, "in_support", interactions=2)
+    body = await eventually_status(reader, hospital, cmd.referral_id, "in_support", interactions=2)
     assert body["interactions"] == 2
     assert body["supporter_id"] == "sup-1"
 
 
 async def test_a_referral_without_an_eligible_supporter_waits(
-    client: PlatformClient, hospital: str, http: Http
+    client: PlatformClient, hospital: str, reader: Http
 ) -> None:
     await onboard(client, hospital)
     cmd = referral()
     assert (await client.send_and_wait(hospital, cmd))["type"] == "ReferralCreated"
-    body = await eventually_status(http, hospital, cmd.referral_id, "waiting_for_supporter")
+    body = await eventually_status(reader, hospital, cmd.referral_id, "waiting_for_supporter")
     assert body["supporter_id"] is None
 
 

@@ -44,6 +44,7 @@ from shared.contracts import (
 from shared.partitions import consumer_name, partition_of, service_lag, work_stream
 from shared.runtime import SERVICES, Platform
 from shared.service import ensure_stream
+from tests.conftest import region_token_for
 from tests.fault.conftest import MakePlatform
 from tests.integration.test_deploy import (  # the cluster of the deploy configs, as it is tested
     NODES,
@@ -98,6 +99,7 @@ async def _figures(run: LoadRun, report: LoadReport, platform: Platform, nats_ur
         report,
         f"http://127.0.0.1:{platform.service_ports['analytics']}",
         lambda: wait_consumed(nats_url, "analytics"),
+        token=region_token_for(platform),
     )
 
 

@@ -30,6 +30,7 @@ from shared.contracts import (
     RequestReferral,
 )
 from shared.runtime import SERVICES, Platform
+from tests.conftest import region_token_for
 from tests.fault.conftest import MakePlatform
 from tests.scan import forget_jobs_left, rows_containing, stream_messages
 
@@ -102,7 +103,8 @@ async def _answers(platform: Platform) -> list[Any]:
     for service in SERVICES:
         await wait_consumed(platform.nats_url, service)
     base = f"http://127.0.0.1:{platform.service_ports['analytics']}"
-    async with httpx.AsyncClient(base_url=base, timeout=30) as web:
+    headers = {"Authorization": f"Bearer {region_token_for(platform)}"}
+    async with httpx.AsyncClient(base_url=base, timeout=30, headers=headers) as web:
         return [
             (await web.get(path)).json()
             for path in (f"/reaim/{HOSPITAL}", f"/reaim/{HOSPITAL}/{DEPARTMENT}")

@@ -13,6 +13,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -26,6 +27,7 @@ from services.analytics import answers, gauges, handlers, projection, reaim, vie
 from services.analytics.domain import Scope
 from services.analytics.facts import load_facts
 from services.analytics.rebuild import MIGRATIONS, rebuild
+from shared.auth import TOKENS_FILE_VARIABLE, issue_region_token
 from shared.contracts import (
     AssignmentOverdue,
     DepartmentClosed,
@@ -317,7 +319,24 @@ def gauge(name: str, **labels: str) -> float | None:
     return REGISTRY.get_sample_value(name, labels)
 
 
-async def test_projection_http_gauges_and_rebuild(platform: Platform, analytics: Service) -> None:
+def region_reader(
+    analytics: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> httpx.AsyncClient:
+    """An in-process client of the analytics app with a region token (in a tokens file of
+    this test's own: the app reads $POST_API_TOKENS_FILE at each request)."""
+    path = tmp_path / "api-tokens.json"
+    monkeypatch.setenv(TOKENS_FILE_VARIABLE, str(path))
+    token = issue_region_token("tests", path)
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=analytics.http),
+        base_url="http://t",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+
+
+async def test_projection_http_gauges_and_rebuild(
+    platform: Platform, analytics: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     h = f"h-{uuid.uuid4().hex[:10]}"
     events = program(h)
     nc = await nats.connect(platform.nats_url)
@@ -331,7 +350,7 @@ async def test_projection_http_gauges_and_rebuild(platform: Platform, analytics:
     await publish(js, events[first_interaction], ids[first_interaction])
     await nc.close()
 
-    api = httpx.AsyncClient(transport=httpx.ASGITransport(app=analytics.http), base_url="http://t")
+    api = region_reader(analytics, tmp_path, monkeypatch)
 
     async def caught_up() -> bool:
         async with analytics.pool.acquire() as conn:
@@ -437,7 +456,7 @@ async def test_projection_http_gauges_and_rebuild(platform: Platform, analytics:
 
 
 async def test_a_kept_answer_never_outlives_the_next_fact_of_its_hospital(
-    platform: Platform, analytics: Service
+    platform: Platform, analytics: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Answers are kept in memory under their hospital's version: a repeat is a lookup, and
     the next fact of the hospital (or of any hospital, for the region) makes it computed anew."""
@@ -446,7 +465,7 @@ async def test_a_kept_answer_never_outlives_the_next_fact_of_its_hospital(
     js = nc.jetstream()
     await ensure_stream(js)
     ids = [await publish(js, e) for e in [*program(h), *program(other)]]
-    api = httpx.AsyncClient(transport=httpx.ASGITransport(app=analytics.http), base_url="http://t")
+    api = region_reader(analytics, tmp_path, monkeypatch)
 
     async def processed(count: int) -> bool:
         async with analytics.pool.acquire() as conn:

@@ -1,5 +1,9 @@
 // The RE-AIM dashboard: reads this service's JSON and draws it with plain SVG, no library.
 // Data only ever reaches the page through textContent and attributes, never as HTML.
+// Every read needs an API token (CONTRACT.md 1.2): the page asks for one, or takes it from
+// its URL fragment (#token=...), keeps it in this tab's sessionStorage only, sends it as
+// Authorization: Bearer, and shows what it may read: a hospital's token, that hospital and
+// its departments; a region token, the region and every hospital.
 "use strict";
 
 (function () {
@@ -27,9 +31,16 @@
     unspecified: "No reason given",
   };
 
+  const TOKEN_KEY = "post-dashboard-token";
+
   let hospitals = [];
   let lastAnswer = null;
   let loads = 0;
+  let token = "";
+  let holder = null; // {kind: "hospital" | "region", name}, from GET whoami
+
+  // A refusal of the token itself (401): the page asks for another one.
+  class TokenRefused extends Error {}
 
   // --- small helpers ----------------------------------------------------------------------
 
@@ -134,11 +145,14 @@
 
   function fillHospitals(view) {
     const select = document.getElementById("pick-hospital");
-    select.replaceChildren(el("option", { value: "" }, "Whole region (all hospitals)"));
+    const region = !holder || holder.kind === "region";
+    select.replaceChildren();
+    if (region) select.append(el("option", { value: "" }, "Whole region (all hospitals)"));
     const known = hospitals.map((h) => h.hospital);
     const ids = view.hospital && !known.includes(view.hospital) ? [...known, view.hospital] : known;
     for (const id of ids) select.append(el("option", { value: id }, id));
     choose(select, view.hospital);
+    select.disabled = !region; // a hospital's token reads its own hospital only
     fillDepartments(view);
   }
 
@@ -468,28 +482,113 @@
   }
 
   async function fetchJson(path) {
-    const response = await fetch(path, { headers: { Accept: "application/json" } });
+    const response = await fetch(path, {
+      headers: { Accept: "application/json", Authorization: "Bearer " + token },
+      credentials: "omit",
+      cache: "no-store",
+    });
     const body = await response.json().catch(() => null);
     if (!response.ok) {
       const detail = body && body.detail ? body.detail : "the service answered " + response.status;
-      throw new Error(typeof detail === "string" ? detail : JSON.stringify(detail));
+      const text = typeof detail === "string" ? detail : JSON.stringify(detail);
+      throw response.status === 401 ? new TokenRefused(text) : new Error(text);
     }
     return body;
+  }
+
+  // --- the token --------------------------------------------------------------------------
+
+  function takeToken() {
+    const fragment = new URLSearchParams(location.hash.slice(1));
+    const given = fragment.get("token");
+    if (given) {
+      setToken(given.trim());
+      // Not left in the address bar, the history or a bookmark.
+      history.replaceState(null, "", location.pathname + location.search);
+      return;
+    }
+    try {
+      token = sessionStorage.getItem(TOKEN_KEY) || "";
+    } catch (error) {
+      token = "";
+    }
+  }
+
+  function setToken(value) {
+    token = value;
+    holder = null;
+    hospitals = [];
+    try {
+      if (value) sessionStorage.setItem(TOKEN_KEY, value);
+      else sessionStorage.removeItem(TOKEN_KEY);
+    } catch (error) {
+      // No storage (a private window's policy): the token lives as long as the page.
+    }
+  }
+
+  function askToken(why) {
+    document.getElementById("token-form").hidden = false;
+    document.getElementById("filters").hidden = true;
+    document.getElementById("holder").hidden = true;
+    document.getElementById("dashboard").hidden = true;
+    document.getElementById("showing").textContent = "";
+    document.getElementById("status").textContent = why ||
+      "Enter an API token to see the figures.";
+    document.body.dataset.state = "token";
+    document.getElementById("token-input").focus();
+  }
+
+  function showHolder() {
+    document.getElementById("token-form").hidden = true;
+    document.getElementById("filters").hidden = false;
+    document.getElementById("holder").hidden = false;
+    document.getElementById("holder-text").textContent = holder.kind === "region"
+      ? "With the region token “" + holder.name + "”: every hospital."
+      : "With the token of hospital " + holder.name + ": this hospital and its departments.";
+  }
+
+  // What the token may read: its own hospital for a hospital's token, whatever was asked.
+  function allowed(view) {
+    if (holder.kind === "region" || view.hospital === holder.name) return view;
+    return { hospital: holder.name, department: "", from: view.from, to: view.to };
+  }
+
+  async function listFor() {
+    if (holder.kind === "region") return fetchJson("hospitals");
+    // A hospital that has sent nothing yet has no entry: its own name, no department.
+    const entry = await fetchJson("hospitals/" + encodeURIComponent(holder.name))
+      .catch((error) => {
+        if (error instanceof TokenRefused) throw error;
+        return { hospital: holder.name, departments: [] };
+      });
+    return [entry];
   }
 
   async function load() {
     // Only the latest request may draw: a slow earlier answer must not overwrite it.
     const ticket = ++loads;
-    const view = readView();
+    if (!token) {
+      askToken("");
+      return;
+    }
     const status = document.getElementById("status");
     const main = document.getElementById("dashboard");
     document.body.dataset.state = "loading";
     status.textContent = "Loading the figures…";
-    fillDates(view);
-    const path = apiPath(view);
-    document.getElementById("json-link").setAttribute("href", path);
+    let view = readView();
     try {
-      const [list, answer] = await Promise.all([fetchJson("hospitals"), fetchJson(path)]);
+      if (!holder) holder = await fetchJson("whoami");
+      if (ticket !== loads) return;
+      showHolder();
+      const asked = view;
+      view = allowed(view);
+      if (view !== asked) {
+        history.replaceState(null, "", location.pathname + viewQuery(view, ["hospital", "department", "from", "to"]));
+      }
+      fillDates(view);
+      const path = apiPath(view);
+      document.getElementById("json-link").setAttribute("href", path);
+      const [list, answer] = await Promise.all([listFor(), fetchJson(path)]);
       if (ticket !== loads) return;
       hospitals = list;
       fillHospitals(view);
@@ -500,8 +599,19 @@
       status.textContent = hospitals.length ? "" : "No hospital has sent any records yet.";
       document.body.dataset.state = "ready";
     } catch (error) {
+      if (error instanceof TokenRefused) {
+        if (ticket !== loads) return;
+        setToken("");
+        askToken("This token was refused (" + error.message + "): enter another one.");
+        return;
+      }
+      if (!holder) {
+        if (ticket !== loads) return;
+        askToken("The token could not be checked: " + error.message + ".");
+        return;
+      }
       if (!hospitals.length) {
-        hospitals = await fetchJson("hospitals").catch(() => []);
+        hospitals = await listFor().catch(() => []);
       }
       if (ticket !== loads) return;
       fillHospitals(view);
@@ -513,6 +623,24 @@
   }
 
   function start() {
+    takeToken();
+    document.getElementById("token-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const input = document.getElementById("token-input");
+      setToken(input.value.trim());
+      input.value = "";
+      load();
+    });
+    document.getElementById("forget-token").addEventListener("click", () => {
+      setToken("");
+      load();
+    });
+    window.addEventListener("hashchange", () => {
+      if (new URLSearchParams(location.hash.slice(1)).get("token")) {
+        takeToken();
+        load();
+      }
+    });
     const form = document.getElementById("filters");
     form.addEventListener("submit", (event) => {
       event.preventDefault();
