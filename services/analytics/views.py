@@ -7,6 +7,8 @@ import asyncio
 from datetime import date
 from typing import Any
 
+import asyncpg
+import structlog
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
@@ -74,6 +76,18 @@ def _compute_and_render(
     return render(scope, reaim.period_of(facts.within(scope), start, end), figures)
 
 
+log = structlog.get_logger()
+
+# What a read that raced a rebuild's schema swap may meet: plans cached for the old tables,
+# tables dropped under it ("could not open relation", XX000).
+SWAPPED = (
+    asyncpg.exceptions.InvalidCachedStatementError,
+    asyncpg.exceptions.UndefinedTableError,
+    asyncpg.exceptions.InternalServerError,
+)
+SWAP_RETRIES = 3
+
+
 async def _answer(
     request: Request, scope: domain.Scope, period_from: str | None, period_to: str | None
 ) -> Response:
@@ -81,16 +95,25 @@ async def _answer(
     service = service_of(request)
     cache = answers.cache_for(service.name)
     key = answer_key(scope, start, end)
-    async with service.pool.acquire() as conn, snapshot(conn):
-        version = await scope_version(conn, scope)
-        body = cache.get(key, version)
-        if body is None and scope.hospital is None:
-            # The region: aggregated in PostgreSQL, never its facts in Python (region.py).
-            period, figures = await region.compute(conn, start, end)
-            body = render(scope, period, figures)
-            cache.put(key, version, body)
-        elif body is None:
-            facts = await load_facts(conn, scope)
+    for attempt in range(1, SWAP_RETRIES + 1):
+        try:
+            async with service.pool.acquire() as conn, snapshot(conn):
+                version = await scope_version(conn, scope)
+                body = cache.get(key, version)
+                if body is None and scope.hospital is None:
+                    # The region: aggregated in PostgreSQL, never its facts in Python.
+                    period, figures = await region.compute(conn, start, end)
+                    body = render(scope, period, figures)
+                    cache.put(key, version, body)
+                elif body is None:
+                    facts = await load_facts(conn, scope)
+            break
+        except SWAPPED as exc:
+            # A query that waited for a rebuild's swap (rebuild.py) finds the tables it had
+            # planned for gone: the new ones are in place, ask again.
+            if attempt == SWAP_RETRIES:
+                raise
+            log.info("reaim_read_retried", error=type(exc).__name__, attempt=attempt)
     if body is None:
         if scope.hospital is not None and not (facts.hospitals or facts.departments):
             raise HttpRejection(404, ReasonCode.unknown_hospital, "no such hospital")
