@@ -129,9 +129,20 @@ class WebhookPartition:
     """The webhooks of one partition while this instance holds their lease."""
 
     def __init__(
-        self, partition: int, js: JetStreamContext, settings: Settings, instance: str, key: bytes
+        self,
+        partition: int,
+        js: JetStreamContext,
+        settings: Settings,
+        instance: str,
+        key: bytes,
+        *,
+        schema: str = webhooks.SCHEMA,
+        lock: str = LOCK,
     ) -> None:
+        """`schema`, `lock`: where the table is and what the lease is called (a test's own)."""
         self.partition = partition
+        self.schema = schema
+        self.lease_name = lock
         self.js = js
         self.settings = settings
         self.instance = instance
@@ -157,7 +168,7 @@ class WebhookPartition:
         lease_ms = str(int(self.settings.lease_seconds * 1000))
         conn = await connect(
             self.settings.database_url,
-            webhooks.SCHEMA,
+            self.schema,
             application_name=f"webhooks:{self.instance}",
             idle_session_timeout=lease_ms,
             idle_in_transaction_session_timeout=lease_ms,
@@ -165,7 +176,7 @@ class WebhookPartition:
         tasks: dict[str, asyncio.Task[None]] = {}
         try:
             locked = await conn.fetchval(
-                "SELECT pg_try_advisory_lock($1, $2)", lock_key(LOCK), self.partition
+                "SELECT pg_try_advisory_lock($1, $2)", lock_key(self.lease_name), self.partition
             )
             if not locked:
                 return
@@ -188,6 +199,8 @@ class WebhookPartition:
                         counted = time.monotonic()
                         await self._count(hospitals)
                     await sleep_or_stop(self.stop, POLL_SECONDS)
+        except LostLease as exc:
+            log.warning("webhooks_lost", partition=self.partition, error=str(exc)[:200])
         finally:
             for task in tasks.values():
                 task.cancel()
