@@ -135,13 +135,18 @@ def sealing_key(data_dir: Path) -> bytes:
         path = data_dir / KEY_FILE
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
+            # Written whole beside, then linked in place: a process starting at the same moment
+            # finds either no file or the whole key, and the first link wins.
+            tmp = path.with_name(f".{KEY_FILE}.{secrets.token_hex(6)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(base64.b64encode(AESGCM.generate_key(bit_length=256)).decode())
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:  # another process made it first
+                os.link(tmp, path)
+            except FileExistsError:
                 pass
-            else:
-                with os.fdopen(fd, "w") as f:
-                    f.write(base64.b64encode(AESGCM.generate_key(bit_length=256)).decode())
+            finally:
+                tmp.unlink()
         key = base64.b64decode(path.read_text().strip(), validate=True)
     if len(key) != 32:
         raise ValueError(f"{KEY_VARIABLE} must be the base64 of 32 bytes")

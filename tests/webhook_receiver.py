@@ -31,6 +31,7 @@ class Receiver:
 
     answer: Callable[[int], int] = lambda n: 200
     pause: float = 12.0
+    delay: float = 0.0  # before every answer
     received: list[Received] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -53,6 +54,7 @@ class Receiver:
                     receiver.received.append(
                         Received({k.lower(): v for k, v in self.headers.items()}, body, status)
                     )
+                time.sleep(receiver.delay)
                 if status == 0:
                     time.sleep(receiver.pause)
                     status = 200  # too late: the platform gave up on it already
