@@ -130,7 +130,7 @@ def sealing_key(data_dir: Path) -> bytes:
     database alone does not reveal a secret."""
     value = os.environ.get(KEY_VARIABLE, "")
     if value:
-        key = base64.b64decode(value, validate=True)
+        key = _decode_key(value)
     else:
         path = data_dir / KEY_FILE
         if not path.exists():
@@ -147,10 +147,17 @@ def sealing_key(data_dir: Path) -> bytes:
                 pass
             finally:
                 tmp.unlink()
-        key = base64.b64decode(path.read_text().strip(), validate=True)
+        key = _decode_key(path.read_text().strip())
     if len(key) != 32:
         raise ValueError(f"{KEY_VARIABLE} must be the base64 of 32 bytes")
     return key
+
+
+def _decode_key(value: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise ValueError(f"{KEY_VARIABLE} must be the base64 of 32 bytes") from None
 
 
 def seal(key: bytes, hospital: str, secret: str) -> bytes:

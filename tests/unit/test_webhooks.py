@@ -119,3 +119,41 @@ def test_a_sealed_secret_opens_only_with_its_key_and_hospital(tmp_path, monkeypa
     monkeypatch.setenv(webhooks.KEY_VARIABLE, other)
     with pytest.raises(InvalidTag):
         webhooks.unseal(webhooks.sealing_key(tmp_path), "h1", sealed)
+
+
+def test_a_key_that_is_not_32_bytes_of_base64_is_named(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    for bad in ("change-me-base64-of-32-bytes", base64.b64encode(bytes(16)).decode()):
+        monkeypatch.setenv(webhooks.KEY_VARIABLE, bad)
+        with pytest.raises(ValueError, match="POST_WEBHOOK_KEY must be the base64 of 32 bytes"):
+            webhooks.sealing_key(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["st-mary", "--url", "http://engine.example.org/secret-path"], "give an https URL"),
+        (["st-mary", "--url", "https://u:pw@engine.example.org/"], "credentials in the URL"),
+        (
+            ["st-mary", "--url", "https://engine.example.org/", "--off"],
+            "--url <https-url> or --off",
+        ),
+        (["st-mary"], "--url <https-url> or --off"),
+        (["St Mary", "--off"], "a hospital id is a slug"),
+    ],
+)
+def test_postctl_hospital_webhook_refuses_with_a_reason_and_echoes_nothing(
+    argv: list[str],
+    says: str,
+    monkeypatch,
+    capsys,  # type: ignore[no-untyped-def]
+) -> None:
+    from postctl.cli import main
+
+    for name in ("POST_NATS_URL", "POST_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["hospital", "webhook", *argv])
+    message = str(stopped.value)
+    assert says in message
+    assert "secret-path" not in message and "pw" not in message.replace("postctl", "")
+    assert capsys.readouterr().out == ""  # no secret was printed: nothing was registered
