@@ -1,7 +1,8 @@
 """Webhooks under faults, 3 instances of every service, to a real endpoint on 127.0.0.1.
 
-- The referral instance delivering a hospital's webhook is killed (-9) mid-delivery: another
-  takes the lease and goes on from the last acknowledged event; nothing is skipped.
+- The referral instance delivering a hospital's webhook is killed (-9), or frozen past its
+  lease (SIGSTOP, then SIGCONT), mid-delivery: another takes the lease and goes on from the last
+  acknowledged event; nothing is skipped, and the woken one sends nothing later than that.
 - The endpoint fails for a minute (the contract says "minutes": the suite affords 60 s, with
   one request left unanswered past the 10 s the platform waits), then recovers: everything is
   delivered, in order; meanwhile exactly one instance exports the hospital's pending count, and
@@ -40,6 +41,7 @@ pytestmark = pytest.mark.fault
 
 DEPARTMENT = "emergency-medicine"
 FAIL_SECONDS = 60.0
+LEASE_SECONDS = 3.0  # tests/fault/conftest.py
 
 
 def _postctl(platform: Platform, *args: str) -> str:
@@ -97,8 +99,9 @@ async def _events(platform: Platform, hospital: str, count: int) -> list[str]:
         await nc.close()
 
 
-async def _delivering(platform: Platform, hospital: str) -> str:
-    """The key of the referral process holding the hospital's webhook lease."""
+async def _delivering(platform: Platform, hospital: str, frozen: str = "") -> str:
+    """The key of the referral process holding the hospital's webhook lease (`frozen`: one not
+    to ask, it cannot answer)."""
     conn = await asyncpg.connect(platform.db_url)
     try:
         for _ in range(300):
@@ -119,7 +122,7 @@ async def _delivering(platform: Platform, hospital: str) -> str:
     assert holder, "nobody holds the webhook lease"
     instance = holder.split(":", 1)[1]
     for key, process in platform.processes.items():
-        if process.name == "referral" and process.alive():
+        if process.name == "referral" and process.alive() and key != frozen:
             with urllib.request.urlopen(platform.url(key, "/readyz"), timeout=5) as resp:
                 if json.loads(resp.read()).get("instance") == instance:
                     return key
@@ -160,8 +163,9 @@ def _pending_exports(platform: Platform, hospital: str) -> list[float]:
     return found
 
 
-async def test_killing_the_delivering_instance_mid_delivery_skips_nothing(
-    make_platform: MakePlatform,
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+async def test_the_delivering_instance_killed_or_frozen_mid_delivery_skips_nothing(
+    make_platform: MakePlatform, fault: str
 ) -> None:
     platform = await asyncio.to_thread(make_platform)
     hospital = f"wh-{uuid.uuid4().hex[:8]}"
@@ -175,10 +179,21 @@ async def test_killing_the_delivering_instance_mid_delivery_skips_nothing(
         while len(set(receiver.acknowledged_ids())) < 10:
             await asyncio.sleep(0.05)
         victim = await _delivering(platform, hospital)
-        platform.processes[victim].stop(signal.SIGKILL)
-        await _all_acknowledged(receiver, len(expected), timeout=120)
-        successor = await _delivering(platform, hospital)
+        process = platform.processes[victim]
+        if fault == "kill":
+            process.stop(signal.SIGKILL)
+            successor = await _delivering(platform, hospital)
+        else:
+            assert process.proc is not None
+            process.proc.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(LEASE_SECONDS + 5)  # its sessions end, another takes over
+                successor = await _delivering(platform, hospital, frozen=victim)
+            finally:
+                process.proc.send_signal(signal.SIGCONT)
         assert successor != victim
+        await _all_acknowledged(receiver, len(expected), timeout=120)
+        await asyncio.sleep(2)  # the woken instance has had time to send what it still would
         _assert_in_order(receiver, expected, secret)
     finally:
         await client.close()
