@@ -44,9 +44,9 @@ log = structlog.get_logger()
 LOCK = "webhooks"  # the first key of the (webhooks, partition) leases
 POLL_SECONDS = 0.5  # a caught-up webhook looks for its next event this often
 COUNT_SECONDS = 5.0
-# The position read before an attempt is trusted this long; a pause longer than this between
-# the read and the request (a frozen process) means reading it again.
-FRESH_SECONDS = 1.0
+# A backing-off webhook looks this often whether it was registered anew (a fixed endpoint is
+# tried at once) or removed.
+RECHECK_SECONDS = 2.0
 
 PENDING = Gauge(
     "post_webhook_events_pending",
@@ -245,8 +245,10 @@ class WebhookPartition:
                     await sleep_or_stop(self.stop, POLL_SECONDS)
                     continue
                 self._caught_up.discard(hospital)
-                if time.monotonic() - read_at > FRESH_SECONDS:
-                    continue  # paused since the position was read: read it again
+                # The position read is trusted for half a lease: a longer pause since (a frozen
+                # process, whose session may have ended meanwhile) means reading it again.
+                if time.monotonic() - read_at > self.settings.lease_seconds / 2:
+                    continue
                 try:
                     error = await attempt(
                         client, hook.url, webhooks.unseal(self.key, hospital, hook.sealed), msg
@@ -261,15 +263,30 @@ class WebhookPartition:
                 failures = await self._db(webhooks.failed, hook, error)
                 delay = webhooks.retry_delay(failures)
                 log.warning(
-                    "webhook_failed", error=error, failures=failures, retry_in=round(delay, 1)
+                    "webhook_failed",
+                    hospital=hospital,
+                    error=error,
+                    failures=failures,
+                    retry_in=round(delay, 1),
                 )
-                await sleep_or_stop(self.stop, delay)
+                await self._back_off(hospital, hook, delay)
         except LostLease as exc:
             log.warning("webhooks_lost", partition=self.partition, error=str(exc)[:200])
             self.stop.set()
         except Exception as exc:  # NATS away for a moment: the partition's loop starts it again
             log.warning("webhook_delivery_failed", error=type(exc).__name__)
             await asyncio.sleep(1.0)
+
+    async def _back_off(self, hospital: str, hook: webhooks.Webhook, delay: float) -> None:
+        """Wait `delay` before the next attempt, or less when the webhook was registered anew
+        (another URL or secret) or removed."""
+        until = time.monotonic() + delay
+        while (left := until - time.monotonic()) > 0:
+            if await sleep_or_stop(self.stop, min(left, RECHECK_SECONDS)):
+                return
+            now = await self._db(webhooks.load, hospital)
+            if now is None or now.sealed != hook.sealed:
+                return
 
 
 async def delivery(service: Service) -> None:

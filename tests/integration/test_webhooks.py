@@ -259,3 +259,34 @@ async def test_off_ends_delivery_and_the_pending_gauge_counts_what_waits(setup: 
         assert len(receiver.acknowledged_ids()) == 3
     finally:
         receiver.stop()
+
+
+async def test_registering_again_ends_a_long_back_off_at_once(setup: Setup) -> None:
+    receiver = Receiver().start()
+    refused = Receiver().start()
+    refused_url = refused.url
+    refused.stop()
+    try:
+        await setup.register(refused_url)
+        sent = await setup.publish()
+        worker = setup.worker()
+        task = await run(worker)
+        for _ in range(100):
+            if (await setup.row())["failures"] >= 1:
+                break
+            await asyncio.sleep(0.1)
+        async with setup.pool.acquire() as conn:  # as after an hour of failures
+            await conn.execute(
+                "UPDATE webhooks SET failures = 20 WHERE hospital = $1", setup.hospital
+            )
+        for _ in range(100):
+            if (await setup.row())["failures"] >= 21:
+                break
+            await asyncio.sleep(0.1)
+        assert webhooks.retry_delay(21) > 200  # the next attempt would be minutes away
+        await setup.register(receiver.url)
+        # Well under the back-off: the new endpoint is tried within a recheck.
+        await until(lambda: receiver.acknowledged_ids() == [sent[0]], 30)
+        await halt(worker, task)
+    finally:
+        receiver.stop()
