@@ -11,6 +11,8 @@ postctl load --rate R --duration D [--hospitals N] [--seed S] [--analytics URL] 
 postctl analytics rebuild        drop the RE-AIM read models and replay the stream
 postctl hospital onboard H       create a hospital's NATS credentials in the tenants file
 postctl hospital token H         issue (or --revoke) a hospital's API token for the HTTP intakes
+postctl hospital webhook H --url URL | --off
+                                 a hospital's webhook endpoint (prints its signing secret once)
 
 Each subcommand lives in its own module, which registers it with `add_cli(subparsers)`.
 """
