@@ -11,6 +11,8 @@ postctl load --rate R --duration D [--hospitals N] [--seed S] [--analytics URL] 
 postctl analytics rebuild        drop the RE-AIM read models and replay the stream
 postctl hospital onboard H       create a hospital's NATS credentials in the tenants file
 postctl hospital token H         issue (or --revoke) a hospital's API token (its HTTP routes)
+postctl hospital webhook H --url URL | --off
+                                 a hospital's webhook endpoint (prints its signing secret once)
 postctl region token --name N    issue (or --revoke) a region token: reads every hospital over HTTP
 postctl certs --out DIR          a private CA and the server certificates of a trial deployment
 

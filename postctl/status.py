@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import nats
 
+from postctl import webhooks
 from shared.partitions import ownership
 from shared.runtime import SERVICES
 from shared.settings import Settings
@@ -20,7 +21,9 @@ async def report(settings: Settings) -> dict[str, Any]:
     nc = await nats.connect(settings.nats_servers, tls=settings.nats_tls())
     conn = await asyncpg.connect(settings.database_url)
     try:
-        return await ownership(conn, nc.jetstream(), SERVICES)
+        found = await ownership(conn, nc.jetstream(), SERVICES)
+        found["webhooks"] = await webhooks.status(settings)
+        return found
     finally:
         await conn.close()
         await nc.close()
@@ -45,3 +48,4 @@ def cmd_status(args: argparse.Namespace) -> None:
             more = f" (+{len(hospitals) - 5})" if len(hospitals) > 5 else ""
             shown = ", ".join(hospitals[:5]) + more
             print(f"  partition {partition}: {holder or 'NOBODY'}  hospitals: {shown or '-'}")
+    webhooks.print_status(found["webhooks"])

@@ -32,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from postctl import webhooks
 from shared.contracts import is_hospital_id
 from shared.settings import Settings
 
@@ -267,3 +268,4 @@ def add_cli(subparsers: Any) -> None:
     )
     retention.add_argument("--off", action="store_true", help="remove the hospital's retention")
     retention.set_defaults(func=cmd_retention)
+    webhooks.add_cli(actions)  # `postctl hospital webhook`: postctl/webhooks.py

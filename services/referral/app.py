@@ -6,6 +6,7 @@ from pathlib import Path
 
 from services.referral import forgetting, handlers, views
 from shared.service import Service
+from shared.webhook_delivery import delivery as webhook_delivery
 
 service = Service(
     "referral",
@@ -16,7 +17,8 @@ service = Service(
     event_handlers=handlers.EVENT_HANDLERS,
     migrations=Path(__file__).parent / "migrations",
     routers=[views.router],
-    background=[forgetting.scrubber, forgetting.retention_timer],
+    # The hospitals' webhooks are delivered by the instance holding their partition.
+    background=[forgetting.scrubber, forgetting.retention_timer, webhook_delivery],
     # The front door also answers commands of a type no service owns (CONTRACT.md: never
     # silence): a CommandRejected, invalid_payload.
     answers_unknown_commands=True,

@@ -33,6 +33,7 @@ import httpx
 import pytest
 import yaml
 
+from postctl import webhooks
 from shared.client import PlatformClient
 from shared.contracts import (
     Command,
@@ -48,7 +49,7 @@ from shared.contracts import (
     cmd_subject,
 )
 from shared.runtime import SERVICES, Platform, free_port, wait_for_port
-from shared.settings import SERVICE_PORTS
+from shared.settings import SERVICE_PORTS, Settings
 
 pytestmark = pytest.mark.integration
 
@@ -210,6 +211,12 @@ def referral(referral_id: str, department: str = DEPARTMENT) -> RequestReferral:
 
 async def drive_traffic(client: PlatformClient, stack: Platform, hospital: str) -> None:
     today = datetime.now(UTC).date()
+    # A webhook whose endpoint refuses every connection: its events wait (WebhookBehind).
+    await webhooks.register(
+        Settings(nats_url=stack.nats_url, database_url=stack.db_url, data_dir=stack.data_dir),
+        hospital,
+        f"http://127.0.0.1:{free_port()}/refused",
+    )
     await answer(
         client, hospital, RegisterHospital(name="Test", physician_count=400), "HospitalRegistered"
     )
@@ -414,6 +421,7 @@ async def test_prometheus_scrapes_the_stack_and_every_expression_has_data(
         "ConsumerLagGrowing",
         "DeadLetters",
         "ServiceDown",
+        "WebhookBehind",
     }
     # The choices a watcher makes: one department, its hospital ("All" departments), the region.
     choices = {
