@@ -16,6 +16,7 @@ Handlers take typed parameters: the event's pydantic model (decoded from the Clo
 """
 
 import asyncio
+import logging
 import uuid
 import weakref
 from collections.abc import Callable, Generator
@@ -26,6 +27,8 @@ from typing import Annotated, Any, Generic, TypeVar
 from faststream import Depends
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import NotFoundError
 
 from post_client import contracts as c
 from post_client.contracts import CloudEvent
@@ -56,6 +59,10 @@ def idempotent_id(hospital: str, *key: str) -> str:
     restarts and sends "the referral r-17" again sends the same id, which the platform then
     processes once (CONTRACT.md: a command's id is its idempotency key, however far apart)."""
     return str(uuid.uuid5(_ID_NAMESPACE, "/".join((hospital, *key))))
+
+
+class NotOnboarded(Exception):
+    """The hospital's durable consumer does not exist, or its key may not read it."""
 
 
 class CommandRefused(Exception):
@@ -252,6 +259,8 @@ class Hospital:
         if nkeys_seed_str is not None:
             options["nkeys_seed_str"] = nkeys_seed_str
         options.setdefault("name", f"post-client/{hospital}")
+        # FastStream logs every message at INFO ("Received", "Processed"): keep that to DEBUG
+        options.setdefault("log_level", logging.DEBUG)
         self.broker = NatsBroker(servers, **options)
         self._pending: weakref.WeakValueDictionary[str, Sent[Any]] = weakref.WeakValueDictionary()
         self._publishers: dict[type[c.Command], CommandPublisher[Any]] = {}
@@ -260,7 +269,7 @@ class Hospital:
         # Answers to this process's commands come on the live subscription (not durable: an
         # answer awaited by a process that is gone has nobody to give it to).
         answers = self.broker.subscriber(
-            c.evt_subject(hospital, ">"), title=f"post.{hospital}.evt.>:answers"
+            c.evt_subject(hospital, ">"), no_reply=True, title=f"post.{hospital}.evt.>:answers"
         )
         answers(self._on_answer_candidate)
         # Every command's publisher exists before the broker starts (and documents it).
@@ -286,6 +295,10 @@ class Hospital:
         subscriber = self.broker.subscriber(
             c.evt_subject(self.id, event_type.type_name),
             decoder=_decoded_payload,
+            # An event on its subject carries the reply inbox of the platform's JetStream
+            # publish: FastStream would answer it with the handler's result (and a hospital's
+            # key may not publish there: NATS breaks the connection).
+            no_reply=True,
             **subscriber_options,
         )
 
@@ -309,6 +322,10 @@ class Hospital:
                 pull_sub=PullSub(batch_size=1, timeout=self.pull_timeout),
                 ack_policy=AckPolicy.NACK_ON_ERROR,
                 decoder=_decoded_payload,
+                no_reply=True,
+                # nats-py's pull subscription takes its own inbox prefix (default `_INBOX.`),
+                # not the connection's: without this the key may not receive the fetched events
+                inbox_prefix=f"{inbox_prefix(self.id)}.".encode(),
                 title=f"{consumer_name(self.id)}:durable",
             )
         durable = self._durable
@@ -348,8 +365,28 @@ class Hospital:
 
     async def start(self) -> "Hospital":
         self._close_durable()
+        connection = await self.broker.connect()
+        if self._durable is not None:
+            await self._check_durable(connection)
         await self.broker.start()
         return self
+
+    async def _check_durable(self, connection: Any) -> None:
+        # FastStream binds to an existing durable consumer, but when there is none it tries to
+        # create one (which a hospital's key may not do), and then starts anyway and waits for
+        # ever in silence (tests/platform/test_durable_binding.py). So look first, with nats-py.
+        name = consumer_name(self.id)
+        try:
+            await connection.jetstream().consumer_info(c.STREAM_NAME, name)
+        except NotFoundError:
+            raise NotOnboarded(
+                f"no durable consumer {name} on {c.STREAM_NAME}: onboard the hospital first "
+                f"(postctl hospital onboard {self.id})"
+            ) from None
+        except NatsTimeoutError:
+            raise NotOnboarded(
+                f"no answer to the info of {name}: is this the key of {self.id}?"
+            ) from None
 
     async def stop(self) -> None:
         await self.broker.stop()
