@@ -140,8 +140,11 @@ class Sent(Generic[C]):
             self._changed.clear()
             remaining = deadline - loop.time()
             if remaining <= 0:
+                # The platform answers a command once: an id (or a payload) it has already
+                # processed is not answered again, so a resend waits here too.
                 raise TimeoutError(
                     f"no {what} for {self.command.type_name} {self.id} after {timeout} s"
+                    " (a command already processed is not answered again)"
                 )
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)

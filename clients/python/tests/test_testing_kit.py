@@ -156,3 +156,15 @@ def test_models_are_strict_and_typed() -> None:
         RequestReferral(**{**referral().model_dump(), "note": "free text"})
     assert referral().requested_at == AT
     assert isinstance(date(2026, 1, 1), date)
+
+
+def test_an_event_with_fields_added_later_still_decodes() -> None:
+    from post_client import decode_event
+    from post_client.contracts import encode, make_cloudevent
+
+    data = {**assigned().to_data(), "added_in_a_later_version": 1}
+    body = encode(make_cloudevent(type_="SupporterAssigned", source="/hospitals/x/p", data=data))
+    envelope, event = decode_event(body)
+    assert event == assigned() and envelope.type == "SupporterAssigned"
+    unknown = encode(make_cloudevent(type_="SomethingNew", source="/hospitals/x/p", data={}))
+    assert decode_event(unknown)[1] is None
