@@ -130,7 +130,7 @@ async def refer(hospital: Hospital, args: argparse.Namespace) -> None:
             f"assigned: referral {outcome.referral_id} to supporter {outcome.supporter_id}"
             f" ({outcome.reason}), due {outcome.due_at.isoformat()}"
         )
-    else:
+    elif isinstance(outcome, NoSupporterAvailable):
         print(f"no supporter available for {outcome.referral_id}: {outcome.reason}")
 
 
