@@ -6,7 +6,8 @@ its inbox prefix (``_INBOX_<hospital>``: the only replies its key may receive). 
 - ``@hospital.on(EventType)``: a live subscriber on ``post.<hospital>.evt.<EventType>``;
 - ``@hospital.durable(EventType)``: a handler on the hospital's durable consumer
   ``hospital-<hospital>`` (every event, in stream order, at least once, also those published
-  while the hospital was away); the handler's return acknowledges, an exception redelivers;
+  while the hospital was away); the handler's return acknowledges, an exception delivers
+  the event again after a growing pause, before any later event;
 - ``hospital.publisher(CommandType)`` / ``hospital.send(command)``: publish a command as a
   CloudEvent with ``Nats-Msg-Id`` set to its id, to JetStream (waits for the stream's ack);
   the returned `Sent` is awaitable: the command's success event, or `CommandRefused`.
@@ -16,6 +17,7 @@ Handlers take typed parameters: the event's pydantic model (decoded from the Clo
 """
 
 import asyncio
+import functools
 import logging
 import uuid
 import weakref
@@ -42,6 +44,18 @@ DEFAULT_PUBLISH_ATTEMPTS = 3
 
 # A fixed namespace for `idempotent_id`: the same key gives the same id in every process.
 _ID_NAMESPACE = uuid.UUID("6f1c3b0e-0c51-4a4e-9d5e-2b1f0a7c9e11")
+
+
+REDELIVERY_MAX_SECONDS = 10.0  # well within the consumer's ack wait (30 s)
+
+
+def redelivery_delay(message: Any) -> float:
+    """How long JetStream waits before it delivers again an event whose handler failed."""
+    try:
+        delivered = int(message.raw_message.metadata.num_delivered or 1)
+    except Exception:  # not a JetStream message (FastStream's TestNatsBroker)
+        delivered = 1
+    return float(min(0.5 * 2 ** (delivered - 1), REDELIVERY_MAX_SECONDS))
 
 
 def consumer_name(hospital: str) -> str:
@@ -313,7 +327,8 @@ class Hospital:
     def durable(self, event_type: type[E]) -> Callable[[Any], Any]:
         """A handler on the durable consumer ``hospital-<hospital>``: every event of that type,
         in stream order, at least once (the CloudEvents `id` identifies a redelivery). The
-        event is acknowledged when the handler returns; an exception redelivers it."""
+        event is acknowledged when the handler returns; an exception delivers it again after
+        a pause (0.5 s, doubling, at most 10 s), before any later event."""
         if self._durable_closed:
             raise RuntimeError("register durable handlers before the hospital starts")
         if self._durable is None:
@@ -323,7 +338,9 @@ class Hospital:
                 durable=consumer_name(self.id),
                 # one at a time: FastStream handles a fetched batch concurrently, out of order
                 pull_sub=PullSub(batch_size=1, timeout=self.pull_timeout),
-                ack_policy=AckPolicy.NACK_ON_ERROR,
+                # acknowledged by `_acknowledging`: FastStream's NACK_ON_ERROR redelivers at once,
+                # and a handler failing for a while would spin
+                ack_policy=AckPolicy.MANUAL,
                 decoder=_decoded_payload,
                 no_reply=True,
                 # nats-py's pull subscription takes its own inbox prefix (default `_INBOX.`),
@@ -334,9 +351,31 @@ class Hospital:
         durable = self._durable
 
         def register(func: Any) -> Any:
-            return durable(func, filter=_of_type(event_type))
+            return durable(self._acknowledging(func), filter=_of_type(event_type))
 
         return register
+
+    def _acknowledging(self, func: Any) -> Any:
+        """`func`, acknowledging its event when it returns. On an exception it waits (0.5 s
+        after the first failure, doubling, at most `REDELIVERY_MAX_SECONDS`), then asks for
+        the event at once. Waiting here, not with a delayed nak, keeps stream order: nothing
+        later is fetched meanwhile, and a delayed nak would let later events pass it."""
+        context = self.broker.context
+
+        @functools.wraps(func)
+        async def acknowledging(*args: Any, **kwargs: Any) -> Any:
+            message = context.get_local("message")
+            try:
+                result = await func(*args, **kwargs)
+            except Exception:
+                await message.in_progress()  # the ack wait (30 s) starts again
+                await asyncio.sleep(redelivery_delay(message))
+                await message.nack()
+                raise
+            await message.ack()
+            return result
+
+        return acknowledging
 
     def _close_durable(self) -> None:
         # Events no handler takes are acknowledged: otherwise FastStream finds no handler,
@@ -346,7 +385,7 @@ class Hospital:
             async def not_handled_here(body: Any) -> None:
                 return None
 
-            self._durable(not_handled_here)
+            self._durable(self._acknowledging(not_handled_here))
         self._durable_closed = True
 
     # --- publishers -----------------------------------------------------------------------

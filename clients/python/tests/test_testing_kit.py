@@ -168,3 +168,15 @@ def test_an_event_with_fields_added_later_still_decodes() -> None:
     assert event == assigned() and envelope.type == "SupporterAssigned"
     unknown = encode(make_cloudevent(type_="SomethingNew", source="/hospitals/x/p", data={}))
     assert decode_event(unknown)[1] is None
+
+
+async def test_a_failing_durable_handler_fails_the_test_that_delivers_to_it() -> None:
+    hospital = Hospital(H)
+
+    @hospital.durable(SupporterAssigned)
+    async def tell(event: SupporterAssigned) -> None:
+        raise RuntimeError("paging system down")
+
+    async with hospital_under_test(hospital) as platform:
+        with pytest.raises(RuntimeError, match="paging system down"):
+            await platform.deliver(assigned())

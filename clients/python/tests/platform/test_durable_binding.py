@@ -126,6 +126,9 @@ async def test_durable_handlers_get_every_event_in_order_once_acknowledged(
 
     seen: list[tuple[str, str]] = []
     failed_once: set[str] = set()
+    loop = asyncio.get_running_loop()
+    failed_at: list[float] = []
+    redelivered_at: list[float] = []
 
     def listener() -> Hospital:
         hospital = Hospital(new_hospital, kit_platform.nats_url, nkeys_seed=on.seed_file)
@@ -136,9 +139,12 @@ async def test_durable_handlers_get_every_event_in_order_once_acknowledged(
 
         @hospital.durable(DepartmentLaunched)
         async def launched(event: DepartmentLaunched, envelope: Envelope) -> None:
-            if event.department == "dept-1" and "dept-1" not in failed_once:
-                failed_once.add("dept-1")
-                raise RuntimeError("the hospital's own system is down for a moment")
+            if event.department == "dept-1":
+                if "dept-1" not in failed_once:
+                    failed_once.add("dept-1")
+                    failed_at.append(loop.time())
+                    raise RuntimeError("the hospital's own system is down for a moment")
+                redelivered_at.append(loop.time())
             seen.append((event.department, envelope.id))
 
         return hospital
@@ -149,6 +155,9 @@ async def test_durable_handlers_get_every_event_in_order_once_acknowledged(
     # In stream order; the one that failed came back (at least once) before the next.
     assert [s[0] for s in seen] == ["HospitalRegistered", "dept-0", "dept-1", "dept-2"]
     assert failed_once == {"dept-1"}
+    # Asked for again after a delay (0.5 s at the first failure), not at once: a lower bound,
+    # which a slow machine can only make longer.
+    assert redelivered_at[0] - failed_at[0] >= 0.4
 
     # Acknowledged events are not delivered again after a restart; new ones are.
     tool = await connect(new_hospital, kit_platform.nats_url, nkeys_seed=on.seed_file)
