@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install system-deps lint typecheck unit integration e2e badinput security fault soak bench up asyncapi clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e "./clients/python[webhooks,test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,6 +30,7 @@ up: $(STAMP)
 ## make test: lint, types, then unit, integration and end-to-end tests
 test: $(STAMP) system-deps lint typecheck
 	$(BIN)/pytest -q -p no:cacheprovider
+	cd clients/python && ../../$(BIN)/pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check shared services postctl tests bench
