@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import asyncpg
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shared.client import PlatformClient
@@ -27,7 +28,10 @@ async def stream_messages(client: PlatformClient) -> list[tuple[int, str, bytes]
     try:
         pending = 1
         while pending:  # erased messages leave gaps in the sequence: count what is left
-            msgs = await sub.fetch(1000, timeout=5)
+            try:
+                msgs = await sub.fetch(1000, timeout=5)
+            except NatsTimeoutError:
+                break  # what was pending was erased while it read (checked below)
             for m in msgs:
                 found.append((m.metadata.sequence.stream, m.subject, m.data))
                 pending = m.metadata.num_pending
