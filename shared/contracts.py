@@ -641,6 +641,10 @@ def envelope_limits(body: bytes, kind: str | None = None) -> limits.Limits:
     still refused as a command (its type is not its subject's): the looser size only lets
     it be read."""
     if kind is None:
+        if len(body) <= limits.COMMAND.max_bytes and limits.COMMAND.max_depth == (
+            limits.EVENT.max_depth
+        ):
+            return limits.COMMAND  # the same answer either way: no need to look (fast path)
         kind = "evt" if limits.top_level_string(body, "type") in EVENTS else "cmd"
     return limits.EVENT if kind == "evt" else limits.COMMAND
 

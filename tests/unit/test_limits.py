@@ -237,3 +237,23 @@ def test_http_refusals_repeat_no_name_and_no_value_that_was_sent() -> None:
     assert resp.json() == {"reason_code": "unknown_field", "detail": "data has 1 unknown field"}
     resp = web.post("/hospitals/h/interactions", json={**INTERACTION, "minutes": MARKER})
     assert resp.status_code == 422 and MARKER not in resp.text
+
+
+def test_the_intakes_declare_their_limits_in_openapi() -> None:
+    from services.records.app import service as records
+    from services.referral.app import service as referral
+
+    for svc, paths in (
+        (referral, ["/hospitals/{hospital}/referrals"]),
+        (
+            records,
+            [f"/hospitals/{{hospital}}/{p}" for p in ("outreach", "interactions", "surveys")],
+        ),
+    ):
+        spec = svc.http.openapi()
+        for path in paths:
+            operation = spec["paths"][path]["post"]
+            assert "413" in operation["responses"] and "422" in operation["responses"], path
+            described = operation["requestBody"]["description"]
+            assert "payload_too_large" in described and "payload_too_deep" in described
+            assert str(limits.COMMAND.max_bytes) in described
