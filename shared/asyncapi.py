@@ -55,7 +55,13 @@ The contract in words is `shared/CONTRACT.md`; the guide for hospital IT teams i
   `post.{hospital}.cmd.>` and subscribe only `post.{hospital}.evt.>` (and its own inbox
   prefix `_INBOX_{hospital}`).
 - Every body is a CloudEvents 1.0 event in structured JSON mode
-  (`application/cloudevents+json`); `data` is strict: an unknown field is refused.
+  (`application/cloudevents+json`); `data` is strict: an unknown field is refused. The
+  envelope takes CloudEvents' core attributes and the extensions `correlationid`,
+  `causationid`, `traceparent`, `tracestate`; any other attribute is refused the same way
+  (`unknown_field`; a refusal counts unknown names, it never repeats one, nor a value).
+- Limits (shared/limits.py), checked before the body is decoded: a command's body at most
+  65536 bytes (`payload_too_large`) and nested at most 16 levels deep (`payload_too_deep`);
+  either is answered by a `CommandRejected` under the command's top-level `id`.
 - Every command ends in exactly one event whose `causationid` is the command's `id`: its
   success event or a `CommandRejected` with a `reason_code`.
 - Ids are pseudonymous; the platform never receives names or free text.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -23,6 +24,8 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+
+from shared import limits
 
 STREAM_NAME = "POST"
 STREAM_SUBJECTS = ["post.>"]
@@ -77,6 +80,8 @@ class ReasonCode(StrEnum):
     # Added by the platform (CONTRACT.md allows additions):
     already_referred = "already_referred"  # same physician, same safety event, still open
     internal_error = "internal_error"  # failed every retry; also sent to the dead-letter subject
+    payload_too_large = "payload_too_large"  # the body is beyond shared/limits.py's size
+    payload_too_deep = "payload_too_deep"  # it nests deeper than shared/limits.py allows
 
 
 def _utc(value: datetime) -> datetime:
@@ -453,10 +458,13 @@ def parse_subject(subject: str) -> tuple[str, str, str]:
 
 
 class CloudEvent(BaseModel):
-    """CloudEvents 1.0, structured JSON mode. Extension attributes other than ours are allowed
-    on input (the spec permits them) and dropped: the platform stores none of them."""
+    """CloudEvents 1.0, structured JSON mode: the spec's core attributes and the extensions
+    the platform knows (correlationid, causationid; traceparent and tracestate of the
+    distributed-tracing extension). Any other attribute is refused like an unknown payload
+    field (`unknown_field`, counted, never named): an attribute the platform does not know
+    is text it would otherwise carry unread."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     specversion: Literal["1.0"]
     id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -464,9 +472,12 @@ class CloudEvent(BaseModel):
     type: Annotated[str, StringConstraints(min_length=1, max_length=128)]
     time: AwareDatetime | None = None
     datacontenttype: Literal["application/json"] | None = None
+    dataschema: str | None = None
     subject: str | None = None
     correlationid: str | None = None
     causationid: str | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
     data: dict[str, Any]
 
     @property
@@ -550,24 +561,56 @@ class Unanswerable(Exception):
     """A message that is not a CloudEvents command at all: it goes to the dead-letter subject."""
 
 
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+ENVELOPE_ATTRIBUTES = frozenset(CloudEvent.model_fields)
+# Every name the contract gives a field, an attribute or an element: what a refusal may name.
+_KNOWN_NAMES = frozenset(
+    {n for m in (*COMMANDS.values(), *EVENTS.values()) for n in m.model_fields}
+    | ENVELOPE_ATTRIBUTES
+)
 
 
-def _field_name(loc: tuple[Any, ...]) -> str:
-    # Field names come from the sender; keep them short and plain so no free text leaks out.
-    name = ".".join(str(p) for p in loc) or "payload"
-    return _SAFE_NAME.sub("?", name)[:64]
+def _position(where: str, loc: tuple[Any, ...], known: frozenset[str] = _KNOWN_NAMES) -> str:
+    """Where an error is, by the contract's names only: a name the sender chose (an unknown
+    field, a dictionary's key) is never repeated, it reads ``?``; list items read ``[i]``."""
+    name = where
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name += "." + (part if part in known else "?")
+    return name
 
 
-def describe_validation_error(error: ValidationError) -> Rejected:
-    """Turn pydantic errors into one reason code and a detail that never echoes input values."""
-    errors = error.errors(include_input=False, include_url=False)
-    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def describe_errors(
+    errors: Sequence[Mapping[str, Any]], where: str = "data", known: frozenset[str] = frozenset()
+) -> Rejected:
+    """Validation errors (pydantic's dicts: ``type``, ``loc``, ``msg``) as one reason code and
+    a detail that names positions and rules (``data has 1 unknown field``, ``data.minutes:
+    Input should be less than or equal to 600``), never a name the sender chose and never a
+    value it sent. `known`: names beyond the contract's that may be named (a route's)."""
+    known = _KNOWN_NAMES | known
+    unknown = [e for e in errors if e.get("type") == "extra_forbidden"]
     if unknown:
-        names = ", ".join(sorted({_field_name(e["loc"]) for e in unknown}))
-        return Rejected(ReasonCode.unknown_field, f"unknown field(s): {names}")
-    parts = [f"{_field_name(e['loc'])}: {e['msg']}" for e in errors[:5]]
+        what = "attribute" if where == "envelope" else "field"
+        return Rejected(
+            ReasonCode.unknown_field, f"{where} has {_plural(len(unknown), 'unknown ' + what)}"
+        )
+    parts = [
+        f"{_position(where, tuple(e.get('loc', ())), known)}: {e.get('msg', 'invalid')}"
+        for e in errors[:5]
+    ]
     return Rejected(ReasonCode.invalid_payload, "; ".join(parts)[:500])
+
+
+def describe_validation_error(error: ValidationError, where: str = "data") -> Rejected:
+    """A pydantic `ValidationError` as `describe_errors` words it."""
+    return describe_errors(
+        error.errors(include_input=False, include_url=False, include_context=False), where
+    )
 
 
 def usable_id(value: Any) -> bool:
@@ -582,10 +625,46 @@ def usable_id(value: Any) -> bool:
     return True
 
 
-def parse_envelope(body: bytes) -> CloudEvent:
-    """Bytes -> CloudEvent, or Unanswerable when there is nothing to answer to (no JSON, no id)."""
+def top_level_id(body: bytes) -> str | None:
+    """The envelope's top-level ``id``, when usable, found without decoding the body (no
+    recursion, linear time: `shared.limits.top_level_string`), so that even a command too
+    large or too deep to decode is answered under its id. For a body `parse_envelope` decodes
+    it is the id the decoder reads (the last ``id`` member, escapes decoded)."""
+    value = limits.top_level_string(body, "id")
+    return value if value is not None and usable_id(value) else None
+
+
+def envelope_limits(body: bytes, kind: str | None = None) -> limits.Limits:
+    """A command's limits, or an event's (the platform's own, larger: a PhysicianForgotten
+    lists referrals) for `kind` ``"evt"``, or when no kind is given, for a body whose
+    top-level ``type`` is an event type. A command claiming an event's type that way is
+    still refused as a command (its type is not its subject's): the looser size only lets
+    it be read."""
+    if kind is None:
+        if len(body) <= limits.COMMAND.max_bytes and limits.COMMAND.max_depth == (
+            limits.EVENT.max_depth
+        ):
+            return limits.COMMAND  # the same answer either way: no need to look (fast path)
+        kind = "evt" if limits.top_level_string(body, "type") in EVENTS else "cmd"
+    return limits.EVENT if kind == "evt" else limits.COMMAND
+
+
+def parse_envelope(body: bytes, kind: str | None = None) -> CloudEvent:
+    """Bytes -> CloudEvent. First the limits (shared/limits.py): a body too large or too
+    deep is `Rejected` (``payload_too_large``, ``payload_too_deep``) when it has an id to
+    answer under, `Unanswerable` otherwise; it is never decoded. Then `Unanswerable` when
+    there is nothing to answer to (not UTF-8 JSON, no usable id); `Rejected` for an envelope
+    that is not a valid CloudEvent (an unknown attribute: ``unknown_field``, counted).
+    `kind` (``"cmd"``, ``"evt"``: the subject's) picks the limits (`envelope_limits`)."""
     try:
-        raw = json.loads(body)
+        limits.check(body, envelope_limits(body, kind))
+    except limits.LimitExceeded as exceeded:
+        if top_level_id(body) is None:
+            raise Unanswerable(f"{exceeded.detail}, and no usable id found") from None
+        raise Rejected(ReasonCode(exceeded.reason_code), exceeded.detail) from None
+    try:
+        # UTF-8 only (RFC 8259, CloudEvents' JSON format): the limits measured these bytes.
+        raw = json.loads(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise Unanswerable(f"body is not JSON: {type(exc).__name__}") from None
     if not isinstance(raw, dict) or not usable_id(raw.get("id")):
@@ -593,16 +672,15 @@ def parse_envelope(body: bytes) -> CloudEvent:
     try:
         return CloudEvent.model_validate(raw)
     except ValidationError as exc:
-        rejected = describe_validation_error(exc)
-        # An envelope's unknown attributes are ignored, so any error here is a bad envelope.
-        raise Rejected(ReasonCode.invalid_payload, "envelope: " + rejected.detail) from None
+        raise describe_validation_error(exc, "envelope") from None
 
 
 M = TypeVar("M", bound=Message)
 
 
 def parse_payload(model: type[M], data: dict[str, Any]) -> M:
-    """Validate a payload strictly, as JSON (ISO dates as strings, no coercion of types)."""
+    """Validate a payload strictly, as JSON (ISO dates as strings, no coercion of types).
+    `data` comes from a decoded body: within shared/limits.py's nesting limit."""
     try:
         return model.model_validate_json(json.dumps(data), strict=True)
     except ValidationError as exc:

@@ -27,8 +27,6 @@ The HTTP intakes run a command through `execute`: the same handlers, at once.
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
@@ -53,7 +51,7 @@ from shared.contracts import (
     new_id,
     parse_envelope,
     parse_payload,
-    usable_id,
+    top_level_id,
 )
 from shared.eventstore import ConcurrencyError
 from shared.inbox import Incoming, park, unpark, waited_once_more
@@ -151,33 +149,6 @@ class _Wait(Exception):
     """Roll the handler's work back and keep the message in ``waiting``."""
 
 
-_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]')
-
-
-def envelope_id(body: bytes) -> str | None:
-    """The CloudEvents id of a body that parse_envelope refused, to answer it; None when it
-    has none to answer with. Found without decoding the body (it may be nested past any
-    recursion limit): the top-level object's `"id"` string, from a scan of its tokens."""
-    depth, key, last = 0, None, b""
-    for match in _TOKEN.finditer(body):
-        token = match.group()
-        if token in (b"{", b"["):
-            depth += 1
-        elif token in (b"}", b"]"):
-            depth -= 1
-        elif depth == 1 and token[:1] == b'"':
-            if last in (b"{", b","):
-                key = token
-            elif last == b":" and key == b'"id"':
-                try:
-                    value = json.loads(token)
-                except ValueError:
-                    return None
-                return value if usable_id(value) else None
-        last = token
-    return None
-
-
 def stored_age_seconds(incoming: Incoming, clock: Clock) -> float:
     if incoming.stored_at is None:
         return 0.0
@@ -271,13 +242,13 @@ class Dispatcher:
             # hospital to answer: a dead letter, at once (an answer could not even be built).
             return dead_letter("the subject's hospital is not a hospital id")
         try:
-            ce = parse_envelope(incoming.body)
+            ce = parse_envelope(incoming.body, incoming.kind)
         except Unanswerable as exc:
             return dead_letter(str(exc))
         except Rejected as rejected:
             if incoming.kind != "cmd":
                 return dead_letter(rejected.detail)
-            raw_id = envelope_id(incoming.body)
+            raw_id = top_level_id(incoming.body)
             if raw_id is None:
                 return dead_letter(rejected.detail)
             return await self.reject(conn, incoming, raw_id, rejected)
@@ -403,7 +374,7 @@ class Dispatcher:
         self, conn: asyncpg.Connection, incoming: Incoming, reason: str
     ) -> None:
         """A command that failed every attempt still gets an answer."""
-        command_id = envelope_id(incoming.body)
+        command_id = top_level_id(incoming.body)
         if command_id is None:
             return
         refused = Rejected(ReasonCode.internal_error, "could not be processed")

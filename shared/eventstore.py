@@ -18,6 +18,7 @@ from pydantic_core import from_json, to_json
 
 from shared.contracts import Event, parse_event_json
 from shared.partitions import partition_of
+from shared.statistics import keep_no_statistics
 
 CORE_MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -151,7 +152,8 @@ async def connect(
 
 
 async def migrate(pool: asyncpg.Pool, schema: str, service_migrations: Path | None) -> list[str]:
-    """Apply versioned SQL files once each, in order: the core ones, then the service's."""
+    """Apply versioned SQL files once each, in order: the core ones, then the service's; then
+    the rule that no column holding ids or text keeps planner statistics (shared/statistics)."""
     files = [("core", f) for f in sorted(CORE_MIGRATIONS.glob("*.sql"))]
     if service_migrations is not None and service_migrations.exists():
         files += [(schema, f) for f in sorted(service_migrations.glob("*.sql"))]
@@ -180,6 +182,9 @@ async def migrate(pool: asyncpg.Pool, schema: str, service_migrations: Path | No
                         "INSERT INTO schema_migrations (version) VALUES ($1)", version
                     )
                 applied.append(version)
+            # After every migration, so that no table (a new one included) keeps statistics
+            # that sample ids or text: shared/statistics.py.
+            await keep_no_statistics(conn, schema)
         finally:
             await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", f"migrate:{schema}")
     return applied

@@ -3,13 +3,16 @@ request body as strictly as from NATS, and the service behind a route."""
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.contracts import Command, ReasonCode, Rejected, parse_payload
+from shared import limits
+from shared.contracts import Command, ReasonCode, Rejected, describe_errors, parse_payload
 
 if TYPE_CHECKING:
     from shared.service import Service
@@ -26,6 +29,8 @@ HTTP_STATUS = {
     ReasonCode.invalid_transition: 409,
     ReasonCode.not_assigned_supporter: 409,
     ReasonCode.internal_error: 500,
+    ReasonCode.payload_too_large: 413,
+    ReasonCode.payload_too_deep: 422,
 }
 
 
@@ -45,7 +50,10 @@ def http_error(rejected: Rejected) -> HttpRejection:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every refusal of a service's routes answers ``{"reason_code", "detail"}``."""
+    """Every refusal of a service's routes answers ``{"reason_code", "detail"}``, and names
+    no name and no value the sender chose (FastAPI's own 422 echoes both); every body is
+    within shared/limits.py's limits before anything decodes it (`BodyLimits`)."""
+    app.add_middleware(BodyLimits)
 
     @app.exception_handler(HttpRejection)
     async def _rejection(request: Request, exc: HttpRejection) -> JSONResponse:
@@ -58,14 +66,121 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
-            for e in exc.errors()[:5]
+        errors = list(exc.errors())
+        where = "request"
+        if errors and all(e.get("loc", ("",))[0] == "body" for e in errors):
+            where = "body"
+        trimmed = [
+            {**e, "loc": tuple(e.get("loc", ()))[1:] if where == "body" else e.get("loc", ())}
+            for e in errors
         ]
+        rejected = describe_errors(trimmed, where, declared_names(request.app))
         return JSONResponse(
-            {"reason_code": "invalid_payload", "detail": "; ".join(parts)[:500]},
-            status_code=422,
+            {"reason_code": rejected.reason_code, "detail": rejected.detail}, status_code=422
         )
+
+
+def declared_names(app: FastAPI) -> frozenset[str]:
+    """Every name the app declares (its parameters, its schemas' properties, the places
+    FastAPI names: query, path, header): a refusal may name these, never another."""
+    names: frozenset[str] | None = getattr(app.state, "declared_names", None)
+    if names is None:
+        found = {"query", "path", "header", "cookie", "body"}
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                if isinstance(node.get("properties"), dict):
+                    found.update(node["properties"])
+                if node.get("in") and isinstance(node.get("name"), str):
+                    found.add(node["name"])
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        walk(app.openapi())
+        names = frozenset(found)
+        app.state.declared_names = names
+    return names
+
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class BodyLimits:
+    """ASGI middleware: a request body beyond shared/limits.py's command limits is answered
+    413 (``payload_too_large``) or 422 (``payload_too_deep``), and one that is not UTF-8 422
+    (``invalid_payload``), before FastAPI or a route decodes it (so never a 500 from a
+    decoder's recursion). The body is read no further than the limit. FHIR routes (a path
+    with ``/fhir/``) read and limit their bodies themselves, with FHIR's limits and answers
+    (services/referral/views.py)."""
+
+    def __init__(self, app: ASGIApp, limits_: limits.Limits = limits.COMMAND) -> None:
+        self.app = app
+        self.limits = limits_
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in _BODY_METHODS
+            or "/fhir/" in scope["path"]
+        ):
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await read_limited(scope, receive, self.limits.max_bytes)
+            limits.check(body, self.limits)
+            if body:
+                body.decode("utf-8")
+        except limits.LimitExceeded as exceeded:
+            refused = Rejected(ReasonCode(exceeded.reason_code), exceeded.detail)
+            await _answer(http_error(refused), scope, receive, send)
+            return
+        except UnicodeDecodeError:
+            refused = Rejected(ReasonCode.invalid_payload, "body is not UTF-8")
+            await _answer(http_error(refused), scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then a disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+
+async def read_limited(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
+    """The request's body, read no further than `max_bytes` (a declared Content-Length
+    beyond it is refused unread): `LimitExceeded` otherwise."""
+    exceeded = limits.too_large(limits.Limits(max_bytes, 0))
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
+            raise exceeded
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # the client went away
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            raise exceeded
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+async def _answer(rejection: HttpRejection, scope: Scope, receive: Receive, send: Send) -> None:
+    response = JSONResponse(
+        {"reason_code": rejection.reason_code, "detail": rejection.detail},
+        status_code=rejection.status,
+    )
+    await response(scope, receive, send)
 
 
 C = TypeVar("C", bound=Command)
@@ -97,16 +212,27 @@ def command_body(model: type[Command]) -> dict[str, Any]:
     the raw body itself, so that unknown fields are refused as `unknown_field`)."""
     return {
         "requestBody": {
+            "description": LIMITS_DESCRIPTION,
             "content": {"application/json": {"schema": model.model_json_schema()}},
             "required": True,
-        }
+        },
+        "responses": {"413": problem("payload_too_large: " + LIMITS_DESCRIPTION)},
     }
 
 
+LIMITS_DESCRIPTION = (
+    f"UTF-8 JSON, at most {limits.COMMAND.max_bytes} bytes (else 413, payload_too_large) and"
+    f" nested at most {limits.COMMAND.max_depth} levels deep (else 422, payload_too_deep)."
+    " A refusal names positions and rules, never a name or a value that was sent."
+)
+
+
 async def read_command(request: Request, model: type[C]) -> C:
-    """The JSON body as a command, validated strictly; refusals raise the HTTP answer."""
+    """The JSON body as a command, validated strictly; refusals raise the HTTP answer. The
+    body is within the command limits already (`BodyLimits`) and decoded as UTF-8 only (the
+    limits measured it as such; `json.loads` on bytes would also take UTF-16 and UTF-32)."""
     try:
-        body = await request.json()
+        body = json.loads((await request.body()).decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise http_error(Rejected(ReasonCode.invalid_payload, "body is not JSON")) from None
     if not isinstance(body, dict):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import asyncpg
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shared.client import PlatformClient
@@ -27,7 +28,10 @@ async def stream_messages(client: PlatformClient) -> list[tuple[int, str, bytes]
     try:
         pending = 1
         while pending:  # erased messages leave gaps in the sequence: count what is left
-            msgs = await sub.fetch(1000, timeout=5)
+            try:
+                msgs = await sub.fetch(1000, timeout=5)
+            except NatsTimeoutError:
+                break  # what was pending was erased while it read (checked below)
             for m in msgs:
                 found.append((m.metadata.sequence.stream, m.subject, m.data))
                 pending = m.metadata.num_pending
@@ -91,5 +95,42 @@ async def forget_jobs_left(db_url: str, hospital: str | None = None) -> int:
                 hospital,
             )
         )
+    finally:
+        await conn.close()
+
+
+async def statistics_containing(db_url: str, needle: str, *, analyze: bool = True) -> list[str]:
+    """`relation.column` for every column whose planner statistics (``pg_statistic``: the
+    values ANALYZE sampled, most common ones and histogram bounds) hold `needle`, as text or
+    inside a bytea (as hex), in every schema but PostgreSQL's own. With `analyze`, every
+    table is analyzed first: what ANALYZE (autovacuum's, whenever it comes) would keep.
+    Needs a superuser (``pg_statistic`` is theirs; the tests' role is one)."""
+    hexed = needle.encode().hex()
+    conn = await asyncpg.connect(db_url)
+    try:
+        if analyze:
+            tables = await conn.fetch(
+                "SELECT table_schema, table_name FROM information_schema.tables"
+                " WHERE table_type = 'BASE TABLE'"
+                " AND table_schema NOT IN ('pg_catalog', 'information_schema')"
+            )
+            for t in tables:
+                await conn.execute(f'ANALYZE "{t["table_schema"]}"."{t["table_name"]}"')
+        slots = " OR ".join(
+            f"strpos(coalesce(s.stavalues{i}::text, ''), $1) > 0"
+            f" OR strpos(coalesce(s.stavalues{i}::text, ''), $2) > 0"
+            for i in range(1, 6)
+        )
+        rows = await conn.fetch(
+            "SELECT n.nspname || '.' || c.relname || '.' || coalesce(a.attname, s.staattnum::text)"
+            " AS name FROM pg_statistic s JOIN pg_class c ON c.oid = s.starelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " LEFT JOIN pg_attribute a ON a.attrelid = s.starelid AND a.attnum = s.staattnum"
+            " WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')"
+            f" AND ({slots})",
+            needle,
+            hexed,
+        )
+        return sorted({r["name"] for r in rows})
     finally:
         await conn.close()

@@ -1,8 +1,10 @@
-"""Regenerate post_client/contracts.py from the platform's shared/contracts.py.
+"""Regenerate post_client/contracts.py (and the limits it uses) from the platform's shared/.
 
-The client's models are the platform's own module, copied verbatim under a header: one source,
-two installs, no drift. The platform's tests/unit/test_client_contracts.py compares the JSON
-Schemas of both, field by field, and fails when this copy is stale. Run from the repository:
+The client's models are the platform's own modules, copied verbatim under a header: one
+source, two installs, no drift. `shared/contracts.py` uses `shared/limits.py` (the size and
+depth limits checked before a body is decoded), so both are copied and the one import is
+pointed at the copy. The platform's tests/unit/test_client_contracts.py compares the JSON
+Schemas of both, field by field, and fails when a copy is stale. Run from the repository:
 
     python clients/python/sync_contracts.py
 """
@@ -13,28 +15,35 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCE = HERE.parent.parent / "shared" / "contracts.py"
-TARGET = HERE / "post_client" / "contracts.py"
+SHARED = HERE.parent.parent / "shared"
+PACKAGE = HERE / "post_client"
+FILES = ("contracts.py", "limits.py")
 HEADER = (
-    "# GENERATED from the platform's shared/contracts.py by clients/python/sync_contracts.py:\n"
+    "# GENERATED from the platform's shared/{name} by clients/python/sync_contracts.py:\n"
     "# do not edit. The platform's tests compare the JSON Schemas of both, field by field.\n"
 )
 
 
-def generated(source: str) -> str:
-    return HEADER + source
+def generated(name: str, source: str) -> str:
+    return HEADER.format(name=name) + source.replace(
+        "from shared import limits", "from post_client import limits"
+    )
 
 
 def main() -> int:
-    text = generated(SOURCE.read_text())
-    if "--check" in sys.argv[1:]:
-        if not TARGET.exists() or TARGET.read_text() != text:
-            print(f"{TARGET} is stale: run python {Path(__file__).name}", file=sys.stderr)
-            return 1
-        return 0
-    TARGET.write_text(text)
-    print(f"wrote {TARGET}")
-    return 0
+    stale = []
+    for name in FILES:
+        text = generated(name, (SHARED / name).read_text())
+        target = PACKAGE / name
+        if "--check" in sys.argv[1:]:
+            if not target.exists() or target.read_text() != text:
+                stale.append(target)
+            continue
+        target.write_text(text)
+        print(f"wrote {target}")
+    for target in stale:
+        print(f"{target} is stale: run python {Path(__file__).name}", file=sys.stderr)
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

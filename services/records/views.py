@@ -53,7 +53,13 @@ def _openapi(model: type[Command]) -> dict[str, Any]:
                 "schema": {"type": "string", "minLength": 1, "maxLength": 256},
             }
         ],
-        "responses": {"202": _ACCEPTED, "404": _ERROR, "409": _ERROR, "422": _ERROR},
+        "responses": {
+            **command_body(model)["responses"],
+            "202": _ACCEPTED,
+            "404": _ERROR,
+            "409": _ERROR,
+            "422": _ERROR,
+        },
     }
 
 

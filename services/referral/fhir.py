@@ -21,14 +21,17 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared import limits
 from shared.contracts import ID_PATTERN, Rank, Rejected, RequestReferral, is_slug
 from shared.contracts import parse_payload as parse_command
 
 # A report names a handful of clinicians; a whole theatre team is a few dozen. Beyond this
 # the report is refused (422, `too-costly`), so a huge list cannot flood the stream.
 MAX_CONTRIBUTORS = 100
-# An AdverseEvent with its narrative is a few kilobytes; this bounds what is read at all.
-MAX_BODY_BYTES = 1_048_576
+# An AdverseEvent with its narrative is a few kilobytes; this bounds what is read at all, and
+# how deeply it may nest (shared/limits.py: FHIR).
+MAX_BODY_BYTES = limits.FHIR.max_bytes
+REASON_CODE_SYSTEM = "urn:post:reason-code"
 
 DEPARTMENT_SYSTEM = "urn:post:department"
 RANK_SYSTEM = "urn:post:rank"
@@ -117,11 +120,19 @@ class AdverseEventAccepted(BaseModel):
     skipped: list[Skipped]
 
 
+class IssueDetails(BaseModel):
+    """The platform's reason code, as FHIR codes an issue's details."""
+
+    coding: list[Coding]
+
+
 class Issue(BaseModel):
     severity: Literal["error"] = "error"
     code: str
     diagnostics: str
     expression: list[str]
+    # The reason code (CommandRejected's) where one applies: payload_too_large, ..._deep.
+    details: IssueDetails | None = None
 
 
 class OperationOutcome(BaseModel):
@@ -141,14 +152,33 @@ class Refused(Exception):
         self.status = status
 
     def outcome(self) -> dict[str, Any]:
-        return OperationOutcome(issue=self.issues).model_dump()
+        return OperationOutcome(issue=self.issues).model_dump(exclude_none=True)  # FHIR: no null
 
 
-def issue(field: str, code: str, diagnostics: str) -> Issue:
-    """An issue naming a field of the AdverseEvent (never its value)."""
+def issue(field: str, code: str, diagnostics: str, reason_code: str | None = None) -> Issue:
+    """An issue naming a field of the AdverseEvent (never its value), with the platform's
+    reason code when one applies."""
+    details = None
+    if reason_code is not None:
+        details = IssueDetails(coding=[Coding(system=REASON_CODE_SYSTEM, code=reason_code)])
     return Issue(
-        code=code, diagnostics=f"{field}: {diagnostics}", expression=[f"AdverseEvent.{field}"]
+        code=code,
+        diagnostics=f"{field}: {diagnostics}",
+        expression=[f"AdverseEvent.{field}"],
+        details=details,
     )
+
+
+def limited(body: bytes) -> bytes:
+    """`body` within FHIR's limits (shared/limits.py), else `Refused`: 413 too large, 422 too
+    deep (the decoder would recurse once per level), before anything decodes it."""
+    try:
+        limits.check(body, limits.FHIR)
+    except limits.LimitExceeded as exceeded:
+        status = 413 if exceeded.reason_code == limits.PAYLOAD_TOO_LARGE else 422
+        issues = [issue("resourceType", "too-costly", exceeded.detail, exceeded.reason_code)]
+        raise Refused(issues, status) from None
+    return body
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
+from shared import limits
 from shared.contracts import (
     STREAM_NAME,
     ForgetPhysician,
@@ -286,8 +287,10 @@ class Job:
 
 def _data(body: bytes) -> dict[str, Any]:
     try:
+        # A command too deep to decode (refused, maybe not yet erased) names nobody we read.
+        limits.check(body, limits.EVENT)
         data = json.loads(body).get("data")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, limits.LimitExceeded):
         return {}
     return data if isinstance(data, dict) else {}
 

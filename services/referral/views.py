@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from services.referral import domain, fhir
+from shared import limits
 from shared.auth import (
     AUTH_RESPONSES,
     READ_RESPONSES,
@@ -59,7 +60,7 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
     for code, why in (
         (404, "unknown_hospital"),
         (409, "conflicting_duplicate, already_referred"),
-        (422, "invalid_payload, unknown_field, unknown_department"),
+        (422, "invalid_payload, unknown_field, unknown_department, payload_too_deep"),
     )
 }
 
@@ -150,10 +151,16 @@ def _fhir_content(model: type[BaseModel], *types: str) -> dict[str, Any]:
 _OUTCOMES: dict[int | str, dict[str, Any]] = {
     status: {"description": why, "content": _fhir_content(fhir.OperationOutcome, FHIR_JSON)}
     for status, why in (
-        (413, f"the body is larger than {fhir.MAX_BODY_BYTES} bytes"),
+        (
+            413,
+            f"the body is larger than {fhir.MAX_BODY_BYTES} bytes (its issue's details: "
+            "reason code payload_too_large)",
+        ),
         (
             422,
-            "not JSON, not an AdverseEvent, no usable `id` or date, more than "
+            f"nested deeper than {limits.FHIR.max_depth} levels (reason code "
+            "payload_too_deep, in the issue's details), not JSON, not an AdverseEvent, "
+            "no usable `id` or date, more than "
             f"{fhir.MAX_CONTRIBUTORS} contributors, or no contributor yields a referral: "
             "the issues name the fields, never their values",
         ),
@@ -169,7 +176,15 @@ def _outcome(refused: fhir.Refused) -> JSONResponse:
 async def _read_body(request: Request) -> bytes:
     """The body, read no further than the limit."""
     too_large = fhir.Refused(
-        [fhir.issue("resourceType", "too-costly", f"more than {fhir.MAX_BODY_BYTES} bytes")], 413
+        [
+            fhir.issue(
+                "resourceType",
+                "too-costly",
+                f"more than {fhir.MAX_BODY_BYTES} bytes",
+                ReasonCode.payload_too_large,
+            )
+        ],
+        413,
     )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > fhir.MAX_BODY_BYTES:
@@ -184,9 +199,10 @@ async def _read_body(request: Request) -> bytes:
 
 
 def _parse_json(body: bytes) -> Any:
+    fhir.limited(body)  # not deeper than FHIR's limit: the decoder recurses once per level
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
+        return json.loads(body.decode("utf-8"))  # UTF-8 only: the limit measured it as such
+    except (ValueError, UnicodeDecodeError):
         raise fhir.Refused(
             [fhir.issue("resourceType", "structure", "the body is not JSON")]
         ) from None

@@ -37,6 +37,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
+from shared import limits
 from shared.client import CloudEventDict, PlatformClient
 from shared.contracts import (
     COMMANDS,
@@ -556,7 +557,10 @@ async def answers(
     return {i: a for i, a in got.items() if a is not None}
 
 
-def expected_reason(mutation: str) -> str:
+def expected_reason(mutation: str, body: bytes = b"") -> str:
+    """A body beyond the command size limit is refused for that before it is read."""
+    if len(body) > limits.COMMAND.max_bytes:
+        return ReasonCode.payload_too_large
     return ReasonCode.unknown_field if mutation == "extra_fields" else ReasonCode.invalid_payload
 
 
@@ -599,16 +603,19 @@ async def test_bad_payloads_over_nats_are_refused_and_leave_nothing(
 ) -> None:
     h = tenant.hospital
     drawn = payload_cases(mutation, sorted(COMMANDS))
-    cases = [(str(uuid.uuid4()), t, p) for t, p in drawn]
+    cases: list[tuple[str, str, Any]] = []
     messages = []
-    for command_id, type_, payload in cases:
+    for type_, payload in drawn:
+        command_id = str(uuid.uuid4())
         ce = make_cloudevent(
             type_=type_, source=f"/hospitals/{h}/badinput", data=payload, id_=command_id
         )
-        messages.append((cmd_subject(h, type_), encode(ce), command_id))
+        body = encode(ce)
+        cases.append((command_id, type_, (payload, expected_reason(mutation, body))))
+        messages.append((cmd_subject(h, type_), body, command_id))
     await publish_all(client, messages)
     got = await answers(client, [c[0] for c in cases])
-    check_rejections(h, cases, got, lambda _: expected_reason(mutation))
+    check_rejections(h, cases, got, lambda case: case[1])
     await still_healthy_and_nothing_stored(client, stack, tenant)
 
 
@@ -922,12 +929,16 @@ async def test_bad_payloads_over_http_are_refused_and_leave_nothing(
                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
             )
 
+    def expected(payload: Any) -> tuple[int, str]:
+        reason = expected_reason(mutation, json.dumps(payload).encode())
+        return (413 if reason == ReasonCode.payload_too_large else 422), reason
+
     async with httpx.AsyncClient(timeout=60) as web:
         responses = await asyncio.gather(*(post(web, t, p) for t, p in drawn))
     wrong = [
         f"{t} {_show(p)} -> {r.status_code} {r.text[:300]}"
         for (t, p), r in zip(drawn, responses, strict=True)
-        if r.status_code != 422 or r.json().get("reason_code") != expected_reason(mutation)
+        if (r.status_code, r.json().get("reason_code")) != expected(p)
     ]
     assert not wrong, f"{len(wrong)} of {len(drawn)} not refused as expected:\n" + "\n".join(
         wrong[:10]

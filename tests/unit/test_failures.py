@@ -7,7 +7,8 @@ import asyncpg
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from shared.dispatch import InjectedFault, envelope_id, is_transient
+from shared.contracts import top_level_id
+from shared.dispatch import InjectedFault, is_transient
 from shared.eventstore import ConcurrencyError
 
 
@@ -73,4 +74,4 @@ def test_what_fails_the_same_way_every_time_is_not(exc: BaseException) -> None:
     ],
 )
 def test_the_id_of_any_body_is_found_without_decoding_it(body: bytes, expected: str | None) -> None:
-    assert envelope_id(body) == expected
+    assert top_level_id(body) == expected
