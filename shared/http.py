@@ -153,12 +153,18 @@ class BodyLimits:
         await self.app(scope, replay, send)
 
 
+# A body refused for its size is still read to its end (and dropped) up to this much, so the
+# client reads its 413 on a clean connection instead of a reset while it is still sending.
+DISCARD_MAX_BYTES = 16 * 1024 * 1024
+
+
 async def read_limited(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
-    """The request's body, read no further than `max_bytes` (a declared Content-Length
-    beyond it is refused unread): `LimitExceeded` otherwise."""
+    """The request's body, kept no further than `max_bytes`: `LimitExceeded` beyond it. A
+    body over the limit is read on and dropped (at most DISCARD_MAX_BYTES) before the refusal,
+    so the answer reaches the client; a declared Content-Length past that is refused unread."""
     exceeded = limits.too_large(limits.Limits(max_bytes, 0))
     for name, value in scope.get("headers", ()):
-        if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
+        if name == b"content-length" and value.isdigit() and int(value) > DISCARD_MAX_BYTES:
             raise exceeded
     chunks, size = [], 0
     while True:
@@ -167,11 +173,13 @@ async def read_limited(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
             break  # the client went away
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > max_bytes:
-            raise exceeded
-        chunks.append(chunk)
-        if not message.get("more_body", False):
+        if size <= max_bytes:
+            chunks.append(chunk)
+        if not message.get("more_body", False) or size > DISCARD_MAX_BYTES:
             break
+    if size > max_bytes:
+        chunks.clear()
+        raise exceeded
     return b"".join(chunks)
 
 
