@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import nats
 
+from shared import hospitals
 from shared.partitions import ownership
 from shared.runtime import SERVICES
 from shared.settings import Settings
@@ -20,7 +21,10 @@ async def report(settings: Settings) -> dict[str, Any]:
     nc = await nats.connect(settings.nats_servers)
     conn = await asyncpg.connect(settings.database_url)
     try:
-        return await ownership(conn, nc.jetstream(), SERVICES)
+        found = await ownership(conn, nc.jetstream(), SERVICES)
+        # Events each hospital's durable consumer holds not yet acknowledged (CONTRACT.md 1.2).
+        found["hospital_events_pending"] = await hospitals.pending(nc.jetstream())
+        return found
     finally:
         await conn.close()
         await nc.close()
@@ -45,3 +49,7 @@ def cmd_status(args: argparse.Namespace) -> None:
             more = f" (+{len(hospitals) - 5})" if len(hospitals) > 5 else ""
             shown = ", ".join(hospitals[:5]) + more
             print(f"  partition {partition}: {holder or 'NOBODY'}  hospitals: {shown or '-'}")
+    pending = found["hospital_events_pending"]
+    print(f"hospital consumers: {len(pending)}")
+    for hospital, count in sorted(pending.items()):
+        print(f"  {hospital}: {count} events not acknowledged")

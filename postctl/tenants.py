@@ -244,10 +244,14 @@ async def _with_platform(nats_url: str, fn: Any) -> Any:
 
 def _consumers(nats_url: str, fn: Any) -> tuple[Any, str | None]:
     """(result, None), or (None, why not) when NATS or the stream is not there."""
+    import concurrent.futures
+
     from nats.js.errors import NotFoundError
 
     try:
-        return asyncio.run(_with_platform(nats_url, fn)), None
+        # In a thread of its own: the caller may be running an event loop (a test, a script).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, _with_platform(nats_url, fn)).result(), None
     except NotFoundError:
         return None, f"the stream {STREAM_NAME} does not exist yet (the services create it)"
     except Exception as exc:

@@ -727,6 +727,7 @@ def test_the_alert_rules_cover_the_program_and_the_platform() -> None:
         "ServiceDown": 'up{job="post-services"} == 0 or post_service_up == 0',
         # A forget keeps the id in forget_jobs until its job has erased the stream.
         "ForgetNotFinished": "max(post_referral_forget_jobs_pending) > 0",
+        "HospitalBehind": "sum by (hospital) (post_hospital_events_pending) > 100",
     }
 
 
