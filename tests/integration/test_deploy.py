@@ -29,12 +29,14 @@ from typing import Any
 import asyncpg
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 import yaml
 from nats.aio.client import Client as NATS
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from postctl import tenants
+from shared import hospitals
 from shared.client import PlatformClient
 from shared.contracts import RegisterHospital
 from shared.runtime import Platform, ServiceProcess, free_port, nats_server_binary, wait_for_port
@@ -581,6 +583,54 @@ async def test_a_service_with_the_compose_settings_serves_a_hospital_on_the_clus
         if client is not None:
             await client.close()
         process.stop()
+
+
+async def test_a_hospitals_consumer_survives_the_loss_of_a_node(
+    cluster: Cluster, platform_nc: NATS
+) -> None:
+    """Last of the cluster tests: it kills a node (the consumer's leader)."""
+    js = platform_nc.jetstream()
+    await hospitals.ensure_consumer(js, "a")
+    info = await js.consumer_info("POST", "hospital-a")
+    assert info.cluster is not None and len(info.cluster.replicas or []) == 2  # R3, as the stream
+    marker = uuid.uuid4().hex
+    await js.publish("post.a.evt.NodeLoss", f"{marker}-before".encode())
+    node = NODES.index(info.cluster.leader or "")
+    cluster.procs[node].kill()
+    cluster.procs[node].wait()
+    survivors = [cluster.url(i) for i in range(len(NODES)) if i != node]
+    platform = await nats.connect(survivors, user=tenants.PLATFORM_USER, password=PLATFORM_PASSWORD)
+    nc = await nats.connect(
+        survivors, nkeys_seed=str(cluster.seeds["a"]), inbox_prefix=tenants.inbox_prefix("a")
+    )
+    try:
+        for _ in range(150):  # the survivors elect new leaders first
+            try:
+                await platform.jetstream().publish(
+                    "post.a.evt.NodeLoss", f"{marker}-after".encode(), timeout=1
+                )
+                break
+            except (nats.errors.TimeoutError, NoStreamResponseError):
+                await asyncio.sleep(0.2)
+        sub = await nc.jetstream().pull_subscribe_bind("hospital-a", stream="POST")
+        seen: list[bytes] = []
+        deadline = asyncio.get_running_loop().time() + 60
+        while asyncio.get_running_loop().time() < deadline:
+            if {f"{marker}-before".encode(), f"{marker}-after".encode()} <= set(seen):
+                break
+            try:
+                for msg in await sub.fetch(50, timeout=1):
+                    seen.append(msg.data)
+                    await msg.ack()
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
+                await asyncio.sleep(0.2)  # the consumer elects its new leader
+        mine = [d for d in seen if d.startswith(marker.encode())]
+        assert mine == [f"{marker}-before".encode(), f"{marker}-after".encode()]
+    finally:
+        await nc.close()
+        await platform.close()
 
 
 # --- docker-compose.yml and the files it points at ------------------------------------------
