@@ -12,6 +12,7 @@ import asyncpg
 import nats
 
 from postctl import webhooks
+from shared import hospitals
 from shared.partitions import ownership
 from shared.runtime import SERVICES
 from shared.settings import Settings
@@ -23,6 +24,8 @@ async def report(settings: Settings) -> dict[str, Any]:
     try:
         found = await ownership(conn, nc.jetstream(), SERVICES)
         found["webhooks"] = await webhooks.status(settings)
+        # Events each hospital's durable consumer holds not yet acknowledged (CONTRACT.md 1.2).
+        found["hospital_events_pending"] = await hospitals.pending(nc.jetstream())
         return found
     finally:
         await conn.close()
@@ -49,3 +52,7 @@ def cmd_status(args: argparse.Namespace) -> None:
             shown = ", ".join(hospitals[:5]) + more
             print(f"  partition {partition}: {holder or 'NOBODY'}  hospitals: {shown or '-'}")
     webhooks.print_status(found["webhooks"])
+    pending = found["hospital_events_pending"]
+    print(f"hospital consumers: {len(pending)}")
+    for hospital, count in sorted(pending.items()):
+        print(f"  {hospital}: {count} events not acknowledged")

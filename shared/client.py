@@ -3,6 +3,13 @@
 Used by the simulators, the load generator and the end-to-end tests, exactly as a hospital's
 integration would do it: CloudEvents on ``post.{hospital}.cmd.{Type}`` with ``Nats-Msg-Id``
 set to the command id, and the answers on ``post.{hospital}.evt.>``.
+
+Two modes. Anonymous (the platform's tools on the embedded default: simulators, load): one
+connection, every hospital's events live. With `HospitalKeys` (the end-to-end tests): each
+hospital's commands go out on a connection opened with that hospital's own NKey (onboarded on
+first use, as `postctl hospital onboard` does it), and its events come in on that connection
+from its durable consumer `hospital-<hospital>` (pulled, acknowledged, deduplicated by the
+CloudEvents id), exactly as CONTRACT.md 1.2 tells a hospital to do it.
 `wait_consumed` waits until a service's durable consumer has read the stream so far.
 """
 
@@ -13,13 +20,18 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
-from shared.contracts import Command, command_message, evt_subject
+from shared import hospitals as delivery
+from shared.contracts import STREAM_NAME, Command, command_message, evt_subject, is_hospital_id
 from shared.partitions import service_lag
 from shared.settings import nats_servers, nats_tls
 
@@ -28,29 +40,135 @@ CloudEventDict = dict[str, Any]
 ALL_EVENTS = evt_subject("*", ">")  # every hospital's events
 
 
+@dataclass
+class HospitalKeys:
+    """Each hospital's key on an embedded platform: onboarded on first use through the code of
+    `postctl hospital onboard` (the tenants file of the platform's nats-server, which reloads),
+    its seed kept in `seeds`."""
+
+    tenants_file: Path
+    seeds: Path
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def seed(self, hospital: str) -> Path:
+        from postctl import tenants
+
+        path = self.seeds / f"{hospital}.nk"
+        async with self._lock:  # one rewrite of the tenants file at a time
+            if hospital not in tenants.read_tenants_file(self.tenants_file) or not path.exists():
+                tenants.onboard_hospital(self.tenants_file, hospital, path)
+                if not await asyncio.to_thread(tenants.reload_embedded, self.tenants_file):
+                    raise RuntimeError("the embedded nats-server did not reload its tenants")
+        return path
+
+
+@dataclass
+class _Hospital:
+    nc: NATS
+    js: JetStreamContext
+    puller: asyncio.Task[None]
+
+
 class PlatformClient:
-    def __init__(self, nc: NATS, subject: str = ALL_EVENTS) -> None:
+    def __init__(
+        self, nc: NATS, subject: str = ALL_EVENTS, keys: HospitalKeys | None = None
+    ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.subject = subject
+        self.keys = keys
         self.events: list[CloudEventDict] = []
         self._by_cause: dict[str, list[CloudEventDict]] = defaultdict(list)
+        self._seen: set[str] = set()
         self._changed = asyncio.Condition()
+        self._hospitals: dict[str, _Hospital] = {}
+        self._opening: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._url = ""
 
     @classmethod
-    async def connect(cls, url: str, subject: str = ALL_EVENTS, **options: Any) -> PlatformClient:
+    async def connect(
+        cls,
+        url: str,
+        subject: str = ALL_EVENTS,
+        keys: HospitalKeys | None = None,
+        **options: Any,
+    ) -> PlatformClient:
+        """Anonymous: `subject` live. With `keys`: each hospital on its own key (see above)."""
         options.setdefault("tls", nats_tls())  # a deployment's CA ($POST_NATS_CA_FILE)
         nc = await nats.connect(nats_servers(url), name="post-client", **options)
-        client = cls(nc, subject)
-        await nc.subscribe(subject, cb=client._on_event, pending_msgs_limit=1_000_000)
-        await nc.flush()
+        client = cls(nc, subject, keys)
+        client._url = url
+        if keys is None:
+            await nc.subscribe(subject, cb=client._on_event, pending_msgs_limit=1_000_000)
+            await nc.flush()
         return client
+
+    async def as_hospital(self, hospital: str) -> JetStreamContext:
+        """The JetStream context of the hospital's own connection (its key), opened on first
+        use, its events pulled from its durable consumer from then on."""
+        assert self.keys is not None
+        if (found := self._hospitals.get(hospital)) is not None:
+            return found.js
+        async with self._opening[hospital]:
+            if (found := self._hospitals.get(hospital)) is not None:
+                return found.js
+            seed = await self.keys.seed(hospital)
+            await delivery.ensure_consumer(self.js, hospital)  # the platform's part of onboarding
+            nc = await nats.connect(
+                nats_servers(self._url),
+                name=f"hospital-{hospital}",
+                nkeys_seed=str(seed),
+                inbox_prefix=f"_INBOX_{hospital}",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.2,
+                tls=nats_tls(),
+            )
+            js = nc.jetstream()
+            sub = await js.pull_subscribe_bind(delivery.consumer_name(hospital), stream=STREAM_NAME)
+            puller = asyncio.create_task(self._pull(sub), name=f"pull:{hospital}")
+            self._hospitals[hospital] = _Hospital(nc, js, puller)
+            return js
+
+    async def _pull(self, sub: JetStreamContext.PullSubscription) -> None:
+        backlog = True
+        while True:
+            try:
+                # As shared/consumer.py: a fetch of n waits for all n once one came, so caught
+                # up ask for one (it comes the moment it is stored), behind for a batch.
+                msgs = await sub.fetch(100 if backlog else 1, timeout=1)
+            except (nats.errors.TimeoutError, TimeoutError):
+                backlog = False
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # reconnecting, or the server reloading its config: again
+                await asyncio.sleep(0.2)
+                continue
+            last = msgs[-1].metadata if msgs else None
+            backlog = bool(last and last.num_pending)
+            for msg in msgs:
+                await self._on_event(msg)
+                await msg.ack()
+
+    async def _js_for(self, subject: str) -> JetStreamContext:
+        """The connection a command subject goes out on: its hospital's own, with keys."""
+        parts = subject.split(".")
+        if self.keys is None or len(parts) < 3 or parts[0] != "post":
+            return self.js
+        if not is_hospital_id(parts[1]) or parts[2] != "cmd":
+            return self.js  # no hospital could publish it: the tests of bad subjects
+        return await self.as_hospital(parts[1])
 
     async def _on_event(self, msg: Msg) -> None:
         try:
             ce = json.loads(msg.data)
         except ValueError:
             return
+        if self.keys is not None and isinstance(ce, dict) and isinstance(ce.get("id"), str):
+            # At least once from a durable consumer: the CloudEvents id tells a repeat.
+            if ce["id"] in self._seen:
+                return
+            self._seen.add(ce["id"])
         ce["_subject"] = msg.subject
         self.events.append(ce)
         if ce.get("causationid"):
@@ -63,12 +181,14 @@ class PlatformClient:
     ) -> str:
         """Publish a command to JetStream (waits for the stream's ack); returns its id."""
         subject, body, msg_id = command_message(hospital, command, id_=id_, origin=origin)
-        await self.js.publish(subject, body, headers={"Nats-Msg-Id": msg_id})
+        js = await self._js_for(subject)
+        await js.publish(subject, body, headers={"Nats-Msg-Id": msg_id})
         return msg_id
 
     async def send_raw(self, subject: str, body: bytes, msg_id: str | None = None) -> None:
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        await self.js.publish(subject, body, headers=headers)
+        js = await self._js_for(subject)
+        await js.publish(subject, body, headers=headers)
 
     async def wait(
         self, predicate: Callable[[CloudEventDict], bool], timeout: float = 10.0
@@ -108,6 +228,8 @@ class PlatformClient:
         timeout: float = 10.0,
     ) -> CloudEventDict:
         subject = evt_subject(hospital, event_type)
+        if self.keys is not None:
+            await self.as_hospital(hospital)  # its events come in on its own connection
         return await self.wait(
             lambda e: e["_subject"] == subject and (predicate is None or predicate(e)), timeout
         )
@@ -123,6 +245,11 @@ class PlatformClient:
         return await self.outcome(command_id, timeout)
 
     async def close(self) -> None:
+        for hospital in self._hospitals.values():
+            hospital.puller.cancel()
+            await asyncio.gather(hospital.puller, return_exceptions=True)
+            await hospital.nc.close()
+        self._hospitals.clear()
         await self.nc.drain()
 
 

@@ -9,6 +9,7 @@ import asyncio
 import os
 import pwd
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -133,26 +135,56 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def tenants_file(self) -> Path:
+        """The hospitals' keys (postctl/tenants.py), included by the server's config."""
+        return self.data_dir / "tenants.conf"
+
     def start(self) -> NatsServer:
+        from postctl import tenants
+
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "nats-server.log", "ab")
         config = self.data_dir / "nats-server.conf"
+        if not self.tenants_file.exists():
+            tenants._write_private(self.tenants_file, tenants.render_tenants_conf({}))
+        self._move_global_store()
         # sync_interval always: an acknowledged message is on disk (Jepsen, NATS 2.12.1, 2025:
         # the default lazy fsync lost acknowledged writes in a coordinated crash).
+        # The account POST and its users as in a deployment (deploy/nats/tenants.conf), and a
+        # connection without credentials (only loopback listens) acts as the platform user.
         config.write_text(
             f"listen: 127.0.0.1:{self.port}\n"
             f"http: 127.0.0.1:{self.monitor_port}\n"
             "server_name: post-embedded\n"
+            f'pid_file: "{self.data_dir / tenants.PID_FILE}"\n'
             f'jetstream {{ store_dir: "{self.data_dir}", sync_interval: {self.sync_interval} }}\n'
+            f"no_auth_user: {tenants.PLATFORM_USER}\n"
+            f"include ./{self.tenants_file.name}\n"
         )
+        # The platform user's password: nobody needs it here (no_auth_user), so a new random
+        # one each start; a deployment gives its own (deploy/nats/*.conf).
+        env = {**os.environ, tenants.PLATFORM_PASSWORD_VARIABLE: secrets.token_urlsafe(24)}
         self.proc = subprocess.Popen(
             [nats_server_binary(), "--config", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
         wait_for_port(self.port, proc=self.proc)
         return self
+
+    def _move_global_store(self) -> None:
+        """Before version 1.2 the stream lived in the global account (`$G`), whose store is the
+        folder `jetstream/$G`; now in account POST (`jetstream/POST`). A store from before is
+        moved, once, while no server runs: every stream, message and consumer position kept."""
+        from postctl import tenants
+
+        old = self.data_dir / "jetstream" / "$G"
+        new = self.data_dir / "jetstream" / tenants.ACCOUNT
+        if old.is_dir() and not new.exists():
+            old.rename(new)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -163,6 +195,13 @@ class NatsServer:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+def _run_into(coro: Any, failed: list[BaseException]) -> None:
+    try:
+        asyncio.run(coro)
+    except BaseException as exc:
+        failed.append(exc)
 
 
 @dataclass
@@ -420,6 +459,42 @@ class Platform:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"service {key} not ready after {timeout}s")
                 time.sleep(0.1)
+        if self.nats is not None:
+            self.sync_hospitals()
+
+    def sync_hospitals(self) -> list[str]:
+        """The durable consumer of every hospital in the embedded tenants file (onboarded
+        before an upgrade, or while the platform was down); once the services have created
+        the stream. Returns the hospitals whose consumer was created."""
+        import threading
+
+        import nats
+
+        from postctl import tenants
+        from shared import hospitals
+        from shared.settings import nats_tls
+
+        assert self.nats is not None
+        onboarded = tenants.read_tenants_file(self.nats.tenants_file)
+        if not onboarded:
+            return []
+        created: list[str] = []
+
+        async def sync() -> None:
+            nc = await nats.connect(self.nats_url, tls=nats_tls())
+            try:
+                created.extend(await hospitals.sync_consumers(nc.jetstream(), onboarded))
+            finally:
+                await nc.close()
+
+        # In a thread of its own: the caller may be running an event loop (an async test).
+        failed: list[BaseException] = []
+        thread = threading.Thread(target=lambda: _run_into(sync(), failed))
+        thread.start()
+        thread.join()
+        if failed:
+            raise failed[0]
+        return created
 
     def supervise_once(self) -> list[str]:
         """Restart any service that died; returns their names."""

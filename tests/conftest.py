@@ -7,7 +7,8 @@ Fixtures:
 - ``stack``: the same platform with the four services running (test clock enabled, timers
   every 0.2 s, a command waits 6 s for a fact it depends on);
   ``stack.service_ports[name]`` gives each HTTP port.
-- ``client``: a `shared.client.PlatformClient` connected to the stack's NATS.
+- ``client``: a `shared.client.PlatformClient` on the stack's NATS that plays each hospital
+  with that hospital's own key (onboarded on first use) and its durable consumer.
 - ``hospital``: a fresh hospital id for this test (tests share the stack, not tenants).
 - ``advance_clock(service, seconds)``: moves a running service's clock forward.
 - ``http(service, token=None)``: an httpx.AsyncClient on that service (sending
@@ -29,7 +30,7 @@ import httpx
 import pytest
 
 from shared.auth import issue_region_token, issue_token, tokens_file
-from shared.client import PlatformClient
+from shared.client import HospitalKeys, PlatformClient
 from shared.runtime import Platform
 
 
@@ -91,7 +92,9 @@ def stack(platform: Platform) -> Platform:
 
 @pytest.fixture(scope="session")
 async def client(stack: Platform) -> AsyncIterator[PlatformClient]:
-    c = await PlatformClient.connect(stack.nats_url)
+    assert stack.nats is not None
+    keys = HospitalKeys(stack.nats.tenants_file, stack.data_dir / "hospital-keys")
+    c = await PlatformClient.connect(stack.nats_url, keys=keys)
     yield c
     await c.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.referral import forgetting, handlers, views
+from shared import hospitals
 from shared.service import Service
 from shared.webhook_delivery import delivery as webhook_delivery
 
@@ -17,8 +18,15 @@ service = Service(
     event_handlers=handlers.EVENT_HANDLERS,
     migrations=Path(__file__).parent / "migrations",
     routers=[views.router],
-    # The hospitals' webhooks are delivered by the instance holding their partition.
-    background=[forgetting.scrubber, forgetting.retention_timer, webhook_delivery],
+    # The hospitals' webhooks are delivered by the instance holding their partition; and the
+    # referral service, every hospital's front door, reports how far each hospital is behind
+    # on its durable consumer (each hospital by the holder of its partition).
+    background=[
+        forgetting.scrubber,
+        forgetting.retention_timer,
+        webhook_delivery,
+        hospitals.pending_gauge,
+    ],
     # The front door also answers commands of a type no service owns (CONTRACT.md: never
     # silence): a CommandRejected, invalid_payload.
     answers_unknown_commands=True,

@@ -31,12 +31,14 @@ from typing import Any
 import asyncpg
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 import yaml
 from nats.aio.client import Client as NATS
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from postctl import certs, tenants
+from shared import hospitals
 from shared.client import PlatformClient
 from shared.contracts import RegisterHospital
 from shared.runtime import Platform, ServiceProcess, free_port, nats_server_binary, wait_for_port
@@ -114,9 +116,16 @@ def test_committed_tenants_file_is_generated_and_holds_no_hospital_secret() -> N
 # --- postctl/tenants.py, pure ---------------------------------------------------------------
 
 
-def test_hospital_permissions_are_its_own_commands_events_and_inbox() -> None:
+def test_hospital_permissions_are_its_own_commands_consumer_events_and_inbox() -> None:
     assert tenants.hospital_permissions("st-mary") == {
-        "publish": {"allow": ["post.st-mary.cmd.>"]},
+        "publish": {
+            "allow": [
+                "post.st-mary.cmd.>",
+                "$JS.API.CONSUMER.MSG.NEXT.POST.hospital-st-mary",
+                "$JS.API.CONSUMER.INFO.POST.hospital-st-mary",
+                "$JS.ACK.POST.hospital-st-mary.>",
+            ]
+        },
         "subscribe": {"allow": ["post.st-mary.evt.>", "_INBOX_st-mary.>"]},
     }
 
@@ -126,53 +135,74 @@ def test_a_hospital_id_that_is_not_a_slug_is_refused(bad: str, tmp_path: Path) -
     with pytest.raises(ValueError):
         tenants.hospital_permissions(bad)
     with pytest.raises(ValueError):
-        tenants.onboard_hospital(tmp_path / "tenants.conf", bad)
+        tenants.onboard_hospital(tmp_path / "tenants.conf", bad, tmp_path / "seed")
 
 
-def test_render_and_read_round_trip_with_a_bcrypt_hash() -> None:
-    accounts = {"b": "x" * 24, "a": "$2a$05$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW"}
-    text = tenants.render_tenants_conf(accounts)
-    assert tenants.read_tenants(text) == accounts
-    assert text.index('"user": "a"') < text.index('"user": "b"')
+def test_render_and_read_round_trip_in_hospital_order() -> None:
+    keys = {h: tenants.public_key(tenants.new_user_seed()) for h in ("b", "a")}
+    text = tenants.render_tenants_conf(keys)
+    assert tenants.read_tenants(text) == keys
+    assert text.index("# hospital a") < text.index("# hospital b")
 
 
-def test_a_password_needing_escapes_is_refused() -> None:
+@pytest.mark.parametrize("bad", ["password-longer-than-16", "SU" + "A" * 56, 'U"quote'])
+def test_anything_but_a_public_user_key_is_refused(bad: str) -> None:
     with pytest.raises(ValueError):
-        tenants.render_tenants_conf({"a": 'quote"and-more-than-16'})
+        tenants.render_tenants_conf({"a": bad})
 
 
 def test_a_hand_edited_tenants_file_is_not_overwritten(tmp_path: Path) -> None:
     conf = tmp_path / "tenants.conf"
-    tenants.onboard_hospital(conf, "a")
+    tenants.onboard_hospital(conf, "a", tmp_path / "a.nk")
     conf.write_text(conf.read_text().replace("jetstream: enabled", "jetstream: disabled"))
     with pytest.raises(ValueError, match="by hand"):
-        tenants.onboard_hospital(conf, "b")
+        tenants.onboard_hospital(conf, "b", tmp_path / "b.nk")
 
 
-def test_onboarding_adds_a_private_user_once(tmp_path: Path) -> None:
+def test_onboarding_keeps_only_the_public_key_and_writes_the_seed_private(
+    tmp_path: Path,
+) -> None:
     conf = tmp_path / "tenants.conf"
     shutil.copy(NATS_DIR / "tenants.conf", conf)
-    user, password = tenants.onboard_hospital(conf, "st-mary")
-    assert user == "st-mary" and len(password) >= 32
-    assert tenants.read_tenants(conf.read_text()) == {"st-mary": password}
-    assert stat.S_IMODE(conf.stat().st_mode) == 0o600
-    with pytest.raises(ValueError, match="already"):
-        tenants.onboard_hospital(conf, "st-mary")
-    assert tenants.read_tenants(conf.read_text()) == {"st-mary": password}
+    seed_file = tmp_path / "st-mary.nk"
+    key, rotated = tenants.onboard_hospital(conf, "st-mary", seed_file)
+    seed = seed_file.read_bytes().strip()
+    assert not rotated and seed.startswith(b"SU") and key.startswith("U")
+    assert tenants.public_key(seed) == key
+    assert tenants.read_tenants(conf.read_text()) == {"st-mary": key}
+    assert seed.decode() not in conf.read_text()  # nothing stored can log in as the hospital
+    assert stat.S_IMODE(seed_file.stat().st_mode) == 0o600
+    # Again: a new key, the old one gone from the file.
+    new_key, rotated = tenants.onboard_hospital(conf, "st-mary", tmp_path / "again.nk")
+    assert rotated and new_key != key
+    assert tenants.read_tenants(conf.read_text()) == {"st-mary": new_key}
+    assert tenants.revoke_hospital(conf, "st-mary")
+    assert tenants.read_tenants(conf.read_text()) == {}
+    assert not tenants.revoke_hospital(conf, "st-mary")
 
 
-def test_postctl_hospital_onboard_prints_the_credentials(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_postctl_hospital_onboard_writes_the_seed_and_says_how_to_reload(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # NATS is not there: the consumer is left to `postctl hospital sync`, and it says so.
+    monkeypatch.setenv("POST_NATS_URL", f"nats://127.0.0.1:{free_port()}")
     parser = argparse.ArgumentParser(prog="postctl")
     tenants.add_cli(parser.add_subparsers(dest="command", required=True))
     conf = tmp_path / "tenants.conf"
-    args = parser.parse_args(["hospital", "onboard", "st-mary", "--conf", str(conf)])
+    seed = tmp_path / "out" / "st-mary.nk"
+    args = parser.parse_args(
+        ["hospital", "onboard", "st-mary", "--conf", str(conf), "--out", str(seed)]
+    )
     args.func(args)
-    password = tenants.read_tenants(conf.read_text())["st-mary"]
+    key = tenants.read_tenants(conf.read_text())["st-mary"]
+    assert tenants.public_key(seed.read_bytes().strip()) == key
     out = capsys.readouterr().out
-    assert password in out
-    assert "post.st-mary.cmd." in out and "_INBOX_st-mary" in out
+    assert seed.read_text().strip() not in out  # the seed goes to the file only
+    assert "post.st-mary.cmd." in out and "_INBOX_st-mary" in out and "hospital-st-mary" in out
+    assert "kill -s HUP" in out and "postctl hospital sync" in out
+    with pytest.raises(SystemExit, match="--out"):
+        args = parser.parse_args(["hospital", "onboard", "st-mary", "--conf", str(conf)])
+        args.func(args)
 
 
 # --- a real 3-node cluster from the deploy configs -----------------------------------------
@@ -183,7 +213,7 @@ class Cluster:
     folder: Path
     client_ports: list[int]
     monitor_ports: list[int]
-    passwords: dict[str, str]
+    seeds: dict[str, Path]
     ca_file: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -205,8 +235,7 @@ class Cluster:
 
         return await nats.connect(
             self.servers,
-            user=hospital,
-            password=self.passwords[hospital],
+            nkeys_seed=str(self.seeds[hospital]),
             inbox_prefix=tenants.inbox_prefix(hospital),
             error_cb=on_error,
             name=f"hospital-{hospital}",
@@ -224,9 +253,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     folder = tmp_path_factory.mktemp("nats-cluster")
     # The deploy folder as it is, with two hospitals onboarded the operator's way.
     certs_dir = deploy_nats_copy(folder)
-    passwords = dict(
-        tenants.onboard_hospital(folder / "nats" / "tenants.conf", h) for h in ("a", "b")
-    )
+    seeds = {h: folder / f"{h}.nk" for h in ("a", "b")}
+    for hospital, seed in seeds.items():
+        tenants.onboard_hospital(folder / "nats" / "tenants.conf", hospital, seed)
     for i, node in enumerate(NODES):
         conf = folder / "nats" / f"{node}.conf"
         text = conf.read_text()
@@ -238,7 +267,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     route_ports = [free_port() for _ in NODES]
     routes = ",".join(f"nats-route://127.0.0.1:{p}" for p in route_ports)
     env = {**os.environ, tenants.PLATFORM_PASSWORD_VARIABLE: PLATFORM_PASSWORD}
-    cluster = Cluster(folder, client_ports, monitor_ports, passwords, certs_dir / certs.CA_CERT)
+    cluster = Cluster(folder, client_ports, monitor_ports, seeds, certs_dir / certs.CA_CERT)
     try:
         for i, node in enumerate(NODES):
             log = open(folder / f"{node}.log", "wb")
@@ -491,19 +520,24 @@ async def test_another_hospital_does_its_own_business_too(
         await nc.close()
 
 
-@pytest.mark.parametrize("user,password", [("a", "wrong-password"), ("a", "b's"), ("b", "a's")])
-async def test_wrong_credentials_are_refused(
-    cluster: Cluster, platform_nc: NATS, user: str, password: str
+@pytest.mark.parametrize("credentials", ["none", "unknown key", "hospital as a password user"])
+async def test_a_deployment_refuses_any_connection_without_a_known_key(
+    cluster: Cluster, platform_nc: NATS, credentials: str, tmp_path: Path
 ) -> None:
-    secret = {"b's": cluster.passwords["b"], "a's": cluster.passwords["a"]}.get(password, password)
+    options: dict[str, Any] = {}
+    if credentials == "unknown key":
+        seed = tmp_path / "unknown.nk"
+        seed.write_bytes(tenants.new_user_seed())
+        options["nkeys_seed"] = str(seed)
+    elif credentials == "hospital as a password user":
+        options.update(user="a", password="a-guessed-password")
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
         await nats.connect(
             cluster.url(),
-            user=user,
-            password=secret,
             allow_reconnect=False,
             max_reconnect_attempts=0,
             tls=cluster.tls,
+            **options,
         )
 
 
@@ -570,8 +604,7 @@ async def test_a_service_with_the_compose_settings_serves_a_hospital_on_the_clus
         client = await PlatformClient.connect(
             cluster.url(1),
             subject="post.a.evt.>",
-            user="a",
-            password=cluster.passwords["a"],
+            nkeys_seed=str(cluster.seeds["a"]),
             inbox_prefix=tenants.inbox_prefix("a"),
             tls=cluster.tls,
         )
@@ -586,6 +619,54 @@ async def test_a_service_with_the_compose_settings_serves_a_hospital_on_the_clus
         if client is not None:
             await client.close()
         process.stop()
+
+
+async def test_a_hospitals_consumer_survives_the_loss_of_a_node(
+    cluster: Cluster, platform_nc: NATS
+) -> None:
+    """Last of the cluster tests: it kills a node (the consumer's leader)."""
+    js = platform_nc.jetstream()
+    await hospitals.ensure_consumer(js, "a")
+    info = await js.consumer_info("POST", "hospital-a")
+    assert info.cluster is not None and len(info.cluster.replicas or []) == 2  # R3, as the stream
+    marker = uuid.uuid4().hex
+    await js.publish("post.a.evt.NodeLoss", f"{marker}-before".encode())
+    node = NODES.index(info.cluster.leader or "")
+    cluster.procs[node].kill()
+    cluster.procs[node].wait()
+    survivors = [cluster.url(i) for i in range(len(NODES)) if i != node]
+    platform = await nats.connect(survivors, user=tenants.PLATFORM_USER, password=PLATFORM_PASSWORD)
+    nc = await nats.connect(
+        survivors, nkeys_seed=str(cluster.seeds["a"]), inbox_prefix=tenants.inbox_prefix("a")
+    )
+    try:
+        for _ in range(150):  # the survivors elect new leaders first
+            try:
+                await platform.jetstream().publish(
+                    "post.a.evt.NodeLoss", f"{marker}-after".encode(), timeout=1
+                )
+                break
+            except (nats.errors.TimeoutError, NoStreamResponseError):
+                await asyncio.sleep(0.2)
+        sub = await nc.jetstream().pull_subscribe_bind("hospital-a", stream="POST")
+        seen: list[bytes] = []
+        deadline = asyncio.get_running_loop().time() + 60
+        while asyncio.get_running_loop().time() < deadline:
+            if {f"{marker}-before".encode(), f"{marker}-after".encode()} <= set(seen):
+                break
+            try:
+                for msg in await sub.fetch(50, timeout=1):
+                    seen.append(msg.data)
+                    await msg.ack()
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
+                await asyncio.sleep(0.2)  # the consumer elects its new leader
+        mine = [d for d in seen if d.startswith(marker.encode())]
+        assert mine == [f"{marker}-before".encode(), f"{marker}-after".encode()]
+    finally:
+        await nc.close()
+        await platform.close()
 
 
 # --- docker-compose.yml and the files it points at ------------------------------------------
@@ -744,6 +825,7 @@ def test_the_alert_rules_cover_the_program_and_the_platform() -> None:
         "ForgetNotFinished": "max(post_referral_forget_jobs_pending) > 0",
         # Exported by the webhook's one delivering instance.
         "WebhookBehind": "max by (hospital) (post_webhook_events_pending) > 0",
+        "HospitalBehind": "sum by (hospital) (post_hospital_events_pending) > 100",
     }
 
 
