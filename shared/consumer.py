@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -207,6 +208,12 @@ class PartitionWorker:
                     await self.retry_held()
                 if self.waiting:
                     await self.retry_waiting(settle=True)
+                continue
+            except NatsError as exc:
+                # JetStream away for a moment (a config reload answers "no responders" to the
+                # account's API for an instant): the partition stays ours, ask again.
+                log.warning("fetch_failed", partition=self.partition, error=type(exc).__name__)
+                await sleep_or_stop(self.stop, 0.2)
                 continue
             last = msgs[-1].metadata if msgs else None
             backlog = bool(last and last.num_pending)

@@ -21,14 +21,18 @@ in flight when its service is killed keeps its place in the stream order.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
+from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from postctl import tenants
 from postctl.load import LoadConfig, LoadReport, LoadRun, check_figures
+from shared import hospitals
 from shared.client import PlatformClient, wait_consumed
 from shared.contracts import (
     STREAM_NAME,
@@ -40,6 +44,7 @@ from shared.contracts import (
     RegisterHospital,
     RegisterSupporter,
     RequestReferral,
+    command_message,
 )
 from shared.partitions import consumer_name, partition_of, service_lag, work_stream
 from shared.runtime import SERVICES, Platform
@@ -333,21 +338,34 @@ async def test_a_command_in_flight_when_its_service_dies_is_handled_before_the_n
 async def test_a_cluster_losing_the_stream_leader_mid_load_loses_and_doubles_nothing(
     cluster: Cluster,  # noqa: F811 (the fixture imported above)
     make_platform: MakePlatform,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The deploy's nodes take TLS only: this process and the services trust the cluster's CA.
+    monkeypatch.setenv("POST_NATS_CA_FILE", str(cluster.ca_file))
     # The stream made and settled on every node first: what is under test is losing its leader
     # mid-load; services starting during the cluster's first elections are
     # tests/integration/test_cluster_start.py's.
     nc = await cluster.connect_platform()
     try:
         await ensure_stream(nc.jetstream(), replicas=3)
+        # Hospital "a" (onboarded with its key by the fixture) has its durable consumer, and
+        # one fact before the node is lost: it must read it, and the next, through the loss.
+        await hospitals.ensure_consumer(nc.jetstream(), "a")
+        first_id = await _publish_as_platform(
+            nc, "a", RegisterHospital(name="A", physician_count=5)
+        )
     finally:
         await nc.close()
     await settle_stream(cluster)
     url = ",".join(
-        f"nats://{tenants.PLATFORM_USER}:{PLATFORM_PASSWORD}@127.0.0.1:{port}"
+        f"tls://{tenants.PLATFORM_USER}:{PLATFORM_PASSWORD}@127.0.0.1:{port}"
         for port in cluster.client_ports
     )
-    platform = await asyncio.to_thread(make_platform, url, {"POST_STREAM_REPLICAS": "3"})
+    platform = await asyncio.to_thread(
+        make_platform,
+        url,
+        {"POST_STREAM_REPLICAS": "3", "POST_NATS_CA_FILE": str(cluster.ca_file)},
+    )
     lost: list[str] = []
 
     async def lose_the_leader(run: LoadRun) -> None:
@@ -364,3 +382,38 @@ async def test_a_cluster_losing_the_stream_leader_mid_load_loses_and_doubles_not
     report = await _load_under_fault(platform, lose_the_leader, nats_url=url)
     assert lost
     _assert_nothing_lost(report, platform)
+    # The hospital, with its own key, reads both answers from its consumer: the one stored
+    # before the leader was lost and one of a command sent after.
+    nc = await cluster.connect_platform()
+    try:
+        launch = LaunchDepartment(department="er", physician_count=5, launched_on=date(2024, 1, 1))
+        second_id = await _publish_as_platform(nc, "a", launch)
+    finally:
+        await nc.close()
+    errors: list[Exception] = []
+    hospital_nc = await cluster.connect_as("a", errors)
+    try:
+        sub = await hospital_nc.jetstream().pull_subscribe_bind(
+            hospitals.consumer_name("a"), stream=STREAM_NAME
+        )
+        causes: set[str] = set()
+        deadline = asyncio.get_running_loop().time() + 60
+        while {first_id, second_id} - causes:
+            assert asyncio.get_running_loop().time() < deadline, "the hospital missed an answer"
+            try:
+                msgs = await sub.fetch(10, timeout=2.0)
+            except (NatsTimeoutError, TimeoutError):
+                continue
+            for msg in msgs:
+                causes.add(json.loads(msg.data).get("causationid"))
+                await msg.ack()
+    finally:
+        await hospital_nc.close()
+
+
+async def _publish_as_platform(nc: NATS, hospital: str, command: Command) -> str:
+    """A command of `hospital`, published as its system would (the test's connection is the
+    platform's: the hospital's key is for reading here)."""
+    subject, body, msg_id = command_message(hospital, command)
+    await nc.jetstream().publish(subject, body, headers={"Nats-Msg-Id": msg_id})
+    return msg_id
