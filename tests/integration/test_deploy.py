@@ -635,9 +635,14 @@ async def test_a_hospitals_consumer_survives_the_loss_of_a_node(
     cluster.procs[node].kill()
     cluster.procs[node].wait()
     survivors = [cluster.url(i) for i in range(len(NODES)) if i != node]
-    platform = await nats.connect(survivors, user=tenants.PLATFORM_USER, password=PLATFORM_PASSWORD)
+    platform = await nats.connect(
+        survivors, user=tenants.PLATFORM_USER, password=PLATFORM_PASSWORD, tls=cluster.tls
+    )
     nc = await nats.connect(
-        survivors, nkeys_seed=str(cluster.seeds["a"]), inbox_prefix=tenants.inbox_prefix("a")
+        survivors,
+        nkeys_seed=str(cluster.seeds["a"]),
+        inbox_prefix=tenants.inbox_prefix("a"),
+        tls=cluster.tls,
     )
     try:
         for _ in range(150):  # the survivors elect new leaders first
