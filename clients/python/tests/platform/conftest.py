@@ -11,24 +11,19 @@ import asyncio
 import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import nats
-import nkeys
 import pytest
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 REPO = Path(__file__).resolve().parents[4]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from shared.runtime import Platform, nats_server_binary, wait_for_port  # noqa: E402
+from shared.runtime import Platform  # noqa: E402
 
 pytestmark = pytest.mark.platform
 
@@ -40,114 +35,36 @@ class Onboarded:
     public_key: str
 
 
-# --- STAND-IN for `postctl hospital onboard` (issue 24, h-keys) ------------------------------
-# Until the platform issues hospital keys itself, this fixture does what CONTRACT.md 1.2
-# "Hospital connections" says onboarding does: an NKey user with exactly the hospital's
-# permissions, the anonymous loopback connection acting as the platform (`no_auth_user`), and
-# the durable consumer `hospital-<h>`. When h-keys lands, point `onboard` at
-# `postctl hospital onboard <h> --out FILE` and delete the rest of this block.
-
-
-def hospital_permissions(h: str) -> str:
-    publish = [
-        f"post.{h}.cmd.>",
-        f"$JS.API.CONSUMER.MSG.NEXT.POST.hospital-{h}",
-        f"$JS.API.CONSUMER.INFO.POST.hospital-{h}",
-        f"$JS.ACK.POST.hospital-{h}.>",
-    ]
-    subscribe = [f"post.{h}.evt.>", f"_INBOX_{h}.>"]
-    quoted = lambda xs: ", ".join(f'"{x}"' for x in xs)  # noqa: E731
-    return (
-        f"permissions: {{ publish: {{ allow: [{quoted(publish)}] }}, "
-        f"subscribe: {{ allow: [{quoted(subscribe)}] }} }}"
-    )
+# --- onboarding, as `postctl hospital onboard <h> --out FILE` does it -------------------------
 
 
 class HospitalKeys:
-    """Writes the hospitals' NKey users into the platform's nats-server config and reloads it."""
+    """Hospitals onboarded on the kit's platform through the platform's own code: the key in
+    the tenants file of the embedded nats-server (which reloads), the seed in a file, and the
+    durable consumer `hospital-<h>`."""
 
     def __init__(self, plat: Platform) -> None:
-        assert plat.nats is not None and plat.nats.proc is not None
         self.plat = plat
-        self.config = plat.nats.data_dir / "nats-server.conf"
-        self.base = self.config.read_text()
-        self.password = secrets.token_hex(16)
-        self.users: dict[str, str] = {}  # hospital -> public key
         self.keys_dir = plat.data_dir / "hospital-keys"
-        self.keys_dir.mkdir(exist_ok=True)
-        # nats-server cannot reload `no_auth_user`: restart it once with authorization on.
-        nats_server = plat.nats
-        nats_server.stop()
-        self.write(reload=False)
-        log = open(nats_server.data_dir / "nats-server.log", "ab")
-        nats_server.proc = subprocess.Popen(
-            [nats_server_binary(), "--config", str(self.config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        wait_for_port(nats_server.port, proc=nats_server.proc)
-
-    def write(self, reload: bool = True) -> None:
-        entries = [f'{{ user: "platform", password: "{self.password}" }}'] + [
-            f'{{ nkey: "{pub}", {hospital_permissions(h)} }}' for h, pub in self.users.items()
-        ]
-        self.config.write_text(
-            self.base
-            + "authorization { users: [\n  "
-            + ",\n  ".join(entries)
-            + "\n] }\nno_auth_user: platform\n"
-        )
-        if reload:
-            assert self.plat.nats is not None and self.plat.nats.proc is not None
-            self.plat.nats.proc.send_signal(signal.SIGHUP)
+        self.keys_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = asyncio.Lock()
 
     async def onboard(self, hospital: str) -> Onboarded:
-        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
-        public = nkeys.from_seed(seed).public_key.decode()
+        from postctl import tenants
+        from shared import hospitals
+
+        assert self.plat.nats is not None
         seed_file = self.keys_dir / f"{hospital}.nk"
-        seed_file.write_bytes(seed)
-        seed_file.chmod(0o600)
-        self.users[hospital] = public
-        self.write()
-        nc = await nats.connect(self.plat.nats_url)
+        async with self._lock:  # one rewrite of the tenants file at a time
+            public, _ = tenants.onboard_hospital(self.plat.nats.tenants_file, hospital, seed_file)
+            if not await asyncio.to_thread(tenants.reload_embedded, self.plat.nats.tenants_file):
+                raise RuntimeError("the embedded nats-server did not reload its tenants")
+        nc = await nats.connect(self.plat.nats_url)  # anonymous on loopback: the platform
         try:
-            await nc.jetstream().add_consumer(
-                "POST",
-                ConsumerConfig(
-                    durable_name=f"hospital-{hospital}",
-                    filter_subject=f"post.{hospital}.evt.>",
-                    deliver_policy=DeliverPolicy.ALL,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    ack_wait=30,
-                    max_deliver=-1,
-                ),
-            )
+            await hospitals.ensure_consumer(nc.jetstream(), hospital)
         finally:
             await nc.close()
-        await self._wait_key_works(hospital, seed_file)
         return Onboarded(hospital, seed_file, public)
-
-    async def _wait_key_works(self, hospital: str, seed_file: Path) -> None:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                nc = await nats.connect(
-                    self.plat.nats_url,
-                    nkeys_seed=str(seed_file),
-                    inbox_prefix=f"_INBOX_{hospital}",
-                    allow_reconnect=False,
-                    max_reconnect_attempts=0,
-                )
-                await nc.close()
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
-
-
-# --- end of the stand-in ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
