@@ -117,7 +117,9 @@ async def _sync_cost(messages: int) -> dict[str, float]:
     for _ in range(ROUNDS):
         for interval in rates:
             folder = Path(tempfile.mkdtemp(prefix="post-bench-sync-"))
-            server = NatsServer(folder, free_port(), free_port(), sync_interval=interval)
+            server = NatsServer(
+                folder, free_port(), free_port(), sync_interval=interval, tenants=False
+            )
             await asyncio.to_thread(server.start)
             try:
                 rates[interval].append(await _publish_rate(server.url, messages))

@@ -164,6 +164,9 @@ async def migrate(pool: asyncpg.Pool, schema: str, service_migrations: Path | No
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('migrate:post_platform'))")
             await conn.execute("CREATE SCHEMA IF NOT EXISTS post_platform")
+            # Services may run as roles of their own: each may use it (a warning, no error,
+            # when this role does not own it and another already granted this).
+            await conn.execute("GRANT USAGE, CREATE ON SCHEMA post_platform TO PUBLIC")
         # One migrator per schema at a time, even with several replicas starting together.
         await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"migrate:{schema}")
         try:

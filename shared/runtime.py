@@ -129,6 +129,9 @@ class NatsServer:
     port: int = 4222
     monitor_port: int = 8222
     sync_interval: str = "always"  # or a duration ("2m", NATS's default): make bench compares
+    # False: a bare JetStream server, every subject open (the bench's raw publish rates, the
+    # library tests); True: the platform's account and users, as in a deployment.
+    tenants: bool = True
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -146,21 +149,26 @@ class NatsServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "nats-server.log", "ab")
         config = self.data_dir / "nats-server.conf"
-        if not self.tenants_file.exists():
-            tenants._write_private(self.tenants_file, tenants.render_tenants_conf({}))
-        self._move_global_store()
+        if self.tenants:
+            if not self.tenants_file.exists():
+                tenants._write_private(self.tenants_file, tenants.render_tenants_conf({}))
+            self._move_global_store()
         # sync_interval always: an acknowledged message is on disk (Jepsen, NATS 2.12.1, 2025:
         # the default lazy fsync lost acknowledged writes in a coordinated crash).
         # The account POST and its users as in a deployment (deploy/nats/tenants.conf), and a
         # connection without credentials (only loopback listens) acts as the platform user.
+        accounts = (
+            f"no_auth_user: {tenants.PLATFORM_USER}\ninclude ./{self.tenants_file.name}\n"
+            if self.tenants
+            else ""
+        )
         config.write_text(
             f"listen: 127.0.0.1:{self.port}\n"
             f"http: 127.0.0.1:{self.monitor_port}\n"
             "server_name: post-embedded\n"
             f'pid_file: "{self.data_dir / tenants.PID_FILE}"\n'
             f'jetstream {{ store_dir: "{self.data_dir}", sync_interval: {self.sync_interval} }}\n'
-            f"no_auth_user: {tenants.PLATFORM_USER}\n"
-            f"include ./{self.tenants_file.name}\n"
+            + accounts
         )
         # The platform user's password: nobody needs it here (no_auth_user), so a new random
         # one each start; a deployment gives its own (deploy/nats/*.conf).

@@ -12,11 +12,19 @@ ALTER TABLE waiting ADD COLUMN IF NOT EXISTS failures integer NOT NULL DEFAULT 0
 -- connection, in the transaction that parks or releases the head: fenced like the rest.
 -- Every service runs this file: one at a time (the lock), the first one creates.
 SELECT pg_advisory_xact_lock(hashtext('migrate:post_platform'));
-CREATE TABLE IF NOT EXISTS post_platform.holds (
-    service   text        NOT NULL,
-    hospital  text        NOT NULL,
-    partition smallint    NOT NULL,
-    since     timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (service, hospital)
-);
-CREATE INDEX IF NOT EXISTS holds_by_partition ON post_platform.holds (partition);
+-- Created once, by whichever service comes first (its role owns it); every service's role may
+-- read and write it.
+DO $$
+BEGIN
+    IF to_regclass('post_platform.holds') IS NULL THEN
+        CREATE TABLE post_platform.holds (
+            service   text        NOT NULL,
+            hospital  text        NOT NULL,
+            partition smallint    NOT NULL,
+            since     timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (service, hospital)
+        );
+        CREATE INDEX holds_by_partition ON post_platform.holds (partition);
+        GRANT SELECT, INSERT, UPDATE, DELETE ON post_platform.holds TO PUBLIC;
+    END IF;
+END $$;

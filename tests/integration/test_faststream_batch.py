@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 
 import pytest
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, PullSub
 
-from shared.runtime import Platform
+from shared.runtime import NatsServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -30,11 +31,20 @@ COLLECT_SECONDS = 8.0
 
 
 async def test_faststreams_ordered_batch_holds_a_lone_message_until_its_timeout(
-    platform: Platform,
+    tmp_path: Path,
 ) -> None:
+    # A bare JetStream server: the platform's own lets its user publish only post.> subjects.
+    server = NatsServer(tmp_path / "nats", free_port(), free_port(), tenants=False).start()
+    try:
+        await _lone_message(server.url)
+    finally:
+        server.stop()
+
+
+async def _lone_message(url: str) -> None:
     tag = uuid.uuid4().hex[:8]
     stream = JStream(f"FSBATCH_{tag}", subjects=[f"fsbatch.{tag}.>"])
-    broker = NatsBroker(platform.nats_url)
+    broker = NatsBroker(url)
     handed: list[list[bytes]] = []
     arrived = asyncio.Event()
 
