@@ -172,7 +172,9 @@ class NatsServer:
         )
         # The platform user's password: nobody needs it here (no_auth_user), so a new random
         # one each start; a deployment gives its own (deploy/nats/*.conf).
-        env = {**os.environ, tenants.PLATFORM_PASSWORD_VARIABLE: secrets.token_urlsafe(24)}
+        # Letters and digits after a letter: nats-server parses a variable's value as config, so
+        # a value that looks like a number or a date (token_urlsafe may give "2024-...") breaks it.
+        env = {**os.environ, tenants.PLATFORM_PASSWORD_VARIABLE: "p" + secrets.token_hex(24)}
         self.proc = subprocess.Popen(
             [nats_server_binary(), "--config", str(config)],
             stdout=log,

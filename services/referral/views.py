@@ -30,7 +30,14 @@ from shared.contracts import (
     encode,
     make_cloudevent,
 )
-from shared.http import command_body, http_error, problem, read_command, service_of
+from shared.http import (
+    DISCARD_MAX_BYTES,
+    command_body,
+    http_error,
+    problem,
+    read_command,
+    service_of,
+)
 
 log = structlog.get_logger()
 router = APIRouter(tags=["referrals"])
@@ -187,14 +194,18 @@ async def _read_body(request: Request) -> bytes:
         413,
     )
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > fhir.MAX_BODY_BYTES:
+    if declared.isdigit() and int(declared) > DISCARD_MAX_BYTES:
         raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > fhir.MAX_BODY_BYTES:
-            raise too_large
-        chunks.append(chunk)
+        if size <= fhir.MAX_BODY_BYTES:
+            chunks.append(chunk)
+        elif size > DISCARD_MAX_BYTES:
+            break
+    if size > fhir.MAX_BODY_BYTES:
+        # Read to its end and dropped (shared/http.py): the client gets the 413, not a reset.
+        raise too_large
     return b"".join(chunks)
 
 
