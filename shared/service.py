@@ -281,6 +281,10 @@ class Service:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=15,
+            # Longer than the idle keep-alive of the callers that reuse connections (Caddy's
+            # upstream pool keeps them 2 minutes; httpx 5 s, uvicorn's own default): a server
+            # that closes first races the caller's next request into a reset.
+            timeout_keep_alive=150,
         )
 
     # -- partitions --------------------------------------------------------------------------

@@ -469,7 +469,9 @@ async def post_all(
         async with gate:
             return await web.post(url, content=case.body, headers=headers)
 
-    async with httpx.AsyncClient(timeout=120) as web:
+    # Idle connections are dropped well before the server's keep-alive ends (no reset race).
+    keepalive = httpx.Limits(keepalive_expiry=1.0)
+    async with httpx.AsyncClient(timeout=120, limits=keepalive) as web:
         return await asyncio.gather(*(one(web, c) for c in cases))
 
 
