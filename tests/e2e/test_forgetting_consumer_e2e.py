@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import date
 from pathlib import Path
 
 import nats
@@ -21,14 +20,9 @@ from shared import hospitals
 from shared.client import HospitalKeys, PlatformClient
 from shared.contracts import (
     STREAM_NAME,
-    ForgetPhysician,
-    LaunchDepartment,
-    Rank,
-    RegisterHospital,
-    RegisterSupporter,
 )
 from shared.runtime import Platform
-from tests.e2e.test_forgetting_e2e import DEPARTMENT, expect, forget_jobs_done, refer
+from tests.e2e.test_forgetting_e2e import referred_then_forgotten
 
 pytestmark = pytest.mark.e2e
 
@@ -42,28 +36,7 @@ async def test_a_forgotten_physician_never_reaches_a_hospital_that_was_away(
     platform = await PlatformClient.connect(stack.nats_url)  # the hospital's system is away
     try:
         await hospitals.ensure_consumer(platform.js, hospital)
-        await expect(
-            platform,
-            hospital,
-            RegisterHospital(name="Away", physician_count=9),
-            ("HospitalRegistered"),
-        )
-        launch = LaunchDepartment(
-            department=DEPARTMENT, physician_count=9, launched_on=date(2025, 1, 1)
-        )
-        await expect(platform, hospital, launch, "DepartmentLaunched")
-        train = RegisterSupporter(
-            supporter_id="s-1",
-            department=DEPARTMENT,
-            rank=Rank.senior,
-            interventional=True,
-            trained_on=date(2025, 1, 2),
-        )
-        await expect(platform, hospital, train, "SupporterTrained")
-        await refer(platform, hospital, "r-1", physician, date(2025, 2, 3))
-        forget = ForgetPhysician(physician_id=physician, requested_on=date(2025, 3, 1))
-        forgotten = await expect(platform, hospital, forget, "PhysicianForgotten")
-        await forget_jobs_done(stack, hospital)
+        forgotten = await referred_then_forgotten(platform, stack, hospital, physician, "Away")
     finally:
         await platform.close()
 

@@ -136,6 +136,33 @@ async def forget_jobs_done(stack: Platform, hospital: str, timeout: float = 60.0
     raise AssertionError("the forget job did not finish within the minute")
 
 
+async def referred_then_forgotten(
+    client: PlatformClient, stack: Platform, hospital: str, physician: str, name: str
+) -> Any:
+    """A hospital with a department and a supporter refers `physician` once, then forgets
+    them; returns the PhysicianForgotten once the forget job has finished."""
+    await expect(
+        client, hospital, RegisterHospital(name=name, physician_count=40), ("HospitalRegistered")
+    )
+    launch = LaunchDepartment(
+        department=DEPARTMENT, physician_count=40, launched_on=date(2025, 1, 1)
+    )
+    await expect(client, hospital, launch, "DepartmentLaunched")
+    train = RegisterSupporter(
+        supporter_id="s-1",
+        department=DEPARTMENT,
+        rank=Rank.senior,
+        interventional=True,
+        trained_on=date(2025, 1, 2),
+    )
+    await expect(client, hospital, train, "SupporterTrained")
+    await refer(client, hospital, "r-1", physician, date(2025, 2, 3))
+    forget = ForgetPhysician(physician_id=physician, requested_on=date(2025, 3, 1))
+    forgotten = await expect(client, hospital, forget, "PhysicianForgotten")
+    await forget_jobs_done(stack, hospital)
+    return forgotten
+
+
 async def leaks_of(client: PlatformClient, stack: Platform, needle: str) -> list[str]:
     raw = needle.encode()
     leaks = [

@@ -11,24 +11,16 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from datetime import date
 
 import nats
 import pytest
 
 from postctl import webhooks as webhook_cli
 from shared.client import PlatformClient
-from shared.contracts import (
-    ForgetPhysician,
-    LaunchDepartment,
-    Rank,
-    RegisterHospital,
-    RegisterSupporter,
-)
 from shared.runtime import Platform
 from shared.settings import Settings
 from shared.webhook_delivery import next_event
-from tests.e2e.test_forgetting_e2e import DEPARTMENT, expect, forget_jobs_done, refer
+from tests.e2e.test_forgetting_e2e import referred_then_forgotten
 from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e
@@ -56,28 +48,7 @@ async def test_a_webhook_gets_the_hospitals_events_in_order_and_never_a_forgotte
     assert new
     physician = f"phys-{uuid.uuid4().hex}"
     try:
-        await expect(
-            client,
-            hospital,
-            RegisterHospital(name="Hook", physician_count=40),
-            "HospitalRegistered",
-        )
-        launch = LaunchDepartment(
-            department=DEPARTMENT, physician_count=40, launched_on=date(2025, 1, 1)
-        )
-        await expect(client, hospital, launch, "DepartmentLaunched")
-        train = RegisterSupporter(
-            supporter_id="s-1",
-            department=DEPARTMENT,
-            rank=Rank.senior,
-            interventional=True,
-            trained_on=date(2025, 1, 2),
-        )
-        await expect(client, hospital, train, "SupporterTrained")
-        await refer(client, hospital, "r-1", physician, date(2025, 2, 3))
-        forget = ForgetPhysician(physician_id=physician, requested_on=date(2025, 3, 1))
-        forgotten = await expect(client, hospital, forget, "PhysicianForgotten")
-        await forget_jobs_done(stack, hospital)
+        forgotten = await referred_then_forgotten(client, stack, hospital, physician, "Hook")
         for _ in range(300):  # the endpoint has been tried (a referral instance just started
             if receiver.snapshot():  # may take its partitions' webhooks a moment later)
                 break
