@@ -7,6 +7,7 @@ unqualified names.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +22,26 @@ from shared.partitions import partition_of
 from shared.statistics import keep_no_statistics
 
 CORE_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class MigrationChangedError(RuntimeError):
+    """An applied migration's file is no longer what was applied: the service refuses to start
+    (its schema is not what the file now says, and running on would hide that)."""
+
+    def __init__(self, version: str, path: Path, recorded: str, found: str) -> None:
+        super().__init__(
+            f"migration {version} ({path}) was changed after it was applied: "
+            f"sha256 {recorded[:12]} applied, {found[:12]} in the file now. Put the file back "
+            "as it was and make the change in a new migration"
+        )
+        self.version = version
+        self.path = path
+
+
+def migration_checksum(path: Path) -> str:
+    """The sha256 of a migration's text, line endings as LF (a checkout that writes CRLF does
+    not change a migration)."""
+    return hashlib.sha256(path.read_bytes().replace(b"\r\n", b"\n")).hexdigest()
 
 
 class ConcurrencyError(Exception):
@@ -153,7 +174,10 @@ async def connect(
 
 async def migrate(pool: asyncpg.Pool, schema: str, service_migrations: Path | None) -> list[str]:
     """Apply versioned SQL files once each, in order: the core ones, then the service's; then
-    the rule that no column holding ids or text keeps planner statistics (shared/statistics)."""
+    the rule that no column holding ids or text keeps planner statistics (shared/statistics).
+
+    Each applied file's sha256 is kept in ``schema_migrations.checksum``; an applied file that
+    changed since raises `MigrationChangedError` naming it, before anything is applied."""
     files = [("core", f) for f in sorted(CORE_MIGRATIONS.glob("*.sql"))]
     if service_migrations is not None and service_migrations.exists():
         files += [(schema, f) for f in sorted(service_migrations.glob("*.sql"))]
@@ -172,17 +196,39 @@ async def migrate(pool: asyncpg.Pool, schema: str, service_migrations: Path | No
         try:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now(),"
+                " checksum text)"
             )
-            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-            for kind, path in files:
-                version = f"{kind}/{path.name}"
-                if version in done:
+            # A database from before checksums: the column, then the files as they are now
+            # stand for what was applied (there is no record of what was).
+            await conn.execute(
+                "ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text"
+            )
+            recorded = {
+                r["version"]: r["checksum"]
+                for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")
+            }
+            checked = [
+                (f"{kind}/{path.name}", path, migration_checksum(path)) for kind, path in files
+            ]
+            for version, path, checksum in checked:
+                if recorded.get(version, checksum) not in (None, checksum):
+                    raise MigrationChangedError(version, path, recorded[version], checksum)
+            for version, path, checksum in checked:
+                if version in recorded:
+                    if recorded[version] is None:
+                        await conn.execute(
+                            "UPDATE schema_migrations SET checksum = $2 WHERE version = $1",
+                            version,
+                            checksum,
+                        )
                     continue
                 async with conn.transaction():
                     await conn.execute(path.read_text())
                     await conn.execute(
-                        "INSERT INTO schema_migrations (version) VALUES ($1)", version
+                        "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
+                        version,
+                        checksum,
                     )
                 applied.append(version)
             # After every migration, so that no table (a new one included) keeps statistics

@@ -37,7 +37,7 @@ from shared.clock import Clock, ControlledClock, SystemClock
 from shared.consumer import Ownership
 from shared.contracts import STREAM_NAME, STREAM_SUBJECTS, Command, cmd_subject, evt_subject, new_id
 from shared.dispatch import Dispatcher, InjectedFaults
-from shared.eventstore import create_pool, migrate
+from shared.eventstore import MigrationChangedError, create_pool, migrate
 from shared.http import install_error_handlers
 from shared.observability import SERVICE_UP, configure_logging
 from shared.outbox import report_backlog
@@ -159,7 +159,11 @@ class Service:
     async def open_database(self) -> None:
         if self.pool is None:
             self.pool = await create_pool(self.settings.database_url, self.name)
-            await migrate(self.pool, self.name, self.migrations)
+            try:
+                await migrate(self.pool, self.name, self.migrations)
+            except MigrationChangedError as exc:
+                log.error("migration_changed", migration=exc.version, file=str(exc.path))
+                raise
 
     async def start(self) -> None:
         await self.open_database()
