@@ -22,8 +22,11 @@ Each subcommand lives in its own module, which registers it with `add_cli(subpar
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from postctl import analytics, certs, demo, load, region, simulate, status, tenants, up
+from shared.settings import UnknownSettingError, refuse_unknown_variables
 
 __all__ = ["main"]
 
@@ -38,7 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     for module in SUBCOMMANDS:
         module.add_cli(subparsers)
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        refuse_unknown_variables(os.environ)
+        args.func(args)
+    except UnknownSettingError as exc:
+        sys.exit(f"postctl: {exc}")
 
 
 if __name__ == "__main__":

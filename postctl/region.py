@@ -12,16 +12,16 @@ name again replaces it; `--revoke` refuses it. The services see either within a 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from shared import auth
+from shared.settings import Settings, env_name
 
 # The platform's own tools read with this variable's token when it is set (a deployment,
 # where they cannot write the services' tokens file), else with one they issue themselves.
-READER_TOKEN_VARIABLE = "POST_REGION_TOKEN"
+READER_TOKEN_VARIABLE = env_name("region_token")
 
 
 def reader_token(name: str, environ: dict[str, str] | None = None) -> str:
@@ -29,11 +29,15 @@ def reader_token(name: str, environ: dict[str, str] | None = None) -> str:
     with: $POST_REGION_TOKEN, else a token issued now under `name` in the tokens file the
     services read (the embedded default: the tools run beside them). Issuing replaces the
     earlier token of that name, so a tool's token lives as long as its next run."""
-    env = dict(os.environ) if environ is None else environ
-    given = env.get(READER_TOKEN_VARIABLE)
+    if environ is None:  # this process's settings
+        given = Settings().region_token.get_secret_value()
+        if given:
+            return given
+        return auth.issue_region_token(name, auth.tokens_file())
+    given = environ.get(READER_TOKEN_VARIABLE, "")
     if given:
         return given
-    return auth.issue_region_token(name, auth.tokens_file(env))
+    return auth.issue_region_token(name, auth.tokens_file(environ))
 
 
 def bearer(token: str) -> dict[str, str]:

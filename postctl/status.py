@@ -20,7 +20,7 @@ from shared.settings import Settings
 
 async def report(settings: Settings) -> dict[str, Any]:
     nc = await nats.connect(settings.nats_servers, tls=settings.nats_tls())
-    conn = await asyncpg.connect(settings.database_url)
+    conn = await asyncpg.connect(settings.database_url.get_secret_value())
     try:
         found = await ownership(conn, nc.jetstream(), SERVICES)
         found["webhooks"] = await webhooks.status(settings)

@@ -308,7 +308,9 @@ def _apply(conf: Path) -> str:
 
 def _ensure(hospital: str) -> str:
     settings = Settings()
-    created, why = _consumers(settings.nats_url, lambda js: delivery.ensure_consumer(js, hospital))
+    created, why = _consumers(
+        settings.nats_url.get_secret_value(), lambda js: delivery.ensure_consumer(js, hospital)
+    )
     name = delivery.consumer_name(hospital)
     if why is not None:
         return f"Consumer {name} not created now: {why}. `postctl hospital sync` creates it."
@@ -344,7 +346,8 @@ def cmd_offboard(args: argparse.Namespace) -> None:
     print(f"{'removed the key of' if found else 'no key for'} {args.hospital}")
     print(_apply(conf))
     deleted, why = _consumers(
-        Settings().nats_url, lambda js: delivery.delete_consumer(js, args.hospital)
+        Settings().nats_url.get_secret_value(),
+        lambda js: delivery.delete_consumer(js, args.hospital),
     )
     name = delivery.consumer_name(args.hospital)
     if why is not None:
@@ -359,7 +362,7 @@ def cmd_sync(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise SystemExit(f"postctl hospital sync: {exc}") from None
     created, why = _consumers(
-        Settings().nats_url, lambda js: delivery.sync_consumers(js, onboarded)
+        Settings().nats_url.get_secret_value(), lambda js: delivery.sync_consumers(js, onboarded)
     )
     if why is not None:
         raise SystemExit(f"postctl hospital sync: {why}")
@@ -410,7 +413,9 @@ async def _retention(hospital: str, days: int | None) -> dict[str, Any]:
     from shared.eventstore import create_pool, migrate
 
     settings = Settings()
-    pool = await create_pool(settings.database_url, "referral", min_size=1, max_size=1)
+    pool = await create_pool(
+        settings.database_url.get_secret_value(), "referral", min_size=1, max_size=1
+    )
     try:
         await migrate(pool, "referral", Path(services.referral.__file__).parent / "migrations")
         async with pool.acquire() as conn:

@@ -22,14 +22,14 @@ from shared.settings import SERVICE_PORTS, Settings
 
 def _platform(settings: Settings, instances: int = 1) -> Platform:
     ports = {name: settings.http_port(name) for name in SERVICE_PORTS}
-    nats_port = int(settings.nats_url.rsplit(":", 1)[-1])
+    nats_port = settings.nats_port
     return Platform(
         data_dir=settings.data_dir,
         nats_port=nats_port,
         nats_monitor_port=settings.nats_monitor_port,
         pg_port=settings.pg_port,
         service_ports=ports,
-        database_url=settings.database_url if settings.database_given else None,
+        database_url=settings.database_url.get_secret_value() if settings.database_given else None,
         instances=instances,
     )
 

@@ -33,7 +33,9 @@ async def register(settings: Settings, hospital: str, url: str) -> tuple[str, bo
         after = int(info.state.last_seq or 0)
     finally:
         await nc.close()
-    pool = await create_pool(settings.database_url, webhooks.SCHEMA, min_size=1, max_size=1)
+    pool = await create_pool(
+        settings.database_url.get_secret_value(), webhooks.SCHEMA, min_size=1, max_size=1
+    )
     try:
         await migrate(pool, webhooks.SCHEMA, Path(services.referral.__file__).parent / "migrations")
         async with pool.acquire() as conn:
@@ -46,7 +48,9 @@ async def unregister(settings: Settings, hospital: str) -> bool:
     import services.referral
     from shared.eventstore import create_pool, migrate
 
-    pool = await create_pool(settings.database_url, webhooks.SCHEMA, min_size=1, max_size=1)
+    pool = await create_pool(
+        settings.database_url.get_secret_value(), webhooks.SCHEMA, min_size=1, max_size=1
+    )
     try:
         await migrate(pool, webhooks.SCHEMA, Path(services.referral.__file__).parent / "migrations")
         async with pool.acquire() as conn:
@@ -69,7 +73,9 @@ def cmd_webhook(args: argparse.Namespace) -> None:
             f"{'removed the webhook of' if found else 'no webhook to remove for'} {args.hospital}"
         )
         return
-    embedded = webhooks.embedded_default(settings.nats_hosts, settings.database_url)
+    embedded = webhooks.embedded_default(
+        settings.nats_hosts, settings.database_url.get_secret_value()
+    )
     why = webhooks.check_url(args.url, embedded=embedded)
     if why is not None:
         raise SystemExit(f"postctl hospital webhook: --url: {why}")
@@ -107,7 +113,7 @@ async def status(settings: Settings) -> list[dict[str, Any]]:
     import asyncpg
 
     conn = await asyncpg.connect(
-        settings.database_url, server_settings={"search_path": webhooks.SCHEMA}
+        settings.database_url.get_secret_value(), server_settings={"search_path": webhooks.SCHEMA}
     )
     try:
         exists = await conn.fetchval("SELECT to_regclass('webhooks') IS NOT NULL")

@@ -79,6 +79,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.contracts import HOSPITAL_PATTERN, is_hospital_id
 from shared.http import HttpRejection, problem
+from shared.settings import Settings, env_name
 
 __all__ = [
     "AUTH_RESPONSES",
@@ -110,7 +111,7 @@ access_log = structlog.wrap_logger(
     None, wrapper_class=structlog.make_filtering_bound_logger(logging.INFO)
 )
 
-TOKENS_FILE_VARIABLE = "POST_API_TOKENS_FILE"
+TOKENS_FILE_VARIABLE = env_name("api_tokens_file")
 TOKENS_FILE_NAME = "api-tokens.json"
 FORMAT = "post-api-tokens/1"
 TOKEN_PREFIX = "post_"
@@ -145,11 +146,17 @@ class Holder:
 
 def tokens_file(environ: Mapping[str, str] | None = None) -> Path:
     """Where the tokens are: $POST_API_TOKENS_FILE, else $POST_DATA_DIR/api-tokens.json."""
-    env = os.environ if environ is None else environ
-    explicit = env.get(TOKENS_FILE_VARIABLE)
+    if environ is None:  # this process's settings
+        settings = Settings()
+        if settings.api_tokens_file:
+            return Path(settings.api_tokens_file)
+        return settings.data_dir / TOKENS_FILE_NAME
+    # another process's environment (a platform this one starts)
+    explicit = environ.get(TOKENS_FILE_VARIABLE)
     if explicit:
         return Path(explicit)
-    return Path(env.get("POST_DATA_DIR") or Path.cwd() / ".post-data") / TOKENS_FILE_NAME
+    data_dir = environ.get(env_name("data_dir"))
+    return Path(data_dir or Path.cwd() / ".post-data") / TOKENS_FILE_NAME
 
 
 def hash_token(token: str) -> str:

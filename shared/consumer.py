@@ -136,7 +136,7 @@ class PartitionWorker:
     async def run(self) -> None:
         lease_ms = str(int(self.settings.lease_seconds * 1000))
         conn = await connect(
-            self.settings.database_url,
+            self.settings.database_url.get_secret_value(),
             self.service,
             application_name=f"{self.service}:{self.instance}",
             # The lease: a frozen holder's session ends, and its lock with it.

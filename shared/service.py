@@ -42,7 +42,7 @@ from shared.http import install_error_handlers
 from shared.observability import SERVICE_UP, configure_logging
 from shared.outbox import report_backlog
 from shared.partitions import ensure_work_stream, partition_of
-from shared.settings import Settings
+from shared.settings import Settings, UnknownSettingError
 from shared.unit_of_work import Handler, UnitOfWork
 
 log = structlog.get_logger()
@@ -124,7 +124,10 @@ class Service:
         self._own_process = False  # run by main(): the process is this service alone
         self.migrations = migrations
         self.background = list(background)
-        self.settings = settings or Settings()
+        try:
+            self.settings = settings or Settings()
+        except UnknownSettingError as exc:  # refused at start, by name
+            raise SystemExit(f"{name}: {exc}") from None
         self.clock: Clock = clock or (
             ControlledClock() if self.settings.test_clock else SystemClock()
         )
@@ -158,7 +161,7 @@ class Service:
 
     async def open_database(self) -> None:
         if self.pool is None:
-            self.pool = await create_pool(self.settings.database_url, self.name)
+            self.pool = await create_pool(self.settings.database_url.get_secret_value(), self.name)
             try:
                 await migrate(self.pool, self.name, self.migrations)
             except MigrationChangedError as exc:

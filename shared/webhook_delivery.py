@@ -167,7 +167,7 @@ class WebhookPartition:
     async def run(self) -> None:
         lease_ms = str(int(self.settings.lease_seconds * 1000))
         conn = await connect(
-            self.settings.database_url,
+            self.settings.database_url.get_secret_value(),
             self.schema,
             application_name=f"webhooks:{self.instance}",
             idle_session_timeout=lease_ms,

@@ -418,10 +418,12 @@ def cmd_load(args: argparse.Namespace) -> None:
         rate=args.rate, duration=args.duration, hospitals=args.hospitals, seed=args.seed
     )
     if analytics == "none":
-        report = asyncio.run(run_load(settings.nats_url, config))
+        report = asyncio.run(run_load(settings.nats_url.get_secret_value(), config))
     else:
         # $POST_REGION_TOKEN, else one issued beside the services (postctl/region.py).
         token = region.reader_token("postctl-load")
-        report = asyncio.run(run_load(settings.nats_url, config, analytics, token))
+        report = asyncio.run(
+            run_load(settings.nats_url.get_secret_value(), config, analytics, token)
+        )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format(), flush=True)
     sys.exit(0 if report.ok else 1)

@@ -314,7 +314,7 @@ def add_cli(subparsers: Any) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
-    url = Settings().nats_url
+    url = Settings().nats_url.get_secret_value()
     if args.scenario == "post-2023":
         summary = asyncio.run(run_post_2023(url))
     elif args.straight:

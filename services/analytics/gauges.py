@@ -11,7 +11,6 @@ registered at import: ``export`` registers it when the service starts.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from services.analytics.facts import (
     snapshot,
 )
 from shared.contracts import Event
+from shared.settings import Settings, env_name
 
 if TYPE_CHECKING:
     from shared.service import Service
@@ -222,8 +222,8 @@ class GaugeState:
 # Hospitals whose facts are loaded together: a few thousand rows each, so memory stays bounded
 # by this many hospitals' facts, never the region's.
 CHUNK = 25
-DEPARTMENT_GAUGES_ENV = "POST_ANALYTICS_DEPARTMENT_GAUGES"
-DEPARTMENT_GAUGES_MAX_ENV = "POST_ANALYTICS_DEPARTMENT_GAUGES_MAX"
+DEPARTMENT_GAUGES_ENV = env_name("analytics_department_gauges")
+DEPARTMENT_GAUGES_MAX_ENV = env_name("analytics_department_gauges_max")
 DEPARTMENT_GAUGES_MAX = 500
 LAUNCHED_SQL = (
     "SELECT hospital, count(*) FROM departments WHERE launched_on IS NOT NULL"
@@ -251,9 +251,8 @@ def department_gauges(
 
 
 def _department_setting() -> tuple[str, int]:
-    chosen = os.environ.get(DEPARTMENT_GAUGES_ENV, "*")
-    most = int(os.environ.get(DEPARTMENT_GAUGES_MAX_ENV, DEPARTMENT_GAUGES_MAX))
-    return chosen, most
+    settings = Settings()
+    return settings.analytics_department_gauges, settings.analytics_department_gauges_max
 
 
 async def refresh_gauges_once(

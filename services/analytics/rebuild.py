@@ -137,7 +137,9 @@ async def rebuild(
     settings = settings or Settings()
     started = time.perf_counter()
     shadow = f"{schema}{SHADOW_SUFFIX}"
-    live = await create_pool(settings.database_url, schema, min_size=1, max_size=1)
+    live = await create_pool(
+        settings.database_url.get_secret_value(), schema, min_size=1, max_size=1
+    )
     nc = await nats.connect(
         settings.nats_servers, name="post-analytics-rebuild", tls=settings.nats_tls()
     )
@@ -191,7 +193,9 @@ async def _build(
     the rebuild's lock); returns the last sequence read."""
     await _drop_schema(conn, shadow)  # a killed rebuild's
     try:
-        pool = await create_pool(settings.database_url, shadow, min_size=1, max_size=2)
+        pool = await create_pool(
+            settings.database_url.get_secret_value(), shadow, min_size=1, max_size=2
+        )
         try:
             await migrate(pool, shadow, MIGRATIONS)
             done = 0
