@@ -128,3 +128,27 @@ def test_the_readme_table_is_the_settings() -> None:
     assert table == variables_table(), "README.md's table is stale: python -m shared.settings"
     for name in Settings.model_fields:
         assert f"| `{env_name(name)}` |" in table
+
+
+def test_the_deployments_set_only_declared_variables() -> None:
+    """compose and Kubernetes give the services only variables the platform knows (else every
+    instance would refuse to start)."""
+    import yaml
+
+    known = known_variables()
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    given: set[str] = set()
+    for service in compose["services"].values():
+        env = service.get("environment") or {}
+        given |= set(env if isinstance(env, dict) else (e.split("=", 1)[0] for e in env))
+    for path in (ROOT / "deploy" / "k8s").rglob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "ConfigMap":
+                given |= set(doc.get("data", {}))
+            for name in re.findall(r"- name: (POST_[A-Z_]+)", yaml.safe_dump(doc)):
+                given.add(name)
+    example = (ROOT / "deploy" / "env.example").read_text()
+    given |= set(re.findall(r"^(POST_[A-Z_]+)=", example, re.M))
+    posts = {g for g in given if g.startswith("POST_")}
+    assert "POST_NATS_URL" in posts and "POST_STREAM_REPLICAS" in posts  # the scan found them
+    assert posts <= known, posts - known
