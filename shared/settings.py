@@ -25,6 +25,20 @@ SERVICE_PORTS = {"referral": 8001, "matching": 8002, "records": 8003, "analytics
 PREFIX = "POST_"
 
 
+# The hospital kit's examples (clients/python/examples) read these in a hospital's shell, which
+# may be the shell that runs `make demo`: not the platform's, and not refused.
+HOSPITAL_KIT_VARIABLES = frozenset(
+    {
+        "POST_HOSPITAL",
+        "POST_NKEY_SEED",
+        "POST_API_TOKEN",
+        "POST_REFERRAL_URL",
+        "POST_WEBHOOK_SECRET",
+        "POST_WEBHOOK_SEEN_DB",
+    }
+)
+
+
 class UnknownSettingError(ValueError):
     """A POST_* variable in the environment that the platform does not know."""
 
@@ -209,7 +223,10 @@ def known_variables() -> set[str]:
 def refuse_unknown_variables(environ: Mapping[str, str]) -> None:
     """An unknown POST_* variable is refused by name (with the nearest known one)."""
     known = known_variables()
-    unknown = sorted(k for k in environ if k.upper().startswith(PREFIX) and k.upper() not in known)
+    allowed = known | HOSPITAL_KIT_VARIABLES
+    unknown = sorted(
+        k for k in environ if k.upper().startswith(PREFIX) and k.upper() not in allowed
+    )
     if unknown:
         hints = []
         for name in unknown:

@@ -14,6 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 from shared.settings import (
+    HOSPITAL_KIT_VARIABLES,
     Settings,
     UnknownSettingError,
     env_name,
@@ -62,6 +63,18 @@ def test_an_unknown_post_variable_is_refused_by_name(monkeypatch: pytest.MonkeyP
         Settings()
     assert "did you mean POST_NATS_URL?" in str(refused.value)
     assert "elsewhere" not in str(refused.value)  # the name, never the value
+    # a hospital kit example's variable in the same shell is no typo of the platform's
+    monkeypatch.delenv("POST_NATS_ULR")
+    monkeypatch.setenv("POST_HOSPITAL", "st-marys")
+    monkeypatch.setenv("POST_NKEY_SEED", "st-marys.nk")
+    Settings()  # not refused
+
+
+def test_the_hospital_kit_variables_are_the_examples_own() -> None:
+    read = set()
+    for path in (ROOT / "clients" / "python" / "examples").glob("*.py"):
+        read |= set(re.findall(r"\"(POST_[A-Z_]+)\"", path.read_text()))
+    assert read - known_variables() == HOSPITAL_KIT_VARIABLES
 
 
 def test_a_service_and_postctl_refuse_an_unknown_variable_at_start(tmp_path: Path) -> None:
@@ -112,6 +125,8 @@ def test_every_variable_is_declared_and_no_module_reads_the_environment_itself()
             names = {n for n in _post_names_read(path) if not n.startswith(tuple(not_variables))}
             # a POST_* constant of the study's figures (postctl/simulate) is no variable
             names = {n for n in names if "/simulate/" not in str(path)}
+            if path.name == "settings.py":
+                names -= HOSPITAL_KIT_VARIABLES  # declared there as not the platform's
             assert names <= known | {"POST_SERVICE_PORT"}, (path, names - known)
     # tests and the bench read theirs from the environment: declared too, or they are refused
     for path in [*(ROOT / "tests").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]:
