@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import auth
-from shared.settings import Settings, env_name
+from shared.settings import current, env_name
 
 # The platform's own tools read with this variable's token when it is set (a deployment,
 # where they cannot write the services' tokens file), else with one they issue themselves.
@@ -30,7 +30,7 @@ def reader_token(name: str, environ: dict[str, str] | None = None) -> str:
     services read (the embedded default: the tools run beside them). Issuing replaces the
     earlier token of that name, so a tool's token lives as long as its next run."""
     if environ is None:  # this process's settings
-        given = Settings().region_token.get_secret_value()
+        given = current().region_token.get_secret_value()
         if given:
             return given
         return auth.issue_region_token(name, auth.tokens_file())

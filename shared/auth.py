@@ -79,7 +79,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.contracts import HOSPITAL_PATTERN, is_hospital_id
 from shared.http import HttpRejection, problem
-from shared.settings import Settings, env_name
+from shared.settings import env_name, raw
 
 __all__ = [
     "AUTH_RESPONSES",
@@ -146,16 +146,12 @@ class Holder:
 
 def tokens_file(environ: Mapping[str, str] | None = None) -> Path:
     """Where the tokens are: $POST_API_TOKENS_FILE, else $POST_DATA_DIR/api-tokens.json."""
-    if environ is None:  # this process's settings
-        settings = Settings()
-        if settings.api_tokens_file:
-            return Path(settings.api_tokens_file)
-        return settings.data_dir / TOKENS_FILE_NAME
-    # another process's environment (a platform this one starts)
-    explicit = environ.get(TOKENS_FILE_VARIABLE)
+    if environ is None:  # this process's (asked on every request: the text, unparsed, ~1 us)
+        explicit, data_dir = raw("api_tokens_file"), raw("data_dir")
+    else:  # another process's environment (a platform this one starts)
+        explicit, data_dir = environ.get(TOKENS_FILE_VARIABLE), environ.get(env_name("data_dir"))
     if explicit:
         return Path(explicit)
-    data_dir = environ.get(env_name("data_dir"))
     return Path(data_dir or Path.cwd() / ".post-data") / TOKENS_FILE_NAME
 
 

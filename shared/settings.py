@@ -210,14 +210,39 @@ class Settings(BaseSettings):
         return port if isinstance(port, int) else SERVICE_PORTS.get(service, 0)
 
 
+_current: tuple[tuple[tuple[str, str], ...], Settings] | None = None
+
+
+def current() -> Settings:
+    """This process's settings as the environment is now: read again only when a POST_*
+    variable changed (reading costs ~2 ms; looking at the environment ~20 us), for the code
+    that asks on each request (the tokens file) or that tests change under a running app."""
+    global _current
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k[:5].upper() == PREFIX))
+    cached = _current
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    settings = Settings()
+    _current = (key, settings)
+    return settings
+
+
+def raw(field: str) -> str | None:
+    """The text of a declared variable, unparsed (~1 us): for a path that asks on every
+    request (the tokens file), where reading all settings would cost more than the answer."""
+    return os.environ.get(env_name(field)) or None
+
+
+_ENV_NAMES = {f: PREFIX + f.upper() for f in Settings.model_fields}
+
+
 def env_name(field: str) -> str:
-    """The variable of a field of `Settings`."""
-    assert field in Settings.model_fields, field
-    return PREFIX + field.upper()
+    """The variable of a field of `Settings` (a KeyError for a field it does not have)."""
+    return _ENV_NAMES[field]
 
 
 def known_variables() -> set[str]:
-    return {env_name(f) for f in Settings.model_fields}
+    return set(_ENV_NAMES.values())
 
 
 def refuse_unknown_variables(environ: Mapping[str, str]) -> None:
@@ -256,7 +281,7 @@ def nats_tls(ca_file: str | os.PathLike[str] | None = None) -> ssl.SSLContext | 
     $POST_NATS_CA_FILE) and name the host of the URL; only that CA is trusted. None without a
     CA file: nats-py then uses the system's trust store for a server that requires TLS, and
     plaintext for the embedded default."""
-    path = os.fspath(ca_file) if ca_file is not None else Settings().nats_ca_file
+    path = os.fspath(ca_file) if ca_file is not None else current().nats_ca_file
     if not path:
         return None
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=path)

@@ -25,7 +25,7 @@ import asyncpg
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from shared.partitions import partition_of
-from shared.settings import Settings, env_name
+from shared.settings import current, env_name
 
 SCHEMA = "referral"  # the service that delivers them (services/referral/app.py)
 SECRET_PREFIX = "whsec_"
@@ -129,7 +129,7 @@ def sealing_key(data_dir: Path) -> bytes:
     """The key that seals the signing secrets in the database: `POST_WEBHOOK_KEY` (base64 of 32
     bytes), else a file of the data dir, made (mode 0600) when first needed. A copy of the
     database alone does not reveal a secret."""
-    value = Settings().webhook_key.get_secret_value()
+    value = current().webhook_key.get_secret_value()
     if value:
         key = _decode_key(value)
     else:

@@ -32,7 +32,7 @@ from services.analytics.facts import (
     snapshot,
 )
 from shared.contracts import Event
-from shared.settings import Settings, env_name
+from shared.settings import current, env_name
 
 if TYPE_CHECKING:
     from shared.service import Service
@@ -251,7 +251,7 @@ def department_gauges(
 
 
 def _department_setting() -> tuple[str, int]:
-    settings = Settings()
+    settings = current()
     return settings.analytics_department_gauges, settings.analytics_department_gauges_max
 
 
