@@ -15,6 +15,9 @@ postctl hospital webhook H --url URL | --off
                                  a hospital's webhook endpoint (prints its signing secret once)
 postctl region token --name N    issue (or --revoke) a region token: reads every hospital over HTTP
 postctl certs --out DIR          a private CA and the server certificates of a trial deployment
+postctl backup --out DIR         PostgreSQL and the POST stream, consistent, with a manifest
+postctl restore DIR [--only postgres|stream]
+                                 a backup onto empty servers (the services stopped)
 
 Each subcommand lives in its own module, which registers it with `add_cli(subparsers)`.
 """
@@ -23,11 +26,11 @@ from __future__ import annotations
 
 import argparse
 
-from postctl import analytics, certs, demo, load, region, simulate, status, tenants, up
+from postctl import analytics, backup, certs, demo, load, region, simulate, status, tenants, up
 
 __all__ = ["main"]
 
-SUBCOMMANDS = (up, status, demo, simulate, load, analytics, tenants, region, certs)
+SUBCOMMANDS = (up, status, demo, simulate, load, analytics, tenants, region, certs, backup)
 
 
 def main(argv: list[str] | None = None) -> None:
