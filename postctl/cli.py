@@ -16,6 +16,7 @@ postctl hospital webhook H --url URL | --off
 postctl region token --name N    issue (or --revoke) a region token: reads every hospital over HTTP
 postctl certs --out DIR          a private CA and the server certificates of a trial deployment
 postctl backup --out DIR         PostgreSQL and the POST stream, consistent, with a manifest
+postctl forget-jobs [--wait]     forgets whose stream messages are not all erased yet
 postctl restore DIR [--only postgres|stream]
                                  a backup onto empty servers (the services stopped)
 
@@ -26,11 +27,35 @@ from __future__ import annotations
 
 import argparse
 
-from postctl import analytics, backup, certs, demo, load, region, simulate, status, tenants, up
+from postctl import (
+    analytics,
+    backup,
+    certs,
+    demo,
+    forgetting,
+    load,
+    region,
+    simulate,
+    status,
+    tenants,
+    up,
+)
 
 __all__ = ["main"]
 
-SUBCOMMANDS = (up, status, demo, simulate, load, analytics, tenants, region, certs, backup)
+SUBCOMMANDS = (
+    up,
+    status,
+    demo,
+    simulate,
+    load,
+    analytics,
+    tenants,
+    region,
+    certs,
+    backup,
+    forgetting,
+)
 
 
 def main(argv: list[str] | None = None) -> None:

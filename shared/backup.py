@@ -313,6 +313,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def database_url(settings: Settings) -> str:
+    """The platform's database: POST_DATABASE_URL, or the embedded default's PostgreSQL on
+    POST_PG_PORT."""
+    if settings.database_given:
+        return settings.database_url
+    return f"postgresql://postgres@127.0.0.1:{settings.pg_port}/post"
+
+
 def _embedded_files(settings: Settings) -> dict[str, Path]:
     """The embedded default's files beside the data: the tenants file (hospitals' public keys)
     and the API tokens file (hashes)."""
@@ -356,6 +364,15 @@ async def backup(settings: Settings, out: Path, progress: Progress = _quiet) -> 
     if out.exists() and any(out.iterdir()):
         raise BackupError(f"{out} is not empty: give a new directory")
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return await _backup(settings, out, progress)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # half a backup must not pass for one
+        raise
+
+
+async def _backup(settings: Settings, out: Path, progress: Progress) -> Backup:
+    db_url = database_url(settings)
     started = datetime.now(UTC)
     nc = await nats.connect(settings.nats_servers, tls=settings.nats_tls())
     try:
@@ -364,11 +381,11 @@ async def backup(settings: Settings, out: Path, progress: Progress = _quiet) -> 
         replay_from = await replay_position(js)
         subjects = await work_subjects(js)
         progress("postgres", 0, None)
-        await asyncio.to_thread(dump_postgres, settings.database_url, out / PG_DUMP)
+        await asyncio.to_thread(dump_postgres, db_url, out / PG_DUMP)
         progress("postgres", 1, 1)
         stream = await snapshot_stream(nc, out / STREAM_SNAPSHOT, progress=progress)
         nats_version = nc.connected_server_version
-        conn = await asyncpg.connect(settings.database_url)
+        conn = await asyncpg.connect(db_url)
         try:
             pg_version = await conn.fetchval("SHOW server_version")
         finally:
@@ -429,6 +446,7 @@ async def restore(
     found.verify()
     manifest = found.manifest
     done: dict[str, Any] = {"replay_from": manifest["replay_from"]}
+    db_url = database_url(settings)
     nc = await nats.connect(settings.nats_servers, tls=settings.nats_tls())
     try:
         js = nc.jetstream()
@@ -442,7 +460,7 @@ async def restore(
                 )
             except NotFoundError:
                 pass
-        if postgres and not await postgres_is_empty(settings.database_url):
+        if postgres and not await postgres_is_empty(db_url):
             raise BackupError(
                 "the database already holds the platform's schemas: restore onto an empty one"
                 " (a new PostgreSQL, or the stream alone: --only stream)"
@@ -455,7 +473,7 @@ async def restore(
             done["stream_last_seq"] = (restored.get("state") or {}).get("last_seq")
         if postgres:
             progress("postgres", 0, None)
-            await asyncio.to_thread(restore_postgres, settings.database_url, source / PG_DUMP)
+            await asyncio.to_thread(restore_postgres, db_url, source / PG_DUMP)
             progress("postgres", 1, 1)
             done["postgres"] = "restored"
         if not settings.database_given:

@@ -47,7 +47,7 @@ pytestmark = pytest.mark.fault
 def _settings(platform: Platform) -> Settings:
     return Settings(
         nats_url=platform.nats_url,
-        database_url=platform.db_url,
+        pg_port=platform.pg_port,
         data_dir=platform.data_dir,
         database_given=False,
     )
