@@ -10,11 +10,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from postctl.progress import Progress, Task, console, error
 from shared.backup import BackupError, backup, restore
 from shared.settings import Settings
 
-PHASES = {"position": "positions", "postgres": "PostgreSQL", "stream": "stream POST"}
+PHASES = {"postgres": "PostgreSQL", "stream": "stream POST"}
+
+
+def _logs_to_stderr() -> None:
+    """The library's log lines beside the progress, on standard error: standard output is the
+    result (`--json`)."""
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 
 
 def _reporter(progress: Progress) -> Any:
@@ -23,8 +31,7 @@ def _reporter(progress: Progress) -> Any:
     def report(what: str, done: int, total: int | None) -> None:
         task = tasks.get(what)
         if task is None:
-            unit = "B" if what == "stream" else ""
-            task = tasks[what] = progress.task(PHASES.get(what, what), total, unit)
+            task = tasks[what] = progress.task(PHASES.get(what, what), total, "B")
         task.update(done, total)
         if total is not None and done >= total:
             task.finish()
@@ -54,6 +61,7 @@ def add_cli(subparsers: Any) -> None:
 
 
 def cmd_backup(args: argparse.Namespace) -> None:
+    _logs_to_stderr()
     try:
         with Progress() as progress:
             made = asyncio.run(backup(Settings(), args.out, _reporter(progress)))
@@ -76,6 +84,7 @@ def cmd_backup(args: argparse.Namespace) -> None:
 
 def cmd_restore(args: argparse.Namespace) -> None:
     only = args.only
+    _logs_to_stderr()
     try:
         with Progress() as progress:
             done = asyncio.run(

@@ -61,7 +61,7 @@ STREAM_SNAPSHOT = f"{STREAM_NAME}.snapshot"
 FILES = "files"
 CHUNK_BYTES = 128 * 1024
 
-# Progress callbacks: (what, done, total or None), e.g. ("stream", bytes sent, bytes in all).
+# Progress callbacks: (what, bytes done, bytes in all or None); what is "postgres" or "stream".
 Progress = Callable[[str, int, int | None], None]
 
 
@@ -377,14 +377,15 @@ async def _backup(settings: Settings, out: Path, progress: Progress) -> Backup:
     nc = await nats.connect(settings.nats_servers, tls=settings.nats_tls())
     try:
         js = nc.jetstream()
-        progress("position", 0, None)
         replay_from = await replay_position(js)
         subjects = await work_subjects(js)
         progress("postgres", 0, None)
         await asyncio.to_thread(dump_postgres, db_url, out / PG_DUMP)
-        progress("postgres", 1, 1)
+        size = (out / PG_DUMP).stat().st_size
+        progress("postgres", size, size)
         stream = await snapshot_stream(nc, out / STREAM_SNAPSHOT, progress=progress)
-        nats_version = nc.connected_server_version
+        version = nc.connected_server_version
+        nats_version = f"{version.major}.{version.minor}.{version.patch}"
         conn = await asyncpg.connect(db_url)
         try:
             pg_version = await conn.fetchval("SHOW server_version")
@@ -474,7 +475,8 @@ async def restore(
         if postgres:
             progress("postgres", 0, None)
             await asyncio.to_thread(restore_postgres, db_url, source / PG_DUMP)
-            progress("postgres", 1, 1)
+            size = (source / PG_DUMP).stat().st_size
+            progress("postgres", size, size)
             done["postgres"] = "restored"
         if not settings.database_given:
             for name in manifest["files"]:
