@@ -19,29 +19,74 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
 
 from postctl.load import LoadRun
-from shared.backup import Backup, backup, restore
+from shared.backup import Backup, BackupError, backup, restore
 from shared.client import PlatformClient
-from shared.contracts import ForgetPhysician
+from shared.contracts import (
+    STREAM_NAME,
+    ForgetPhysician,
+    LaunchDepartment,
+    Rank,
+    RegisterHospital,
+    RegisterSupporter,
+    RequestReferral,
+)
 from shared.runtime import Platform
 from shared.settings import Settings
 from tests.fault.conftest import MakePlatform
 from tests.fault.test_faults import FAULT_AT, _assert_nothing_lost, _config, _figures
 from tests.fault.test_forgetting_faults import (
+    DEPARTMENT,
     HOSPITAL,
     _answers,
     _answers_once,
-    _history,
     _naming,
 )
 from tests.scan import forget_jobs_left, rows_containing
 
 pytestmark = pytest.mark.fault
+
+
+REFERRALS = 3
+
+
+async def _history(client: PlatformClient, physician: str) -> None:
+    """The forgetting hospital: its roster, and REFERRALS referrals of `physician`, assigned."""
+    roster = [
+        RegisterHospital(name="Forget", physician_count=40),
+        LaunchDepartment(department=DEPARTMENT, physician_count=40, launched_on=date(2024, 1, 1)),
+        RegisterSupporter(
+            supporter_id="s0",
+            department=DEPARTMENT,
+            rank=Rank.senior,
+            interventional=True,
+            trained_on=date(2024, 1, 2),
+        ),
+    ]
+    for command in roster:
+        assert (await client.send_and_wait(HOSPITAL, command, timeout=60))["type"] != (
+            "CommandRejected"
+        )
+    for n in range(REFERRALS):
+        request = RequestReferral(
+            referral_id=f"r{n}",
+            physician_id=physician,
+            department=DEPARTMENT,
+            rank=Rank.resident,
+            source="self",
+            event_nature="other",
+            requested_at=datetime(2024, 2, 1 + n, 9, tzinfo=UTC),
+        )
+        answer = await client.send_and_wait(HOSPITAL, request, timeout=60)
+        assert answer["type"] == "ReferralCreated", answer["data"]
+        await client.wait_for(
+            HOSPITAL, "SupporterAssigned", lambda e, n=n: e["data"]["referral_id"] == f"r{n}", 60
+        )
 
 
 def _settings(platform: Platform) -> Settings:
@@ -119,6 +164,12 @@ async def test_all_of_postgresql_lost_is_restored_from_the_backup_and_the_stream
         assert await _answers(platform) == before  # the forgetting hospital's figures
         await _until(lambda: _none_left(platform, client, physician), "the forget held again")
         assert len(_answers_once(client)) == 1
+
+        # Never over live data: a database with the platform's schemas, a NATS with POST.
+        with pytest.raises(BackupError, match="already holds the platform's schemas"):
+            await restore(settings, made.path, stream=False)
+        with pytest.raises(BackupError, match=f"the stream {STREAM_NAME} exists"):
+            await restore(settings, made.path, postgres=False)
     finally:
         await client.close()
 
