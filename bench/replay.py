@@ -32,6 +32,8 @@ from bench.common import (
     rss_kib,
 )
 from postctl import region as region_tokens
+from postctl.analytics import rebuild_with_progress
+from postctl.progress import Progress
 from postctl.simulate import straight as region
 from services.analytics import handlers as analytics_handlers
 from services.analytics.rebuild import rebuild
@@ -372,17 +374,20 @@ async def run_national(platform: Platform, scale: float = 1.0) -> Section:
     platform.nats.sync_interval = "2m"
     platform.nats.start()
     fig["region"]["nats_sync_interval"] = "2m"
-    fig["region"]["publish"] = await region.publish_region(
-        platform.nats_url, region.national(hospitals, NATIONAL_YEARS)
-    )
+    with Progress() as progress:  # the build takes minutes: its count and rate as it goes
+        fig["region"]["publish"] = await region.publish_region(
+            platform.nats_url,
+            region.national(hospitals, NATIONAL_YEARS),
+            on_window=progress.task("national region: events published").update,
+        )
     events = int(fig["region"]["publish"]["events"])
     fig["region"]["events"] = events
 
     count, seconds = await bare_read(platform.nats_url, ack=False)
     fig["bare_read"] = {"messages": count, "per_second": rate(count, seconds)}
     settings = Settings(nats_url=platform.nats_url, database_url=platform.db_url)
-    with _SlowConsumerCount():
-        summary = await rebuild(settings)
+    with _SlowConsumerCount(), Progress() as progress:
+        summary = await rebuild_with_progress(settings, progress)
     fig["rebuild"] = summary
     fig["ratio_rebuild_vs_bare"] = summary["events_per_second"] / fig["bare_read"]["per_second"]
     fig["rebuild_complete"] = summary["messages"] >= events

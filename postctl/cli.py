@@ -15,6 +15,10 @@ postctl hospital webhook H --url URL | --off
                                  a hospital's webhook endpoint (prints its signing secret once)
 postctl region token --name N    issue (or --revoke) a region token: reads every hospital over HTTP
 postctl certs --out DIR          a private CA and the server certificates of a trial deployment
+postctl backup --out DIR         PostgreSQL and the POST stream, consistent, with a manifest
+postctl forget-jobs [--wait]     forgets whose stream messages are not all erased yet
+postctl restore DIR [--only postgres|stream]
+                                 a backup onto empty servers (the services stopped)
 
 Each subcommand lives in its own module, which registers it with `add_cli(subparsers)`.
 """
@@ -25,12 +29,36 @@ import argparse
 import os
 import sys
 
-from postctl import analytics, certs, demo, load, region, simulate, status, tenants, up
+from postctl import (
+    analytics,
+    backup,
+    certs,
+    demo,
+    forgetting,
+    load,
+    region,
+    simulate,
+    status,
+    tenants,
+    up,
+)
 from shared.settings import UnknownSettingError, refuse_unknown_variables
 
 __all__ = ["main"]
 
-SUBCOMMANDS = (up, status, demo, simulate, load, analytics, tenants, region, certs)
+SUBCOMMANDS = (
+    up,
+    status,
+    demo,
+    simulate,
+    load,
+    analytics,
+    tenants,
+    region,
+    certs,
+    backup,
+    forgetting,
+)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -119,10 +119,29 @@ def add_cli(subparsers: Any) -> None:
     """Registers `postctl up`."""
     up = subparsers.add_parser("up", help="run the platform on the embedded default")
     up.add_argument("--instances", type=int, default=1, help="instances of each service")
+    up.add_argument(
+        "--servers-only",
+        action="store_true",
+        help="nats-server and PostgreSQL without the services (for postctl restore)",
+    )
     up.set_defaults(func=cmd_up)
 
 
 def cmd_up(args: argparse.Namespace) -> None:
+    if args.servers_only:
+        servers = _platform(Settings())
+        servers.service_ports = {}
+        _check_ports(servers)
+        servers.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(servers.data_dir, 0o755)
+        servers.start_servers()
+        print(
+            f"NATS {servers.nats_url} and PostgreSQL {servers.db_url} are up, no services;"
+            " Ctrl-C stops them.",
+            flush=True,
+        )
+        run_until_stopped(servers)
+        return
     platform = start_platform(Settings(), args.instances)
     print(banner(platform), flush=True)
     run_until_stopped(platform)

@@ -31,6 +31,9 @@ class NotYetKnown(Exception):
         self.reason_code = reason_code
 
 
+# The namespace of every event id the platform draws (`UnitOfWork.event_id`).
+_EVENT_IDS = uuid.UUID("6f1d3c52-8a4e-4f0b-9c7e-2b5d1a9e4c30")
+
 Handler = Callable[[Any, "UnitOfWork"], Awaitable[None]]
 
 
@@ -82,11 +85,8 @@ class UnitOfWork:
         """Append in this unit's transaction. Each event's `causationid` is the handled
         message; `chained`, each after the first is caused by the one before it instead (an
         AssignmentOverdue, then the reassignment it leads to)."""
-        if chained:
-            ids = [str(uuid.uuid4()) for _ in events]
-            causes = [self.message_id, *ids[:-1]]
-        else:  # the store draws the ids
-            ids, causes = [""] * len(events), [self.message_id] * len(events)
+        ids = [self.event_id(stream_id, expected_version + n) for n in range(1, len(events) + 1)]
+        causes = [self.message_id, *ids[:-1]] if chained else [self.message_id] * len(events)
         await self.store.append(
             self.conn,
             stream_id,
@@ -106,6 +106,16 @@ class UnitOfWork:
             ],
         )
         self.emitted.extend(events)
+
+    def event_id(self, stream_id: str, version: int) -> str:
+        """The id of the event this unit appends at `version` of `stream_id`: drawn from the
+        handled message, not at random, so the same message handled again from the same state
+        (a service catching up from the stream after a restore, docs/decisions.md "Backup and
+        restore") decides the same event under the same id, a duplicate to every consumer, not
+        a second fact. The message id is random (a sender's UUID), so nothing about the stream
+        id can be computed back from it."""
+        name = f"{self.service}\x00{self.message_id}\x00{stream_id}\x00{version}"
+        return str(uuid.uuid5(_EVENT_IDS, name))
 
     async def repeat(self, event: Event) -> None:
         """Answer an identical repeat of a command (a new id, the same payload) with a copy of

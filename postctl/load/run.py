@@ -24,6 +24,8 @@ from postctl.load.eventlog import EventLog
 from postctl.load.mix import Flow, Mix, Planned, other_supporter
 from postctl.load.oracle import expected_reaim, figure_mismatches
 from postctl.load.report import LoadReport, latency_summary
+from postctl.progress import Progress
+from postctl.progress import watch as progress_watch
 from shared.client import PlatformClient, wait_consumed
 from shared.contracts import (
     COMMANDS,
@@ -373,7 +375,15 @@ async def run_load(
 ) -> LoadReport:
     """`token`: the region token that reads the figures (needed with `analytics_url`)."""
     async with LoadRun(nats_url, config) as run:
-        report = await run.run()
+        with Progress() as progress:
+            planned = config.max_commands or round(config.rate * config.duration)
+            sending = progress.task("commands sent", planned)
+            watching = asyncio.create_task(progress_watch(sending, lambda: len(run.sent)))
+            try:
+                report = await run.run()
+            finally:
+                watching.cancel()
+                await asyncio.gather(watching, return_exceptions=True)
         if analytics_url:
             assert token, "reading the RE-AIM figures needs a region token"
             await check_figures(

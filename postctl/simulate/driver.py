@@ -261,13 +261,36 @@ async def simulate_post_2023(client: Platform) -> dict[str, Any]:
     return await simulate(client, post_2023_scenario())
 
 
-async def simulate_region(
-    client: Platform, hospitals: int, years: int, seed: int
-) -> dict[str, Any]:
+def region_plan(hospitals: int, years: int, seed: int) -> Scenario:
     today = datetime.now(UTC).date()
     # Business dates may not lie in the future: a long region starts early enough to end today.
     start = min(REGION_START, add_months(today, -12 * years) - timedelta(days=1))
-    return await simulate(client, region_scenario(hospitals, years, seed, start))
+    return region_scenario(hospitals, years, seed, start)
+
+
+async def simulate_region(
+    client: Platform, hospitals: int, years: int, seed: int
+) -> dict[str, Any]:
+    return await simulate(client, region_plan(hospitals, years, seed))
+
+
+async def simulate_with_progress(nats_url: str, scenario: Scenario) -> dict[str, Any]:
+    """A scenario driven through NATS, its commands sent shown as they go (postctl/progress)."""
+    from postctl.progress import Progress, watch
+
+    client = await PlatformClient.connect(nats_url)
+    try:
+        driver = Driver(client, scenario)
+        with Progress() as progress:
+            task = progress.task("commands sent", scenario.command_count())
+            watching = asyncio.create_task(watch(task, lambda: sum(driver.sent.values())))
+            try:
+                return await driver.drive()
+            finally:
+                watching.cancel()
+                await asyncio.gather(watching, return_exceptions=True)
+    finally:
+        await client.close()
 
 
 async def _with_client(
@@ -316,13 +339,19 @@ def add_cli(subparsers: Any) -> None:
 def cmd_simulate(args: argparse.Namespace) -> None:
     url = Settings().nats_url.get_secret_value()
     if args.scenario == "post-2023":
-        summary = asyncio.run(run_post_2023(url))
+        summary = asyncio.run(simulate_with_progress(url, post_2023_scenario()))
     elif args.straight:
+        from postctl.progress import Progress
         from postctl.simulate import straight
         from postctl.simulate.region import region_scenarios
 
+        # The plans are made as it goes (a national region does not fit in memory at once):
+        # the count and the rate, without a total.
         plans = region_scenarios(args.hospitals, args.years, args.seed)
-        summary = asyncio.run(straight.publish_region(url, plans))
+        with Progress() as progress:
+            task = progress.task("events published")
+            summary = asyncio.run(straight.publish_region(url, plans, on_window=task.update))
     else:
-        summary = asyncio.run(run_region(url, args.hospitals, args.years, args.seed))
+        plan = region_plan(args.hospitals, args.years, args.seed)
+        summary = asyncio.run(simulate_with_progress(url, plan))
     print(json.dumps(summary, indent=2, default=str))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import nats
@@ -193,7 +193,10 @@ def national(hospitals: int, years: int, chunk: int = 100) -> Iterator[Scenario]
 
 
 async def publish_region(
-    nats_url: str, plan: Scenario | Iterable[Scenario], window: int = 5000
+    nats_url: str,
+    plan: Scenario | Iterable[Scenario],
+    window: int = 5000,
+    on_window: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """The region's events (of one plan, or of plans one after another) into the stream: plain
     publishes the stream stores, each `window` closed by one acknowledged publish (acked, so
@@ -220,6 +223,8 @@ async def publish_region(
                 await nc.publish(subject, body)
             else:
                 await js.publish(subject, body, timeout=60)
+                if on_window is not None:  # progress: everything up to here is stored
+                    on_window(sent)
         await nc.flush()
         seconds = time.perf_counter() - started
         for _ in range(100):  # the last plain publishes may still be on their way in

@@ -131,9 +131,10 @@ async def rebuild(
     schema: str = SCHEMA,
     batch_size: int = BATCH,
     idle_seconds: float = IDLE_SECONDS,
+    counts: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Build new read models of `schema` from the stream and swap them in; returns counts and
-    the speed."""
+    the speed. `counts`, when given, is kept up to date as it goes (postctl's progress)."""
     settings = settings or Settings()
     started = time.perf_counter()
     shadow = f"{schema}{SHADOW_SUFFIX}"
@@ -143,7 +144,8 @@ async def rebuild(
     nc = await nats.connect(
         settings.nats_servers, name="post-analytics-rebuild", tls=settings.nats_tls()
     )
-    counts = {"messages": 0, "events_applied": 0, "skipped": 0, "swap_attempts": 0}
+    counts = counts if counts is not None else {}
+    counts.update({"messages": 0, "events_applied": 0, "skipped": 0, "swap_attempts": 0})
     try:
         await migrate(live, schema, MIGRATIONS)
         async with live.acquire() as lock:

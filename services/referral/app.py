@@ -15,7 +15,12 @@ service = Service(
         "RequestReferral": handlers.request_referral,
         "ForgetPhysician": forgetting.forget_physician,
     },
-    event_handlers=handlers.EVENT_HANDLERS,
+    # Its own PhysicianForgotten too, read back: a forget holds again after PostgreSQL was
+    # restored from a backup taken before it (docs/decisions.md, "Backup and restore").
+    event_handlers={
+        **handlers.EVENT_HANDLERS,
+        "PhysicianForgotten": forgetting.physician_forgotten,
+    },
     migrations=Path(__file__).parent / "migrations",
     routers=[views.router],
     # The hospitals' webhooks are delivered by the instance holding their partition; and the

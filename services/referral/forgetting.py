@@ -113,32 +113,7 @@ async def forget(
     `PhysicianForgotten` and queue the stream's job, in `uow`'s transaction."""
     conn, hospital = uow.conn, uow.hospital
     forget_id = new_forget_id()
-    # A safety event's id goes with the physician: the FHIR referral ids are a hash of it and
-    # the physician's id.
-    as_physician = await _rename(
-        conn, hospital, "physician_id", physician_id, forget_id, {"safety_event_id": None}
-    )
-    as_referrer = await _rename(conn, hospital, "referrer_id", physician_id, forget_id, {})
-    if as_physician:
-        await conn.execute(
-            "DELETE FROM safety_event_referrals WHERE hospital = $1 AND referral_id = ANY($2)",
-            hospital,
-            as_physician,
-        )
-    if as_referrer:
-        # A safety event without an id is known by who reported it and when.
-        await conn.execute(
-            """
-            UPDATE safety_event_referrals SET safety_key = 'by:' || $3 || substr(safety_key,
-                length($4) + 4)
-            WHERE hospital = $1 AND referral_id = ANY($2::text[])
-              AND left(safety_key, length($4) + 4) = 'by:' || $4 || '@'
-            """,
-            hospital,
-            as_referrer,
-            forget_id,
-            physician_id,
-        )
+    as_physician, as_referrer = await _rewrite(conn, hospital, physician_id, forget_id)
     event = PhysicianForgotten(
         hospital=hospital,
         forget_id=forget_id,
@@ -167,6 +142,82 @@ async def forget(
     return event
 
 
+async def _rewrite(
+    conn: asyncpg.Connection,
+    hospital: str,
+    physician_id: str,
+    forget_id: str,
+    only: Sequence[str] | None = None,
+) -> tuple[list[str], list[str]]:
+    """The stores' half of a forget: `forget_id` in place of `physician_id` in the rows and
+    stored creations of the hospital (of the referrals `only`, when given); returns the
+    referrals that named it as the physician and as the referrer."""
+    # A safety event's id goes with the physician: the FHIR referral ids are a hash of it and
+    # the physician's id.
+    as_physician = await _rename(
+        conn, hospital, "physician_id", physician_id, forget_id, {"safety_event_id": None}, only
+    )
+    as_referrer = await _rename(conn, hospital, "referrer_id", physician_id, forget_id, {}, only)
+    if as_physician:
+        await conn.execute(
+            "DELETE FROM safety_event_referrals WHERE hospital = $1 AND referral_id = ANY($2)",
+            hospital,
+            as_physician,
+        )
+    if as_referrer:
+        # A safety event without an id is known by who reported it and when.
+        await conn.execute(
+            """
+            UPDATE safety_event_referrals SET safety_key = 'by:' || $3 || substr(safety_key,
+                length($4) + 4)
+            WHERE hospital = $1 AND referral_id = ANY($2::text[])
+              AND left(safety_key, length($4) + 4) = 'by:' || $4 || '@'
+            """,
+            hospital,
+            as_referrer,
+            forget_id,
+            physician_id,
+        )
+    return as_physician, as_referrer
+
+
+async def physician_forgotten(event: PhysicianForgotten, uow: UnitOfWork) -> None:
+    """Our own `PhysicianForgotten`, read back from the stream. Normally its referrals carry
+    the `forget_id` already and this does nothing. After PostgreSQL was restored from a backup
+    taken before the forget, they name the physician again (the backup is the one place the id
+    is left): the forget is done again, by the event's referral ids alone, with its own
+    `forget_id`, and a job erases whatever the stream may still hold (docs/decisions.md,
+    "Backup and restore")."""
+    ids = sorted({*event.referral_ids, *event.referred_ids})
+    if not ids:
+        return
+    rows = await uow.conn.fetch(
+        "SELECT referral_id, physician_id, referrer_id FROM referrals"
+        " WHERE hospital = $1 AND referral_id = ANY($2::text[])",
+        uow.hospital,
+        ids,
+    )
+    named = {r["physician_id"] for r in rows if r["referral_id"] in event.referral_ids}
+    named |= {r["referrer_id"] for r in rows if r["referral_id"] in event.referred_ids}
+    named -= {None, event.forget_id}
+    for physician_id in sorted(named):
+        as_physician, as_referrer = await _rewrite(
+            uow.conn, uow.hospital, physician_id, event.forget_id, ids
+        )
+        await uow.conn.execute(
+            "INSERT INTO forget_jobs (forget_id, hospital, physician_id, command_seq,"
+            " referral_ids, referred_ids) VALUES ($1, $2, $3, NULL, $4, $5)"
+            " ON CONFLICT (forget_id) DO NOTHING",
+            event.forget_id,
+            uow.hospital,
+            physician_id,
+            as_physician,
+            as_referrer,
+        )
+        log.info("physician_forgotten_again", forget_id=event.forget_id)
+        SCRUBBER_WAKE.set()
+
+
 async def _rename(
     conn: asyncpg.Connection,
     hospital: str,
@@ -174,16 +225,18 @@ async def _rename(
     old: str,
     new: str,
     also: dict[str, Any],
+    only: Sequence[str] | None = None,
 ) -> list[str]:
-    """`column` (physician_id or referrer_id) from `old` to `new` in the referral rows and in
-    their stored creations (the referral's own and any repeat's copy), with `also` merged into
-    those; returns the referrals it named."""
+    """`column` (physician_id or referrer_id) from `old` to `new` in the referral rows (of the
+    referrals `only`, when given) and in their stored creations (the referral's own and any
+    repeat's copy), with `also` merged into those; returns the referrals it named."""
     rows = await conn.fetch(
         f"UPDATE referrals SET {column} = $3 WHERE hospital = $1 AND {column} = $2"
-        " RETURNING referral_id",
+        " AND ($4::text[] IS NULL OR referral_id = ANY($4::text[])) RETURNING referral_id",
         hospital,
         old,
         new,
+        None if only is None else list(only),
     )
     referrals = sorted(r["referral_id"] for r in rows)
     if referrals:
