@@ -94,7 +94,6 @@ def _settings(platform: Platform) -> Settings:
         nats_url=platform.nats_url,
         pg_port=platform.pg_port,
         data_dir=platform.data_dir,
-        database_given=False,
     )
 
 
