@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.matching import handlers, timer, views
+from services.matching import background, handlers, views
 from shared.service import Service
 
 service = Service(
@@ -28,7 +28,7 @@ service = Service(
     },
     migrations=Path(__file__).parent / "migrations",
     routers=[views.router],
-    background=[timer.overdue_timer],
+    background=[background.overdue_timer],
     description=(
         "Hospitals, departments, the trained supporter roster, their availability and the"
         " matching policies; every ReferralCreated becomes a SupporterAssigned (due in 48 hours)"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import structlog
 from prometheus_client import Counter, Gauge
 
-from services.matching import domain, tables
+from services.matching import domain, store
 from services.matching.handlers import count, serve_waiting_if_freed
 from shared.unit_of_work import UnitOfWork, events_and_version
 
@@ -40,10 +40,10 @@ OVERDUE_BATCH = 500
 
 async def expire_assignment(uow: UnitOfWork, referral_id: str, supporter_id: str) -> bool:
     """Record one overdue assignment and reassign its referral; False if no longer due."""
-    due_at = await tables.lock_open_assignment(uow.conn, uow.hospital, referral_id, supporter_id)
+    due_at = await store.lock_open_assignment(uow.conn, uow.hospital, referral_id, supporter_id)
     if due_at is None or due_at > uow.now():
         return False  # outreach came in, or someone else expired it first
-    found = await tables.load_referral(uow.conn, uow.hospital, referral_id)
+    found = await store.load_referral(uow.conn, uow.hospital, referral_id)
     if found is None:
         return False
     referral, _ = found
@@ -56,9 +56,9 @@ async def expire_assignment(uow: UnitOfWork, referral_id: str, supporter_id: str
     if assigned:
         uow.caused_by(assigned[-1].event_id, assigned[-1].metadata.get("correlation_id", ""))
     policy = domain.policy_in_force(
-        await tables.policies(uow.conn, uow.hospital), referral.department
+        await store.policies(uow.conn, uow.hospital), referral.department
     )
-    candidates, department_open = await tables.candidates(uow.conn, referral, policy)
+    candidates, department_open = await store.candidates(uow.conn, referral, policy)
     choice, events = domain.expire_assignment(
         referral,
         domain.assignment_from(history),
@@ -72,7 +72,7 @@ async def expire_assignment(uow: UnitOfWork, referral_id: str, supporter_id: str
         return False
     # The reassignment is caused by the overdue (chained), not by the expired assignment.
     await uow.append(stream, version, events, chained=True)
-    await tables.project(uow.conn, events, uow.now())
+    await store.project(uow.conn, events, uow.now())
     OVERDUE.labels(uow.hospital).inc()
     count(uow.hospital, choice)
     # One open assignment fewer may take the late supporter below their cap.
@@ -82,7 +82,7 @@ async def expire_assignment(uow: UnitOfWork, referral_id: str, supporter_id: str
 
 async def sweep_overdue(service: Service) -> int:
     """Expire every open assignment whose due_at has passed; returns how many were."""
-    rows = await tables.due_assignments(service.pool, service.clock.now(), OVERDUE_BATCH)
+    rows = await store.due_assignments(service.pool, service.clock.now(), OVERDUE_BATCH)
     expired = 0
     for row in rows:
         try:
@@ -101,7 +101,7 @@ async def refresh_open_gauge(service: Service) -> None:
     """Only the hospitals this instance holds: a sum over instances counts each once (and a
     hospital that moved to another instance leaves this one's /metrics)."""
     exported = set()
-    for row in await tables.open_by_department(service.pool):
+    for row in await store.open_by_department(service.pool):
         if service.owns(row["hospital"]):
             labels = (row["hospital"], row["department"])
             OPEN_ASSIGNMENTS.labels(*labels).set(row["open"])
