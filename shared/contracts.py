@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from shared import limits
+from shared.errors import ReasonCode, Rejected, Unanswerable
 
 STREAM_NAME = "POST"
 STREAM_SUBJECTS = ["post.>"]
@@ -63,25 +64,6 @@ DeclineReason = Literal["no_time", "no_need", "privacy", "discomfort", "medicole
 AssignmentReason = Literal["manual", "matched", "reassigned"]
 MatchingPolicy = Literal["same_department", "other_department", "same_then_other"]
 Score = Annotated[int, Field(ge=1, le=5)]
-
-
-class ReasonCode(StrEnum):
-    """`CommandRejected.reason_code`. The first nine are the contract's; the rest are added."""
-
-    invalid_payload = "invalid_payload"
-    unknown_field = "unknown_field"
-    unknown_hospital = "unknown_hospital"
-    unknown_department = "unknown_department"
-    unknown_referral = "unknown_referral"
-    unknown_supporter = "unknown_supporter"
-    not_assigned_supporter = "not_assigned_supporter"
-    conflicting_duplicate = "conflicting_duplicate"
-    invalid_transition = "invalid_transition"
-    # Added by the platform (CONTRACT.md allows additions):
-    already_referred = "already_referred"  # same physician, same safety event, still open
-    internal_error = "internal_error"  # failed every retry; also sent to the dead-letter subject
-    payload_too_large = "payload_too_large"  # the body is beyond shared/limits.py's size
-    payload_too_deep = "payload_too_deep"  # it nests deeper than shared/limits.py allows
 
 
 def _utc(value: datetime) -> datetime:
@@ -546,19 +528,6 @@ def command_message(
 
 
 # --- validation with reason codes -----------------------------------------------------------
-
-
-class Rejected(Exception):
-    """A command refused for a stated reason: becomes a `CommandRejected` event (or HTTP 4xx)."""
-
-    def __init__(self, reason_code: ReasonCode, detail: str) -> None:
-        super().__init__(f"{reason_code}: {detail}")
-        self.reason_code = reason_code
-        self.detail = detail
-
-
-class Unanswerable(Exception):
-    """A message that is not a CloudEvents command at all: it goes to the dead-letter subject."""
 
 
 ENVELOPE_ATTRIBUTES = frozenset(CloudEvent.model_fields)
