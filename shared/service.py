@@ -21,7 +21,7 @@ import asyncpg
 import nats
 import structlog
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
@@ -93,6 +93,12 @@ async def ensure_stream(js: JetStreamContext, replicas: int = 1, timeout: float 
         log.info("stream.waiting", waiting_for=waited_for)
         await asyncio.sleep(0.25)
     raise TimeoutError(f"no answer from {waited_for} after {timeout:.0f} s")
+
+
+def service_of(request: Request) -> Service:
+    """The service a route runs in (views.py must not import app.py)."""
+    service: Service = request.app.state.service
+    return service
 
 
 # --- the service ------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from pydantic import BaseModel
 from services.matching import domain, store
 from shared.auth import READ_RESPONSES, require_hospital_reader
 from shared.contracts import Rank, ReasonCode, Rejected, is_hospital_id
-from shared.http import http_error, problem, service_of
+from shared.http import http_error, problem
+from shared.service import service_of
 
 router = APIRouter(tags=["matching"])
 
