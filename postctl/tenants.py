@@ -258,7 +258,7 @@ async def _retention(hospital: str, days: int | None) -> dict[str, Any]:
     """Set (or remove) a hospital's retention in the referral service's schema; the referral
     service's sweep forgets what is past it (every POST_RETENTION_INTERVAL seconds)."""
     import services.referral
-    from services.referral import forgetting
+    from services.referral import store as referral_store
     from shared.eventstore import create_pool, migrate
 
     settings = Settings()
@@ -266,11 +266,11 @@ async def _retention(hospital: str, days: int | None) -> dict[str, Any]:
     try:
         await migrate(pool, "referral", Path(services.referral.__file__).parent / "migrations")
         async with pool.acquire() as conn:
-            await forgetting.set_retention(conn, hospital, days)
+            await referral_store.set_retention(conn, hospital, days)
             if days is None:
                 return {"hospital": hospital, "retention_days": None}
             cutoff = datetime.now(UTC).date() - timedelta(days=days)
-            due = await forgetting.expired_ids(conn, hospital, cutoff, limit=1_000_000)
+            due = await referral_store.expired_ids(conn, hospital, cutoff, limit=1_000_000)
     finally:
         await pool.close()
     return {

@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from functools import partial
 from pathlib import Path
 
-from services.referral import forgetting, handlers, views
+from services.referral import background, handlers, views
 from shared import hospitals
 from shared.service import Service
 from shared.webhook_delivery import delivery as webhook_delivery
+
+# The forget jobs' scrubber: a forget (the command, the retention sweep) wakes it.
+scrubber = background.Scrubber()
+
+
+def forget_jobs(service: Service) -> Awaitable[None]:
+    """The stream's half of every forget (background.Scrubber)."""
+    return scrubber.run(service.pool, service.js, service.settings.forget_erase_delay)
+
+
+def retention(service: Service) -> Awaitable[None]:
+    """The retention sweep (background.RetentionSweep)."""
+    sweep = background.RetentionSweep(
+        service.pool, service.unit_of_work, service.clock, service.owns, scrubber.wake
+    )
+    return sweep.run(service.settings.retention_interval)
+
 
 service = Service(
     "referral",
     command_handlers={
         "RequestReferral": handlers.request_referral,
-        "ForgetPhysician": forgetting.forget_physician,
+        "ForgetPhysician": partial(handlers.forget_physician, queued=scrubber.wake),
     },
     event_handlers=handlers.EVENT_HANDLERS,
     migrations=Path(__file__).parent / "migrations",
@@ -22,8 +41,8 @@ service = Service(
     # referral service, every hospital's front door, reports how far each hospital is behind
     # on its durable consumer (each hospital by the holder of its partition).
     background=[
-        forgetting.scrubber,
-        forgetting.retention_timer,
+        forget_jobs,
+        retention,
         webhook_delivery,
         hospitals.pending_gauge,
     ],

@@ -1,4 +1,4 @@
-"""The referral service's reactions: `RequestReferral`, and the facts it follows.
+"""The referral service's reactions: `RequestReferral`, `ForgetPhysician`, and the facts it follows.
 
 One async function per message: load, decide (services.referral.domain), append.
 """
@@ -6,6 +6,7 @@ One async function per message: load, decide (services.referral.domain), append.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import date
 from typing import Any
 
 import asyncpg
@@ -13,15 +14,18 @@ import structlog
 from prometheus_client import Counter
 
 from services.referral import domain, store
-from services.referral.domain import Fact, Intake
+from services.referral.domain import Fact, Intake, forgetting
 from shared import registry
 from shared.contracts import (
     Event,
+    ForgetPhysician,
+    PhysicianForgotten,
     ReferralCreated,
     Rejected,
     RequestReferral,
+    cmd_subject,
 )
-from shared.unit_of_work import UnitOfWork
+from shared.unit_of_work import NotYetKnown, UnitOfWork
 
 log = structlog.get_logger()
 
@@ -34,6 +38,11 @@ REJECTIONS = Counter(
     "post_referral_rejections_total",
     "RequestReferral commands refused by the referral rules, by reason code.",
     ["reason_code"],
+)
+FORGOTTEN = Counter(
+    "post_referral_physicians_forgotten_total",
+    "Physicians forgotten, by what asked (command: ForgetPhysician; retention: the sweep).",
+    ["trigger"],
 )
 FACTS_IGNORED = Counter(
     "post_referral_facts_ignored_total",
@@ -114,3 +123,100 @@ EVENT_HANDLERS: dict[str, Callable[[Any, UnitOfWork], Awaitable[None]]] = {
     **registry.EVENT_HANDLERS,
     **{fact.__name__: referral_fact for fact in domain.FACT_TYPES},
 }
+
+
+# --- forgetting a physician (CONTRACT.md 1.1): the stores, in one transaction -----------------
+#
+# A forget has two halves (docs/decisions.md, "Forgetting a physician"):
+#
+# 1. The stores, in one transaction (`forget`): the referral service's rows and stored events
+#    that name the id (as physician or as referrer) get a new opaque ``forget_id`` in its
+#    place, `PhysicianForgotten` is appended with the referrals that named it (so every other
+#    service rewrites its own rows by referral id, never told the id again), and a job is
+#    queued with what the stream still holds. All of it commits together, or none of it does.
+# 2. The stream, after the commit: background.Scrubber runs the job.
+
+
+async def forget_physician(
+    cmd: ForgetPhysician, uow: UnitOfWork, *, queued: Callable[[], None]
+) -> None:
+    """The command. It waits while an earlier `RequestReferral` naming the id waits for its
+    department (stream order: that referral is among what is forgotten, or refused first).
+    `queued`: told when the forget's job is queued (app.py: it wakes the scrubber)."""
+    if uow.stream_seq is not None and await _earlier_request_waits(uow, cmd.physician_id):
+        raise NotYetKnown("an earlier referral of this physician is waiting")
+    await forget(uow, cmd.physician_id, cmd.requested_on, command_seq=uow.stream_seq)
+    FORGOTTEN.labels("command").inc()
+    queued()
+
+
+async def _earlier_request_waits(uow: UnitOfWork, physician_id: str) -> bool:
+    assert uow.stream_seq is not None
+    bodies = await store.waiting_bodies(
+        uow.conn, uow.hospital, cmd_subject(uow.hospital, "RequestReferral"), uow.stream_seq
+    )
+    return any(forgetting.names(forgetting.data_of(body), physician_id) for body in bodies)
+
+
+async def forget(
+    uow: UnitOfWork, physician_id: str, requested_on: date, *, command_seq: int | None
+) -> PhysicianForgotten:
+    """Rewrite every row and stored event of the hospital that names `physician_id`, append
+    `PhysicianForgotten` and queue the stream's job, in `uow`'s transaction."""
+    conn, hospital = uow.conn, uow.hospital
+    forget_id = forgetting.new_forget_id()
+    # A safety event's id goes with the physician: the FHIR referral ids are a hash of it and
+    # the physician's id.
+    as_physician = await _rename(
+        uow, "physician_id", physician_id, forget_id, {"safety_event_id": None}
+    )
+    as_referrer = await _rename(uow, "referrer_id", physician_id, forget_id, {})
+    if as_physician:
+        await store.drop_safety_events(conn, hospital, as_physician)
+    if as_referrer:
+        await store.rename_reporter(conn, hospital, as_referrer, physician_id, forget_id)
+    event = PhysicianForgotten(
+        hospital=hospital,
+        forget_id=forget_id,
+        requested_on=requested_on,
+        referral_ids=as_physician,
+        referred_ids=as_referrer,
+    )
+    await uow.append(f"forget:{hospital}:{forget_id}", 0, [event])
+    await store.queue_forget_job(
+        conn,
+        forget_id=forget_id,
+        hospital=hospital,
+        physician_id=physician_id,
+        command_seq=command_seq,
+        referral_ids=as_physician,
+        referred_ids=as_referrer,
+    )
+    log.info(
+        "physician_forgotten",
+        forget_id=forget_id,
+        referrals=len(as_physician),
+        referred=len(as_referrer),
+    )
+    return event
+
+
+async def _rename(
+    uow: UnitOfWork, column: str, old: str, new: str, also: dict[str, Any]
+) -> list[str]:
+    """`column` (physician_id or referrer_id) from `old` to `new` in the referral rows and in
+    their stored creations (the referral's own and any repeat's copy), with `also` merged into
+    those; returns the referrals it named."""
+    referrals = await store.rename_in_referrals(uow.conn, uow.hospital, column, old, new)
+    if referrals:
+        await uow.store.forget_in_data(
+            uow.conn,
+            event_type="ReferralCreated",
+            hospital=uow.hospital,
+            key="referral_id",
+            ids=referrals,
+            field=column,
+            old=old,
+            changes={column: new, **also},
+        )
+    return referrals

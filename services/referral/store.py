@@ -10,12 +10,13 @@ it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 
 import asyncpg
 
 from services.referral.domain import Referral, Status
+from services.referral.domain.forgetting import FORGET_PREFIX, Job
 from shared.contracts import ReferralCreated
 
 # --- intake -----------------------------------------------------------------------------------
@@ -133,4 +134,202 @@ async def update_referral(
         after.interactions,
         now,
         contact_on,
+    )
+
+
+# --- forgetting ---------------------------------------------------------------------------------
+
+
+async def waiting_bodies(
+    conn: asyncpg.Connection, hospital: str, subject: str, before_seq: int
+) -> list[bytes]:
+    """The bodies of the hospital's messages on `subject` kept in `waiting` (shared/inbox.py)
+    from before stream sequence `before_seq`."""
+    rows = await conn.fetch(
+        "SELECT body FROM waiting WHERE hospital = $1 AND subject = $2 AND stream_seq < $3",
+        hospital,
+        subject,
+        before_seq,
+    )
+    return [bytes(r["body"]) for r in rows]
+
+
+async def rename_in_referrals(
+    conn: asyncpg.Connection, hospital: str, column: str, old: str, new: str
+) -> list[str]:
+    """`column` (physician_id or referrer_id) from `old` to `new` in the hospital's referral
+    rows; returns the referrals it named, sorted."""
+    assert column in ("physician_id", "referrer_id")
+    rows = await conn.fetch(
+        f"UPDATE referrals SET {column} = $3 WHERE hospital = $1 AND {column} = $2"
+        " RETURNING referral_id",
+        hospital,
+        old,
+        new,
+    )
+    return sorted(r["referral_id"] for r in rows)
+
+
+async def drop_safety_events(
+    conn: asyncpg.Connection, hospital: str, referral_ids: Sequence[str]
+) -> None:
+    """A safety event's id goes with the physician it named."""
+    await conn.execute(
+        "DELETE FROM safety_event_referrals WHERE hospital = $1 AND referral_id = ANY($2)",
+        hospital,
+        referral_ids,
+    )
+
+
+async def rename_reporter(
+    conn: asyncpg.Connection,
+    hospital: str,
+    referral_ids: Sequence[str],
+    physician_id: str,
+    forget_id: str,
+) -> None:
+    """A safety event without an id is known by who reported it and when: the reporter's id
+    in its key becomes the forget's."""
+    await conn.execute(
+        """
+        UPDATE safety_event_referrals SET safety_key = 'by:' || $3 || substr(safety_key,
+            length($4) + 4)
+        WHERE hospital = $1 AND referral_id = ANY($2::text[])
+          AND left(safety_key, length($4) + 4) = 'by:' || $4 || '@'
+        """,
+        hospital,
+        referral_ids,
+        forget_id,
+        physician_id,
+    )
+
+
+async def queue_forget_job(
+    conn: asyncpg.Connection,
+    *,
+    forget_id: str,
+    hospital: str,
+    physician_id: str,
+    command_seq: int | None,
+    referral_ids: Sequence[str],
+    referred_ids: Sequence[str],
+) -> None:
+    """The stream's half of a forget, to do after the commit (background.Scrubber): the one
+    place the id is kept meanwhile."""
+    await conn.execute(
+        "INSERT INTO forget_jobs (forget_id, hospital, physician_id, command_seq, referral_ids,"
+        " referred_ids) VALUES ($1, $2, $3, $4, $5, $6)",
+        forget_id,
+        hospital,
+        physician_id,
+        command_seq,
+        referral_ids,
+        referred_ids,
+    )
+
+
+def _job(row: asyncpg.Record) -> Job:
+    return Job(
+        row["forget_id"],
+        row["hospital"],
+        row["physician_id"],
+        row["command_seq"],
+        frozenset(row["referral_ids"]),
+        frozenset(row["referred_ids"]),
+    )
+
+
+async def lock_next_jobs(conn: asyncpg.Connection, limit: int) -> list[tuple[Job, float]]:
+    """The oldest job nobody is running, with up to `limit` jobs of its hospital nobody is
+    running, locked until the transaction ends; each with its age in seconds."""
+    first = await conn.fetchval(
+        "SELECT hospital FROM forget_jobs ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1"
+    )
+    if first is None:
+        return []
+    rows = await conn.fetch(
+        "SELECT *, extract(epoch FROM now() - created_at) AS age FROM forget_jobs"
+        " WHERE hospital = $1 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+        first,
+        limit,
+    )
+    return [(_job(row), float(row["age"])) for row in rows]
+
+
+async def delete_jobs(conn: asyncpg.Connection, forget_ids: Sequence[str]) -> None:
+    await conn.execute("DELETE FROM forget_jobs WHERE forget_id = ANY($1::text[])", forget_ids)
+
+
+async def jobs_pending(pool: asyncpg.Pool) -> int:
+    return int(await pool.fetchval("SELECT count(*) FROM forget_jobs"))
+
+
+# --- retention ----------------------------------------------------------------------------------
+
+# Every id the hospital's referrals name (as physician or referrer) whose referrals all closed
+# (a last outreach or interaction, business date) before the cutoff; not a forget's own id.
+RETENTION_SQL = """
+WITH named AS (
+    SELECT physician_id AS id, last_contact_on FROM referrals WHERE hospital = $1
+    UNION ALL
+    SELECT referrer_id, last_contact_on FROM referrals
+    WHERE hospital = $1 AND referrer_id IS NOT NULL
+)
+SELECT id FROM named
+WHERE left(id, length($3)) <> $3
+GROUP BY id
+HAVING bool_and(last_contact_on IS NOT NULL AND last_contact_on < $2)
+ORDER BY id
+LIMIT $4
+"""
+RETENTION_BATCH = 500
+
+
+async def set_retention(conn: asyncpg.Connection, hospital: str, days: int | None) -> None:
+    """`postctl hospital retention`: `days` None removes it."""
+    if days is None:
+        await conn.execute("DELETE FROM retention WHERE hospital = $1", hospital)
+        return
+    await conn.execute(
+        "INSERT INTO retention (hospital, days) VALUES ($1, $2)"
+        " ON CONFLICT (hospital) DO UPDATE SET days = EXCLUDED.days, set_at = now()",
+        hospital,
+        days,
+    )
+
+
+async def retentions(pool: asyncpg.Pool) -> list[tuple[str, int]]:
+    """(hospital, days) of every hospital with a retention."""
+    rows = await pool.fetch("SELECT hospital, days FROM retention ORDER BY hospital")
+    return [(r["hospital"], r["days"]) for r in rows]
+
+
+async def expired_ids(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    hospital: str,
+    cutoff: date,
+    limit: int = RETENTION_BATCH,
+) -> list[str]:
+    rows = await conn.fetch(RETENTION_SQL, hospital, cutoff, FORGET_PREFIX, limit)
+    return [r["id"] for r in rows]
+
+
+async def lock_retention(conn: asyncpg.Connection, hospital: str) -> None:
+    """Until the transaction ends: one sweep of the hospital at a time forgets each id once."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"retention:{hospital}"
+    )
+
+
+async def still_expired(
+    conn: asyncpg.Connection, hospital: str, physician_id: str, cutoff: date
+) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT bool_and(last_contact_on IS NOT NULL AND last_contact_on < $3)"
+            " FROM referrals WHERE hospital = $1 AND (physician_id = $2 OR referrer_id = $2)",
+            hospital,
+            physician_id,
+            cutoff,
+        )
     )
