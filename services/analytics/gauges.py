@@ -35,7 +35,7 @@ from services.analytics.facts import (
 from shared.contracts import Event
 
 if TYPE_CHECKING:
-    from shared.service import Service
+    from shared.service import Running as Service
 
 log = structlog.get_logger()
 

@@ -9,17 +9,17 @@ stream's version, so each overdue fires once.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
+import asyncpg
 import structlog
 from prometheus_client import Counter, Gauge
 
 from services.matching import domain, store
 from services.matching.handlers import count, serve_waiting_if_freed
+from shared.clock import Clock
 from shared.unit_of_work import UnitOfWork, events_and_version
-
-if TYPE_CHECKING:
-    from shared.service import Service
 
 log = structlog.get_logger()
 
@@ -72,7 +72,7 @@ async def expire_assignment(uow: UnitOfWork, referral_id: str, supporter_id: str
         return False
     # The reassignment is caused by the overdue (chained), not by the expired assignment.
     await uow.append(stream, version, events, chained=True)
-    await store.project(uow.conn, events, uow.now())
+    await store.project_all(uow.conn, events, uow.now())
     OVERDUE.labels(uow.hospital).inc()
     count(uow.hospital, choice)
     # One open assignment fewer may take the late supporter below their cap.
@@ -80,47 +80,57 @@ async def expire_assignment(uow: UnitOfWork, referral_id: str, supporter_id: str
     return True
 
 
-async def sweep_overdue(service: Service) -> int:
-    """Expire every open assignment whose due_at has passed; returns how many were."""
-    rows = await store.due_assignments(service.pool, service.clock.now(), OVERDUE_BATCH)
-    expired = 0
-    for row in rows:
-        try:
-            async with service.unit_of_work(row["hospital"]) as uow:
-                if await expire_assignment(uow, row["referral_id"], row["supporter_id"]):
-                    expired += 1
-        except Exception as exc:  # one bad row must not stop the others; retried next tick
-            log.warning("overdue_failed", error=repr(exc), hospital=row["hospital"])
-    return expired
+class OverdueTimer:
+    """Every `interval` seconds: expire due assignments (from the table: restart-safe), and
+    refresh the open-assignments gauge. It remembers which gauge labels it exported."""
 
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        unit_of_work: Callable[[str], AbstractAsyncContextManager[UnitOfWork]],
+        clock: Clock,
+        owns: Callable[[str], bool],
+    ) -> None:
+        self.pool = pool
+        self.unit_of_work = unit_of_work
+        self.clock = clock
+        self.owns = owns
+        self._exported: set[tuple[str, str]] = set()
 
-_EXPORTED: set[tuple[str, str]] = set()
+    async def sweep(self) -> int:
+        """Expire every open assignment whose due_at has passed; returns how many were."""
+        rows = await store.due_assignments(self.pool, self.clock.now(), OVERDUE_BATCH)
+        expired = 0
+        for row in rows:
+            try:
+                async with self.unit_of_work(row["hospital"]) as uow:
+                    if await expire_assignment(uow, row["referral_id"], row["supporter_id"]):
+                        expired += 1
+            except Exception as exc:  # one bad row must not stop the others; retried next tick
+                log.warning("overdue_failed", error=repr(exc), hospital=row["hospital"])
+        return expired
 
+    async def refresh_open_gauge(self) -> None:
+        """Only the hospitals this instance holds: a sum over instances counts each once (and
+        a hospital that moved to another instance leaves this one's /metrics)."""
+        exported = set()
+        for row in await store.open_by_department(self.pool):
+            if self.owns(row["hospital"]):
+                labels = (row["hospital"], row["department"])
+                OPEN_ASSIGNMENTS.labels(*labels).set(row["open"])
+                exported.add(labels)
+        for labels in self._exported - exported:
+            OPEN_ASSIGNMENTS.remove(*labels)
+        self._exported = exported
 
-async def refresh_open_gauge(service: Service) -> None:
-    """Only the hospitals this instance holds: a sum over instances counts each once (and a
-    hospital that moved to another instance leaves this one's /metrics)."""
-    exported = set()
-    for row in await store.open_by_department(service.pool):
-        if service.owns(row["hospital"]):
-            labels = (row["hospital"], row["department"])
-            OPEN_ASSIGNMENTS.labels(*labels).set(row["open"])
-            exported.add(labels)
-    for labels in _EXPORTED - exported:
-        OPEN_ASSIGNMENTS.remove(*labels)
-    _EXPORTED.clear()
-    _EXPORTED.update(exported)
-
-
-async def overdue_timer(service: Service) -> None:
-    """Every `timer_interval` seconds: expire due assignments (from the table: restart-safe)."""
-    interval = service.settings.timer_interval
-    while True:
-        try:
-            await sweep_overdue(service)
-            await refresh_open_gauge(service)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the database may be away for a moment: try next tick
-            log.warning("overdue_timer_failed", error=repr(exc))
-        await asyncio.sleep(interval)
+    async def run(self, interval: float) -> None:
+        """Background, forever."""
+        while True:
+            try:
+                await self.sweep()
+                await self.refresh_open_gauge()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database may be away for a moment: try next tick
+                log.warning("overdue_timer_failed", error=repr(exc))
+            await asyncio.sleep(interval)

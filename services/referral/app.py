@@ -8,24 +8,40 @@ from pathlib import Path
 
 from services.referral import background, handlers, views
 from shared import hospitals
-from shared.service import Service
-from shared.webhook_delivery import delivery as webhook_delivery
+from shared.service import Running, Service
+from shared.webhook_delivery import delivery
 
 # The forget jobs' scrubber: a forget (the command, the retention sweep) wakes it.
 scrubber = background.Scrubber()
 
 
-def forget_jobs(service: Service) -> Awaitable[None]:
+# The background tasks, each given what it uses of the running instance.
+
+
+def forget_jobs(running: Running) -> Awaitable[None]:
     """The stream's half of every forget (background.Scrubber)."""
-    return scrubber.run(service.pool, service.js, service.settings.forget_erase_delay)
+    return scrubber.run(running.pool, running.js, running.settings.forget_erase_delay)
 
 
-def retention(service: Service) -> Awaitable[None]:
+def retention(running: Running) -> Awaitable[None]:
     """The retention sweep (background.RetentionSweep)."""
     sweep = background.RetentionSweep(
-        service.pool, service.unit_of_work, service.clock, service.owns, scrubber.wake
+        running.pool, running.unit_of_work, running.clock, running.owns, scrubber.wake
     )
-    return sweep.run(service.settings.retention_interval)
+    return sweep.run(running.settings.retention_interval)
+
+
+def webhook_delivery(running: Running) -> Awaitable[None]:
+    """The hospitals' webhooks (shared/webhook_delivery.py), by the holder of each partition."""
+    return delivery(
+        running.js, running.settings, lambda: running.partitions, lambda: running.instance
+    )
+
+
+def hospitals_pending(running: Running) -> Awaitable[None]:
+    """How far each hospital is behind on its durable consumer (shared/hospitals.py)."""
+    gauge = hospitals.PendingGauge(running.js, running.owns)
+    return gauge.run(min(5.0, running.settings.timer_interval * 5))
 
 
 service = Service(
@@ -44,7 +60,7 @@ service = Service(
         forget_jobs,
         retention,
         webhook_delivery,
-        hospitals.pending_gauge,
+        hospitals_pending,
     ],
     # The front door also answers commands of a type no service owns (CONTRACT.md: never
     # silence): a CommandRejected, invalid_payload.
