@@ -1,8 +1,8 @@
 """The matching service's reactions: load, decide (domain), append, project (store).
 
 Every handler runs in one transaction (`uow`). The tables follow this service's own events
-through `store.project`, except what other services' facts write (`referrals`, a closed
-assignment): store.py says how each is rebuilt.
+through `store.project` (one registered function per event type), except what other
+services' facts write (`referrals`, a closed assignment): store.py says how each is rebuilt.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ async def record(
     """Append a decision's events and project them. A creating command that decided none
     (it repeats what `history` holds) is answered with a copy of the creation."""
     await uow.append_or_repeat(stream, version, events, history)
-    await store.project(uow.conn, events, uow.now())
+    await store.project_all(uow.conn, events, uow.now())
 
 
 def count(hospital: str, choice: domain.Choice) -> None:
