@@ -78,7 +78,7 @@ from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.contracts import HOSPITAL_PATTERN, is_hospital_id
-from shared.http import HttpRejection, problem
+from shared.http import AuthReason, HttpRejection, problem
 
 __all__ = [
     "AUTH_RESPONSES",
@@ -341,7 +341,11 @@ class AuthRejection(HttpRejection):
     """An HTTP refusal for the caller's credentials (the service answers ``headers`` too)."""
 
     def __init__(
-        self, status: int, reason_code: str, detail: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        reason_code: AuthReason,
+        detail: str,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(status, reason_code, detail)
         self.headers = headers
@@ -406,7 +410,7 @@ def _forbidden(request: Request, detail: str) -> AuthRejection:
     return AuthRejection(403, "forbidden", detail)
 
 
-def _refused(request: Request, reason_code: str) -> None:
+def _refused(request: Request, reason_code: AuthReason) -> None:
     service = getattr(getattr(request.app.state, "service", None), "name", "unknown")
     AUTH_REFUSED.labels(service, reason_code).inc()
 

@@ -4,7 +4,7 @@ request body as strictly as from NATS, and the service behind a route."""
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,8 +31,12 @@ HTTP_STATUS = {
 }
 
 
+# An HTTP refusal's `reason_code`: the contract's, or one of the token rules' (shared/auth.py).
+AuthReason = Literal["unauthenticated", "forbidden"]
+
+
 class HttpRejection(Exception):
-    def __init__(self, status: int, reason_code: str, detail: str) -> None:
+    def __init__(self, status: int, reason_code: ReasonCode | AuthReason, detail: str) -> None:
         super().__init__(detail)
         self.status = status
         self.reason_code = reason_code

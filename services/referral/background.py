@@ -237,7 +237,7 @@ class RetentionSweep:
                     if not await store.still_expired(uow.conn, hospital, physician_id, cutoff):
                         continue
                     await handlers.forget(uow, physician_id, today, command_seq=None)
-                handlers.FORGOTTEN.labels("retention").inc()
+                handlers.count_forgotten("retention")
                 self.queued()
                 forgotten += 1
         return forgotten

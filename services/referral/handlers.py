@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import date
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import structlog
@@ -20,6 +20,7 @@ from shared.contracts import (
     Event,
     ForgetPhysician,
     PhysicianForgotten,
+    ReasonCode,
     ReferralCreated,
     Rejected,
     RequestReferral,
@@ -44,6 +45,14 @@ FORGOTTEN = Counter(
     "Physicians forgotten, by what asked (command: ForgetPhysician; retention: the sweep).",
     ["trigger"],
 )
+# What asked for a forget: the label of FORGOTTEN.
+ForgetTrigger = Literal["command", "retention"]
+
+
+def count_forgotten(trigger: ForgetTrigger) -> None:
+    FORGOTTEN.labels(trigger).inc()
+
+
 FACTS_IGNORED = Counter(
     "post_referral_facts_ignored_total",
     "Facts of other services that made no sense for the referral they name, by type and why.",
@@ -101,20 +110,23 @@ async def referral_fact(event: Fact, uow: UnitOfWork) -> None:
     """Move the referral's status; a fact that makes no sense is logged and counted, not fatal."""
     referral = await store.lock_referral(uow.conn, event.hospital, event.referral_id)
     if referral is None:
-        _ignore(event, "unknown_referral", "no such referral")
+        _ignore(event, ReasonCode.unknown_referral, "no such referral")
         return
     try:
         after = referral.apply(event)
     except Rejected as rejected:
-        _ignore(event, rejected.reason_code.value, rejected.detail)
+        _ignore(event, rejected.reason_code, rejected.detail)
         return
     await store.update_referral(uow.conn, after, uow.now(), domain.closing_date(event))
 
 
-def _ignore(event: Event, reason_code: str, detail: str) -> None:
-    FACTS_IGNORED.labels(event_type=event.type_name, reason_code=reason_code).inc()
+def _ignore(event: Event, reason_code: ReasonCode, detail: str) -> None:
+    FACTS_IGNORED.labels(event_type=event.type_name, reason_code=reason_code.value).inc()
     log.warning(
-        "referral_fact_ignored", hospital=event.hospital, reason_code=reason_code, detail=detail
+        "referral_fact_ignored",
+        hospital=event.hospital,
+        reason_code=reason_code.value,
+        detail=detail,
     )
 
 
@@ -146,7 +158,7 @@ async def forget_physician(
     if uow.stream_seq is not None and await _earlier_request_waits(uow, cmd.physician_id):
         raise NotYetKnown("an earlier referral of this physician is waiting")
     await forget(uow, cmd.physician_id, cmd.requested_on, command_seq=uow.stream_seq)
-    FORGOTTEN.labels("command").inc()
+    count_forgotten("command")
     queued()
 
 
