@@ -49,7 +49,10 @@ The design, in full:
   protected route (either of them where either is accepted).
 
 NATS is guarded separately: each hospital's NATS user may only publish its own commands and
-read its own events (``postctl/tenants.py``, proved by ``tests/integration/test_deploy.py``).
+read its own events (``shared/tenants.py``, proved by ``tests/integration/test_deploy.py``).
+
+Over 500 lines on purpose: every token rule, the tokens file and the access log in one module,
+so that a route's rule is read and checked against one place (tests/unit/test_auth.py).
 """
 
 from __future__ import annotations

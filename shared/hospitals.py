@@ -6,7 +6,7 @@ hospital's first event, wants explicit acks within 30 s and redelivers until ack
 has the stream's replicas (a cluster's R3 stream: R3 consumer, so it survives a node). Only the
 platform creates, changes or deletes it (onboarding, `postctl hospital sync`, the embedded
 platform's start); the hospital's key may only pull from it, ack and read its info
-(postctl/tenants.py). The services create nothing here: the referral service only reports
+(shared/tenants.py). The services create nothing here: the referral service only reports
 `post_hospital_events_pending`.
 """
 

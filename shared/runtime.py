@@ -140,7 +140,7 @@ class NatsServer:
 
     @property
     def tenants_file(self) -> Path:
-        """The hospitals' keys (postctl/tenants.py), included by the server's config."""
+        """The hospitals' keys (shared/tenants.py), included by the server's config."""
         return self.data_dir / "tenants.conf"
 
     def start(self) -> NatsServer:
