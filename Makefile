@@ -35,6 +35,7 @@ test: $(STAMP) system-deps lint typecheck
 lint: $(STAMP)
 	$(BIN)/ruff check shared services postctl tests bench
 	$(BIN)/ruff format --check shared services postctl tests bench
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
 	$(BIN)/mypy shared services

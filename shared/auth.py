@@ -49,7 +49,10 @@ The design, in full:
   protected route (either of them where either is accepted).
 
 NATS is guarded separately: each hospital's NATS user may only publish its own commands and
-read its own events (``postctl/tenants.py``, proved by ``tests/integration/test_deploy.py``).
+read its own events (``shared/tenants.py``, proved by ``tests/integration/test_deploy.py``).
+
+Over 500 lines on purpose: every token rule, the tokens file and the access log in one module,
+so that a route's rule is read and checked against one place (tests/unit/test_auth.py).
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.contracts import HOSPITAL_PATTERN, is_hospital_id
-from shared.http import HttpRejection, problem
+from shared.http import AuthReason, HttpRejection, problem
 from shared.settings import env_name, raw
 
 __all__ = [
@@ -344,7 +347,11 @@ class AuthRejection(HttpRejection):
     """An HTTP refusal for the caller's credentials (the service answers ``headers`` too)."""
 
     def __init__(
-        self, status: int, reason_code: str, detail: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        reason_code: AuthReason,
+        detail: str,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(status, reason_code, detail)
         self.headers = headers
@@ -409,7 +416,7 @@ def _forbidden(request: Request, detail: str) -> AuthRejection:
     return AuthRejection(403, "forbidden", detail)
 
 
-def _refused(request: Request, reason_code: str) -> None:
+def _refused(request: Request, reason_code: AuthReason) -> None:
     service = getattr(getattr(request.app.state, "service", None), "name", "unknown")
     AUTH_REFUSED.labels(service, reason_code).inc()
 

@@ -277,7 +277,9 @@ async def replay_position(js: JetStreamContext, services: Iterable[str] = SERVIC
     return max(position, first)
 
 
-async def work_subjects(js: JetStreamContext, services: Iterable[str] = SERVICES) -> dict:
+async def work_subjects(
+    js: JetStreamContext, services: Iterable[str] = SERVICES
+) -> dict[str, list[str]]:
     """Each service's subjects of `POST`, as its work stream sources them."""
     found: dict[str, list[str]] = {}
     for service in services:

@@ -51,7 +51,7 @@ class HospitalKeys:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def seed(self, hospital: str) -> Path:
-        from postctl import tenants
+        from shared import tenants
 
         path = self.seeds / f"{hospital}.nk"
         async with self._lock:  # one rewrite of the tenants file at a time

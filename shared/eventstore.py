@@ -1,5 +1,9 @@
 """The append-only event store of one service, on asyncpg, and its schema migrations.
 
+Append-only, with one exception: forgetting a physician (CONTRACT.md 1.1) rewrites the stored
+events that name them (`EventStore.forget_in_data`). This is the one module that writes the
+``events`` table; nothing else may update or delete a stored event.
+
 Each service owns a PostgreSQL schema; its connections set ``search_path`` to it, so the
 shared tables (``events``, ``outbox``, ``processed``) and the service's own read models use
 unqualified names.
@@ -8,7 +12,7 @@ unqualified names.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -346,3 +350,34 @@ class EventStore:
             limit,
         )
         return [_stored(r) for r in rows]
+
+    async def forget_in_data(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        event_type: str,
+        hospital: str,
+        key: str,
+        ids: Sequence[str],
+        field: str,
+        old: str,
+        changes: Mapping[str, Any],
+    ) -> None:
+        """The one rewrite of stored events, for forgetting: every `event_type` of `hospital`
+        whose ``data[key]`` is one of `ids` and whose ``data[field]`` is `old` gets `changes`
+        merged into its data, in the caller's transaction. Versions, positions and ids stay:
+        a stream reads as before, with the forget's id in place of the physician's."""
+        await conn.execute(
+            """
+            UPDATE events SET data = data || $6::jsonb
+            WHERE event_type = $1 AND metadata->>'hospital' = $2
+              AND data->>$3 = ANY($4::text[]) AND data->>$5 = $7
+            """,
+            event_type,
+            hospital,
+            key,
+            list(ids),
+            field,
+            dict(changes),
+            old,
+        )

@@ -6,7 +6,7 @@ hospital's first event, wants explicit acks within 30 s and redelivers until ack
 has the stream's replicas (a cluster's R3 stream: R3 consumer, so it survives a node). Only the
 platform creates, changes or deletes it (onboarding, `postctl hospital sync`, the embedded
 platform's start); the hospital's key may only pull from it, ack and read its info
-(postctl/tenants.py). The services create nothing here: the referral service only reports
+(shared/tenants.py). The services create nothing here: the referral service only reports
 `post_hospital_events_pending`.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import structlog
 from nats.errors import NoRespondersError
@@ -25,9 +25,6 @@ from nats.js.errors import NotFoundError, ServiceUnavailableError
 from prometheus_client import Gauge
 
 from shared.contracts import STREAM_NAME, evt_subject
-
-if TYPE_CHECKING:
-    from shared.service import Service
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -141,31 +138,33 @@ async def pending(js: JetStreamContext) -> dict[str, int]:
             return found
 
 
-_EXPORTED: set[str] = set()
+class PendingGauge:
+    """`post_hospital_events_pending`, for the hospitals whose partition this instance holds:
+    summed over instances each hospital counts once, and a hospital that moved leaves this
+    instance's /metrics. It remembers what it exported (to remove it)."""
 
+    def __init__(self, js: JetStreamContext, owns: Callable[[str], bool]) -> None:
+        self.js = js
+        self.owns = owns
+        self._exported: set[str] = set()
 
-async def refresh_pending_gauge(service: Service) -> None:
-    """The hospitals whose partition this instance holds: summed over instances each hospital
-    counts once, and a hospital that moved leaves this instance's /metrics."""
-    assert service.js is not None
-    exported = set()
-    for hospital, count in (await pending(service.js)).items():
-        if service.owns(hospital):
-            HOSPITAL_EVENTS_PENDING.labels(hospital).set(count)
-            exported.add(hospital)
-    for hospital in _EXPORTED - exported:
-        HOSPITAL_EVENTS_PENDING.remove(hospital)
-    _EXPORTED.clear()
-    _EXPORTED.update(exported)
+    async def refresh(self) -> None:
+        exported = set()
+        for hospital, count in (await pending(self.js)).items():
+            if self.owns(hospital):
+                HOSPITAL_EVENTS_PENDING.labels(hospital).set(count)
+                exported.add(hospital)
+        for hospital in self._exported - exported:
+            HOSPITAL_EVENTS_PENDING.remove(hospital)
+        self._exported = exported
 
-
-async def pending_gauge(service: Service, interval: float = 5.0) -> None:
-    """A background task of the referral service (services/referral/app.py)."""
-    while True:
-        try:
-            await refresh_pending_gauge(service)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # NATS away for a moment: next time
-            log.debug("hospital_pending_unavailable", error=repr(exc))
-        await asyncio.sleep(min(interval, service.settings.timer_interval * 5))
+    async def run(self, interval: float = 5.0) -> None:
+        """A background task of the referral service (services/referral/app.py)."""
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away for a moment: next time
+                log.debug("hospital_pending_unavailable", error=repr(exc))
+            await asyncio.sleep(interval)

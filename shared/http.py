@@ -4,7 +4,7 @@ request body as strictly as from NATS, and the service behind a route."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,9 +13,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import limits
 from shared.contracts import Command, ReasonCode, Rejected, describe_errors, parse_payload
-
-if TYPE_CHECKING:
-    from shared.service import Service
 
 HTTP_STATUS = {
     ReasonCode.invalid_payload: 422,
@@ -34,8 +31,12 @@ HTTP_STATUS = {
 }
 
 
+# An HTTP refusal's `reason_code`: the contract's, or one of the token rules' (shared/auth.py).
+AuthReason = Literal["unauthenticated", "forbidden"]
+
+
 class HttpRejection(Exception):
-    def __init__(self, status: int, reason_code: str, detail: str) -> None:
+    def __init__(self, status: int, reason_code: ReasonCode | AuthReason, detail: str) -> None:
         super().__init__(detail)
         self.status = status
         self.reason_code = reason_code
@@ -208,11 +209,6 @@ def problem(description: str = "refused, with a reason code") -> dict[str, Any]:
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: problem() for status in statuses}
-
-
-def service_of(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
 
 
 def command_body(model: type[Command]) -> dict[str, Any]:

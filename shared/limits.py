@@ -24,9 +24,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Literal
 
-PAYLOAD_TOO_LARGE = "payload_too_large"
-PAYLOAD_TOO_DEEP = "payload_too_deep"
+# The two refusals of a body beyond its limits (values of `shared.errors.ReasonCode`).
+LimitReason = Literal["payload_too_large", "payload_too_deep"]
+PAYLOAD_TOO_LARGE: LimitReason = "payload_too_large"
+PAYLOAD_TOO_DEEP: LimitReason = "payload_too_deep"
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ FHIR = Limits(max_bytes=1024 * 1024, max_depth=64)
 class LimitExceeded(Exception):
     """A body beyond a limit: `reason_code` is ``payload_too_large`` or ``payload_too_deep``."""
 
-    def __init__(self, reason_code: str, detail: str) -> None:
+    def __init__(self, reason_code: LimitReason, detail: str) -> None:
         super().__init__(f"{reason_code}: {detail}")
         self.reason_code = reason_code
         self.detail = detail

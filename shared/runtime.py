@@ -169,11 +169,11 @@ class NatsServer:
 
     @property
     def tenants_file(self) -> Path:
-        """The hospitals' keys (postctl/tenants.py), included by the server's config."""
+        """The hospitals' keys (shared/tenants.py), included by the server's config."""
         return self.data_dir / "tenants.conf"
 
     def start(self) -> NatsServer:
-        from postctl import tenants
+        from shared import tenants
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "nats-server.log", "ab")
@@ -218,7 +218,7 @@ class NatsServer:
         """Before version 1.2 the stream lived in the global account (`$G`), whose store is the
         folder `jetstream/$G`; now in account POST (`jetstream/POST`). A store from before is
         moved, once, while no server runs: every stream, message and consumer position kept."""
-        from postctl import tenants
+        from shared import tenants
 
         old = self.data_dir / "jetstream" / "$G"
         new = self.data_dir / "jetstream" / tenants.ACCOUNT
@@ -509,8 +509,7 @@ class Platform:
 
         import nats
 
-        from postctl import tenants
-        from shared import hospitals
+        from shared import hospitals, tenants
         from shared.settings import nats_tls
 
         assert self.nats is not None

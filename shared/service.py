@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import asyncpg
 import nats
 import structlog
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
@@ -47,7 +48,46 @@ from shared.unit_of_work import Handler, UnitOfWork
 
 log = structlog.get_logger()
 
-Background = Callable[["Service"], Awaitable[None]]
+UnitOfWorkFactory = Callable[[str], AbstractAsyncContextManager[UnitOfWork]]
+
+
+@dataclass(frozen=True)
+class Running:
+    """What a started instance has, whole: `Service.start` builds it once the pool, NATS and
+    the partitions are up. A background task is given it and takes only the parts it uses
+    (app.py wires each: `OverdueTimer(running.pool, running.unit_of_work, ...)`), as
+    cosmicpython's bootstrap injects each handler's dependencies."""
+
+    name: str
+    pool: asyncpg.Pool
+    js: JetStreamContext
+    clock: Clock
+    settings: Settings
+    ownership: Ownership | None
+    unit_of_work: UnitOfWorkFactory
+
+    @property
+    def partitions(self) -> list[int]:
+        """The partitions this instance holds now."""
+        return self.ownership.held() if self.ownership is not None else []
+
+    @property
+    def instance(self) -> str:
+        """This instance's name among the service's ("-" without partitions)."""
+        return self.ownership.instance if self.ownership is not None else "-"
+
+    def owns(self, hospital: str) -> bool:
+        """This instance holds the hospital's partition (its gauges are this instance's to
+        export, so that a sum over instances counts each once)."""
+        return partition_of(hospital) in self.partitions
+
+
+# A background task: run forever beside the consumer, given what the instance has.
+Background = Callable[[Running], Awaitable[None]]
+
+
+class NotStarted(RuntimeError):
+    """The service's pool or NATS asked for before `start` (or after `stop`)."""
 
 
 class ClockAdvance(BaseModel):
@@ -93,6 +133,12 @@ async def ensure_stream(js: JetStreamContext, replicas: int = 1, timeout: float 
         log.info("stream.waiting", waiting_for=waited_for)
         await asyncio.sleep(0.25)
     raise TimeoutError(f"no answer from {waited_for} after {timeout:.0f} s")
+
+
+def service_of(request: Request) -> Service:
+    """The service a route runs in (views.py must not import app.py)."""
+    service: Service = request.app.state.service
+    return service
 
 
 # --- the service ------------------------------------------------------------------------------
@@ -149,9 +195,11 @@ class Service:
             else [cmd_subject("*", t) for t in self.dispatcher.command_handlers]
         )
         self.subjects = commands + [evt_subject("*", t) for t in self.dispatcher.event_handlers]
-        self.pool: asyncpg.Pool = None  # type: ignore[assignment]
-        self.nc: NATS | None = None
-        self.js: JetStreamContext = None  # type: ignore[assignment]
+        # What start() opens, to close in stop() even when start() failed half-way; the whole
+        # of it, once started, is `running` (never half-built).
+        self._pool: asyncpg.Pool | None = None
+        self._nc: NATS | None = None
+        self._running: Running | None = None
         self.ownership: Ownership | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -159,31 +207,44 @@ class Service:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def open_database(self) -> None:
-        if self.pool is None:
-            self.pool = await create_pool(self.settings.database_url.get_secret_value(), self.name)
+    @property
+    def running(self) -> Running:
+        """The started instance's pool, NATS, clock and partitions; `NotStarted` before."""
+        if self._running is None:
+            raise NotStarted(f"the {self.name} service is not running")
+        return self._running
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.running.pool
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self.running.js
+
+    async def start(self) -> None:
+        if self._pool is None:
+            self._pool = await create_pool(self.settings.database_url.get_secret_value(), self.name)
             try:
-                await migrate(self.pool, self.name, self.migrations)
+                await migrate(self._pool, self.name, self.migrations)
             except MigrationChangedError as exc:
                 log.error("migration_changed", migration=exc.version, file=str(exc.path))
                 raise
-
-    async def start(self) -> None:
-        await self.open_database()
-        self.nc = await nats.connect(
+        pool = self._pool
+        self._nc = await nats.connect(
             self.settings.nats_servers,
             name=f"post-{self.name}",
             tls=self.settings.nats_tls(),
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
         )
-        self.js = self.nc.jetstream()
-        await ensure_stream(self.js, self.settings.stream_replicas)
+        js = self._nc.jetstream()
+        await ensure_stream(js, self.settings.stream_replicas)
         self._stop.clear()
         if self.subjects:
             for attempt in range(240):  # a busy or starting cluster answers late: wait it out
                 try:
-                    await self._ensure_work_stream()
+                    await self._ensure_work_stream(js)
                     break
                 except (NatsTimeoutError, NoRespondersError, ServiceUnavailableError):
                     if attempt == 239:
@@ -192,32 +253,35 @@ class Service:
             self.ownership = Ownership(
                 self.name,
                 self.dispatcher,
-                self.pool,
-                self.js,
+                pool,
+                js,
                 self.settings,
                 self.settings.http_port(self.name),
             )
             ownership = self.ownership
             self._spawn("partitions", lambda: ownership.run(self._stop))
             self._spawn("lag", self._report_lag)
+        running = self._running = Running(
+            self.name, pool, js, self.clock, self.settings, self.ownership, self.unit_of_work
+        )
         for fn in self.background:
-            self._spawn(fn.__name__, lambda fn=fn: fn(self))  # type: ignore[misc]
+            self._spawn(fn.__name__, lambda fn=fn: fn(running))  # type: ignore[misc]
         SERVICE_UP.labels(self.name).set(1)
         log.info("service_started", nats=self.settings.nats_hosts)
 
-    async def _ensure_work_stream(self) -> None:
+    async def _ensure_work_stream(self, js: JetStreamContext) -> None:
         """The work stream; a service of the single-consumer releases (a durable consumer on
         `POST` named after it) goes on from the first message it had not acknowledged."""
         start_seq, start_time = None, None
         if self.deliver_policy == DeliverPolicy.NEW:
             start_time = datetime.now(UTC)
         try:
-            old = await self.js.consumer_info(STREAM_NAME, self.name)
+            old = await js.consumer_info(STREAM_NAME, self.name)
             start_seq = (old.ack_floor.stream_seq if old.ack_floor else 0) + 1
         except NotFoundError:
             old = None
         await ensure_work_stream(
-            self.js,
+            js,
             self.name,
             self.subjects,
             self.settings.stream_replicas,
@@ -225,7 +289,7 @@ class Service:
             start_time=start_time,
         )
         if old is not None:
-            await self.js.delete_consumer(STREAM_NAME, self.name)
+            await js.delete_consumer(STREAM_NAME, self.name)
             log.info("single_consumer_retired", resumed_from_stream_seq=start_seq)
 
     async def stop(self) -> None:
@@ -237,17 +301,18 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        if self.nc is not None:
+        self._running = None
+        if self._nc is not None:
             # Every publish was already acknowledged, so a plain close loses nothing.
-            await self.nc.close()
-            self.nc = None
-        if self.pool is not None:
+            await self._nc.close()
+            self._nc = None
+        if self._pool is not None:
             try:
-                await asyncio.wait_for(self.pool.close(), timeout=5)
+                await asyncio.wait_for(self._pool.close(), timeout=5)
             except Exception as exc:
                 log.warning("database_close_slow", error=repr(exc))
-                self.pool.terminate()
-            self.pool = None  # type: ignore[assignment]
+                self._pool.terminate()
+            self._pool = None
         log.info("service_stopped")
 
     def _spawn(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
@@ -271,7 +336,8 @@ class Service:
             try:
                 if self.ownership is not None:
                     await self.ownership.report_lag()
-                await report_backlog(self.name, self.pool)
+                if self._running is not None:
+                    await report_backlog(self.name, self._running.pool)
             except Exception as exc:
                 log.debug("lag_unavailable", error=repr(exc))
             await asyncio.sleep(5)
@@ -376,14 +442,15 @@ class Service:
         async def readyz() -> JSONResponse:
             """Database and NATS reachable, partitions looked after; which this instance holds."""
             ownership = self.ownership
+            running = self._running
             checks = {
-                "database": self.pool is not None,
-                "nats": self.nc is not None and self.nc.is_connected,
+                "database": running is not None,
+                "nats": self._nc is not None and self._nc.is_connected,
                 "partitions": ownership is None or ownership.running,
             }
-            if checks["database"]:
+            if running is not None:
                 try:
-                    async with self.pool.acquire(timeout=2) as conn:
+                    async with running.pool.acquire(timeout=2) as conn:
                         await conn.fetchval("SELECT 1")
                 except Exception:
                     checks["database"] = False

@@ -18,18 +18,9 @@ from typing import Any
 import asyncpg
 
 from shared.clock import Clock
-from shared.contracts import Event, ReasonCode, new_id
+from shared.contracts import Event, new_id
+from shared.errors import NotYetKnown as NotYetKnown  # re-exported: the domains raise it
 from shared.eventstore import EventStore, NewEvent, StoredEvent
-
-
-class NotYetKnown(Exception):
-    """The command depends on a fact this service has not seen yet: try again later."""
-
-    def __init__(self, detail: str, reason_code: ReasonCode = ReasonCode.unknown_referral) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.reason_code = reason_code
-
 
 # The namespace of every event id the platform draws (`UnitOfWork.event_id`).
 _EVENT_IDS = uuid.UUID("6f1d3c52-8a4e-4f0b-9c7e-2b5d1a9e4c30")

@@ -19,7 +19,8 @@ import asyncio
 import contextlib
 import json
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
@@ -36,10 +37,9 @@ from shared.eventstore import connect
 from shared.partitions import lock_key, sleep_or_stop
 from shared.settings import Settings
 
-if TYPE_CHECKING:
-    from shared.service import Service
-
 log = structlog.get_logger()
+
+T = TypeVar("T")
 
 LOCK = "webhooks"  # the first key of the (webhooks, partition) leases
 POLL_SECONDS = 0.5  # a caught-up webhook looks for its next event this often
@@ -153,7 +153,7 @@ class WebhookPartition:
         self._lock = asyncio.Lock()
         self._caught_up: set[str] = set()
 
-    async def _db(self, query, *args):  # type: ignore[no-untyped-def]
+    async def _db(self, query: Callable[..., Awaitable[T]], *args: Any) -> T:
         """One statement on the lease's connection (one user at a time)."""
         async with self._lock:
             conn = self._conn
@@ -289,21 +289,27 @@ class WebhookPartition:
                 return
 
 
-async def delivery(service: Service) -> None:
-    """The background: a `WebhookPartition` for each partition this instance holds."""
-    key = webhooks.sealing_key(service.settings.data_dir)
+async def delivery(
+    js: JetStreamContext,
+    settings: Settings,
+    held: Callable[[], Iterable[int]],
+    instance: Callable[[], str],
+) -> None:
+    """The background: a `WebhookPartition` for each partition this instance holds (`held`,
+    asked every second; `instance`: this instance's name, the lease holder's)."""
+    key = webhooks.sealing_key(settings.data_dir)
     workers: dict[int, tuple[WebhookPartition, asyncio.Task[None]]] = {}
     try:
         while True:
-            held = set(service.partitions)
-            instance = service.ownership.instance if service.ownership is not None else "-"
+            holding = set(held())
+            name = instance()
             for p, (worker, task) in list(workers.items()):
                 if task.done():
                     del workers[p]
-                elif p not in held:
+                elif p not in holding:
                     worker.stop.set()  # its task ends within a poll; the new holder waits for it
-            for p in held - workers.keys():
-                worker = WebhookPartition(p, service.js, service.settings, instance, key)
+            for p in holding - workers.keys():
+                worker = WebhookPartition(p, js, settings, name, key)
                 workers[p] = (worker, asyncio.create_task(_supervised(worker)))
             await asyncio.sleep(1.0)
     finally:

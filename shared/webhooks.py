@@ -71,7 +71,7 @@ def retry_delay(failures: int, rng: random.Random | None = None) -> float:
     """Seconds before the next attempt after `failures` failed ones in a row: about 1 s, doubling,
     never more than MAX_DELAY; a tenth of jitter below, so that endpoints that failed together
     are not all tried at once again."""
-    base = min(FIRST_DELAY * 2 ** max(failures - 1, 0), MAX_DELAY)
+    base: float = min(FIRST_DELAY * 2.0 ** max(failures - 1, 0), MAX_DELAY)
     return base * (rng or random).uniform(0.9, 1.0)
 
 
@@ -219,7 +219,8 @@ async def register(
 
 
 async def unregister(conn: asyncpg.Connection, hospital: str) -> bool:
-    return (await conn.execute("DELETE FROM webhooks WHERE hospital = $1", hospital)) != "DELETE 0"
+    done: str = await conn.execute("DELETE FROM webhooks WHERE hospital = $1", hospital)
+    return done != "DELETE 0"
 
 
 async def of_partition(conn: asyncpg.Connection, partition: int) -> list[str]:
@@ -247,7 +248,7 @@ async def acknowledged(conn: asyncpg.Connection, hook: Webhook, seq: int) -> boo
         seq,
         hook.sealed,
     )
-    return done != "UPDATE 0"
+    return bool(done != "UPDATE 0")
 
 
 async def failed(conn: asyncpg.Connection, hook: Webhook, error: str) -> int:

@@ -35,7 +35,7 @@ from shared.contracts import Event
 from shared.settings import current, env_name
 
 if TYPE_CHECKING:
-    from shared.service import Service
+    from shared.service import Running as Service
 
 log = structlog.get_logger()
 

@@ -29,7 +29,8 @@ from shared.auth import (
     require_region_token,
 )
 from shared.contracts import ReasonCode, Rejected, is_hospital_id
-from shared.http import HttpRejection, http_error, problem, service_of
+from shared.http import HttpRejection, http_error, problem
+from shared.service import service_of
 
 router = APIRouter(tags=["analytics"])
 

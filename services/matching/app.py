@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from pathlib import Path
 
-from services.matching import handlers, timer, views
-from shared.service import Service
+from services.matching import background, handlers, views
+from shared.service import Running, Service
+
+
+def overdue_timer(running: Running) -> Awaitable[None]:
+    """The 48-hour timer (background.OverdueTimer), given what it uses."""
+    timer = background.OverdueTimer(running.pool, running.unit_of_work, running.clock, running.owns)
+    return timer.run(running.settings.timer_interval)
+
 
 service = Service(
     "matching",
@@ -28,7 +36,7 @@ service = Service(
     },
     migrations=Path(__file__).parent / "migrations",
     routers=[views.router],
-    background=[timer.overdue_timer],
+    background=[overdue_timer],
     description=(
         "Hospitals, departments, the trained supporter roster, their availability and the"
         " matching policies; every ReferralCreated becomes a SupporterAssigned (due in 48 hours)"

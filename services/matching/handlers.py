@@ -1,8 +1,8 @@
-"""The matching service's reactions: load, decide (domain), append, project (tables).
+"""The matching service's reactions: load, decide (domain), append, project (store).
 
 Every handler runs in one transaction (`uow`). The tables follow this service's own events
-through `tables.project`, except what other services' facts write (`referrals`, a closed
-assignment): tables.py says how each is rebuilt.
+through `store.project` (one registered function per event type), except what other
+services' facts write (`referrals`, a closed assignment): store.py says how each is rebuilt.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from datetime import datetime
 import structlog
 from prometheus_client import Counter, Histogram
 
-from services.matching import domain, tables
+from services.matching import domain, store
 from shared.contracts import (
     CloseDepartment,
     Event,
@@ -66,7 +66,7 @@ async def record(
     """Append a decision's events and project them. A creating command that decided none
     (it repeats what `history` holds) is answered with a copy of the creation."""
     await uow.append_or_repeat(stream, version, events, history)
-    await tables.project(uow.conn, events, uow.now())
+    await store.project_all(uow.conn, events, uow.now())
 
 
 def count(hospital: str, choice: domain.Choice) -> None:
@@ -172,14 +172,14 @@ async def referral_created(event: ReferralCreated, uow: UnitOfWork) -> None:
     if event.hospital != uow.hospital:
         raise Rejected(ReasonCode.invalid_payload, "event hospital differs from its subject")
     received_at = uow.message_time or uow.now()
-    if not await tables.insert_referral(uow.conn, event, received_at):
+    if not await store.insert_referral(uow.conn, event, received_at):
         log.info("referral_already_matched")  # a second ReferralCreated for it: nothing to do
         return
     await rematch(uow, [event.referral_id], leaving=None)
 
 
 async def physician_forgotten(event: PhysicianForgotten, uow: UnitOfWork) -> None:
-    await tables.forget_physician(uow.conn, event)
+    await store.forget_physician(uow.conn, event)
 
 
 async def outreach_recorded(
@@ -188,7 +188,7 @@ async def outreach_recorded(
 ) -> None:
     """Any outreach or interaction keeps the 48-hour promise: the assignment is closed, and
     its supporter, now with one open assignment fewer, may be below their cap again."""
-    supporter = await tables.close_assignment(uow.conn, uow.hospital, event.referral_id, uow.now())
+    supporter = await store.close_assignment(uow.conn, uow.hospital, event.referral_id, uow.now())
     log.info("assignment_closed", closed=int(supporter is not None))
     if supporter is not None:
         await serve_waiting_if_freed(uow, supporter)
@@ -200,7 +200,7 @@ async def outreach_recorded(
 async def hand_over(uow: UnitOfWork, supporter_id: str) -> None:
     """A supporter retired or paused: each of their open referrals, oldest request first,
     goes to the next best (`reassigned`) or waits."""
-    referral_ids = await tables.open_referrals_of(uow.conn, uow.hospital, supporter_id)
+    referral_ids = await store.open_referrals_of(uow.conn, uow.hospital, supporter_id)
     await rematch(uow, referral_ids, leaving=supporter_id)
 
 
@@ -208,10 +208,10 @@ async def serve_waiting(uow: UnitOfWork, *, from_department: str | None) -> None
     """Someone may have become eligible: a supporter of `from_department` (trained, available
     again, below their cap), or anyone (None: a policy changed). The hospital's waiting
     referrals they could serve are matched in the order of requested_at, then referral_id."""
-    in_force = await tables.policies(uow.conn, uow.hospital)
+    in_force = await store.policies(uow.conn, uow.hospital)
     waiting = [
         referral_id
-        for referral_id, department in await tables.waiting_referrals(uow.conn, uow.hospital)
+        for referral_id, department in await store.waiting_referrals(uow.conn, uow.hospital)
         if from_department in (None, department)
         or domain.policy_in_force(in_force, department) != "same_department"
     ]
@@ -221,7 +221,7 @@ async def serve_waiting(uow: UnitOfWork, *, from_department: str | None) -> None
 async def serve_waiting_if_freed(uow: UnitOfWork, supporter_id: str) -> None:
     """A supporter lost an open assignment: if that took them below their cap, they may serve
     a waiting referral."""
-    department = await tables.frees_up(uow.conn, uow.hospital, supporter_id)
+    department = await store.frees_up(uow.conn, uow.hospital, supporter_id)
     if department is not None:
         await serve_waiting(uow, from_department=department)
 
@@ -240,9 +240,9 @@ async def rematch(
     and nothing new is recorded while still nobody is.
     """
     if in_force is None:
-        in_force = await tables.policies(uow.conn, uow.hospital)
+        in_force = await store.policies(uow.conn, uow.hospital)
     for referral_id in referral_ids:
-        found = await tables.load_referral(uow.conn, uow.hospital, referral_id)
+        found = await store.load_referral(uow.conn, uow.hospital, referral_id)
         if found is None:
             continue
         referral, received_at = found
@@ -250,7 +250,7 @@ async def rematch(
         history, version = await uow.load(stream)
         past = domain.assignment_from(history)
         policy = domain.policy_in_force(in_force, referral.department)
-        candidates, department_open = await tables.candidates(uow.conn, referral, policy)
+        candidates, department_open = await store.candidates(uow.conn, referral, policy)
         choice: domain.Choice | None
         if leaving is None and not past.decided:  # a new referral: its first matching outcome
             choice, events = domain.assign_referral(

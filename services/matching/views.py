@@ -1,5 +1,5 @@
 """Read side: departments with their supporter ratio, and the roster with its open load and
-availability. The SQL lives in tables.py."""
+availability. The SQL lives in store.py."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import asyncpg
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
-from services.matching import domain, tables
+from services.matching import domain, store
 from shared.auth import READ_RESPONSES, require_hospital_reader
 from shared.contracts import Rank, ReasonCode, Rejected, is_hospital_id
-from shared.http import http_error, problem, service_of
+from shared.http import http_error, problem
+from shared.service import service_of
 
 router = APIRouter(tags=["matching"])
 
@@ -45,7 +46,7 @@ class SupporterView(BaseModel):
 async def _known_hospital(pool: asyncpg.Pool, hospital: str) -> None:
     if not is_hospital_id(hospital):
         raise http_error(Rejected(ReasonCode.invalid_payload, "hospital: not a hospital id"))
-    if not await tables.hospital_known(pool, hospital):
+    if not await store.hospital_known(pool, hospital):
         raise http_error(Rejected(ReasonCode.unknown_hospital, "hospital is not registered"))
 
 
@@ -59,7 +60,7 @@ async def list_departments(hospital: str, request: Request) -> list[DepartmentVi
     """The hospital's departments, with active supporters and the 1:10 supporter ratio."""
     pool = service_of(request).pool
     await _known_hospital(pool, hospital)
-    rows = await tables.departments_with_supporters(pool, hospital)
+    rows = await store.departments_with_supporters(pool, hospital)
     views = []
     for row in rows:
         # A closed department's supporters are no longer active (CONTRACT.md, RE-AIM).
@@ -90,7 +91,7 @@ async def list_supporters(hospital: str, request: Request) -> list[SupporterView
     """The hospital's trained supporters, their status, availability and open assignments."""
     pool = service_of(request).pool
     await _known_hospital(pool, hospital)
-    rows = await tables.supporters_with_load(pool, hospital)
+    rows = await store.supporters_with_load(pool, hospital)
     return [
         SupporterView(
             supporter_id=row["supporter_id"],

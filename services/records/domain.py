@@ -25,7 +25,7 @@ from shared.contracts import (
     SubmitSurveyResponse,
     SurveyResponseRecorded,
 )
-from shared.unit_of_work import NotYetKnown
+from shared.errors import NotYetKnown
 
 # Clocks of hospital systems drift; a little ahead of ours is not a record from the future.
 CLOCK_SKEW = timedelta(minutes=5)

@@ -7,7 +7,7 @@ from datetime import UTC
 import structlog
 from prometheus_client import Counter, Histogram
 
-from services.records import domain
+from services.records import domain, store
 from shared import registry
 from shared.contracts import (
     Event,
@@ -46,51 +46,17 @@ SURVEY_RESPONSES = Counter(
 # --- what records learns from other services ------------------------------------------------
 
 
-async def _referral(uow: UnitOfWork, referral_id: str) -> domain.Referral | None:
-    row = await uow.conn.fetchrow(
-        "SELECT department, supporter_id FROM referrals WHERE hospital = $1 AND referral_id = $2",
-        uow.hospital,
-        referral_id,
-    )
-    if row is None:
-        return None
-    return domain.Referral(
-        referral_id=referral_id, department=row["department"], supporter_id=row["supporter_id"]
-    )
-
-
 # What matching tells records about hospitals and departments: the one rule of shared/registry
 # (the names app.py wires).
 hospital_registered = department_launched = department_closed = registry.record
 
 
 async def referral_created(event: ReferralCreated, uow: UnitOfWork) -> None:
-    # The assignment may have been seen first (it carries the department too): keep it.
-    await uow.conn.execute(
-        "INSERT INTO referrals (hospital, referral_id, department, requested_at)"
-        " VALUES ($1, $2, $3, $4)"
-        " ON CONFLICT (hospital, referral_id) DO UPDATE SET requested_at = EXCLUDED.requested_at",
-        uow.hospital,
-        event.referral_id,
-        event.department,
-        event.requested_at,
-    )
+    await store.referral_created(uow.conn, uow.hospital, event)
 
 
 async def supporter_assigned(event: SupporterAssigned, uow: UnitOfWork) -> None:
-    # A reassignment replaces the supporter; an older assignment seen late does not.
-    await uow.conn.execute(
-        "INSERT INTO referrals (hospital, referral_id, department, supporter_id, assigned_at)"
-        " VALUES ($1, $2, $3, $4, $5)"
-        " ON CONFLICT (hospital, referral_id) DO UPDATE"
-        " SET supporter_id = EXCLUDED.supporter_id, assigned_at = EXCLUDED.assigned_at"
-        " WHERE referrals.assigned_at IS NULL OR referrals.assigned_at <= EXCLUDED.assigned_at",
-        uow.hospital,
-        event.referral_id,
-        event.department,
-        event.supporter_id,
-        event.assigned_at,
-    )
+    await store.supporter_assigned(uow.conn, uow.hospital, event)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -99,7 +65,7 @@ async def supporter_assigned(event: SupporterAssigned, uow: UnitOfWork) -> None:
 async def record_outreach(cmd: RecordOutreach, uow: UnitOfWork) -> None:
     stream = domain.outreach_stream(uow.hospital, cmd.referral_id)
     history, version = await uow.load(stream)
-    referral = await _referral(uow, cmd.referral_id)
+    referral = await store.referral(uow.conn, uow.hospital, cmd.referral_id)
     # Raises NotYetKnown (the consumer retries it) while the facts it needs are on their way.
     events = domain.record_outreach(uow.hospital, cmd, referral, history, uow.now())
     await uow.append(stream, version, events)
@@ -110,7 +76,7 @@ async def record_outreach(cmd: RecordOutreach, uow: UnitOfWork) -> None:
 async def record_interaction(cmd: RecordInteraction, uow: UnitOfWork) -> None:
     stream = domain.outreach_stream(uow.hospital, cmd.referral_id)
     history, version = await uow.load(stream)
-    referral = await _referral(uow, cmd.referral_id)
+    referral = await store.referral(uow.conn, uow.hospital, cmd.referral_id)
     events = domain.record_interaction(
         uow.hospital, cmd, referral, history, uow.now().astimezone(UTC).date()
     )

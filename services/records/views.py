@@ -17,7 +17,8 @@ from shared.contracts import (
     SubmitSurveyResponse,
     is_hospital_id,
 )
-from shared.http import command_body, http_error, problem, read_command, service_of
+from shared.http import command_body, http_error, problem, read_command
+from shared.service import service_of
 
 router = APIRouter(tags=["records"])
 

@@ -36,8 +36,8 @@ from shared.http import (
     http_error,
     problem,
     read_command,
-    service_of,
 )
+from shared.service import service_of
 
 log = structlog.get_logger()
 router = APIRouter(tags=["referrals"])

@@ -1,6 +1,6 @@
 """The hospital kit's models (clients/python, `post_client.contracts`) are the platform's own:
 every command, event and the CloudEvents envelope has the same JSON Schema, field by field.
-The kit's module is generated from shared/contracts.py (clients/python/sync_contracts.py)."""
+The kit's package is generated from shared/contracts/ (clients/python/sync_contracts.py)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import json
 from datetime import UTC, date, datetime
 
 from services.referral.domain import closing_date
-from services.referral.forgetting import FORGET_PREFIX, Action, Job, new_forget_id
+from services.referral.domain.forgetting import FORGET_PREFIX, Action, Job, new_forget_id
 from shared.contracts import InteractionCompleted, OutreachAccepted, SupporterAssigned
 
 P = "doc-7"

@@ -1,5 +1,5 @@
 """Limits before decoding (shared/limits.py) and refusals that repeat nothing sent
-(shared/contracts.py, shared/http.py): no recursion, no echo, a reason code for each."""
+(shared/contracts/, shared/http.py): no recursion, no echo, a reason code for each."""
 
 from __future__ import annotations
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Literal
 
 from shared.contracts import (
     AssignmentOverdue,
+    AssignmentReason,
     Event,
     EventNature,
     MatchingPolicy,
@@ -31,16 +33,27 @@ RECENT_WINDOW = timedelta(days=365)
 
 # `NoSupporterAvailable.reason`: the rule at which nobody was left. The first names the
 # departments the policy allows.
-NO_SUPPORTERS_IN_DEPARTMENT = "no_supporters_in_department"
-NO_SUPPORTERS_IN_OTHER_DEPARTMENTS = "no_supporters_in_other_departments"
-NO_SUPPORTERS_IN_HOSPITAL = "no_supporters_in_hospital"
-ALL_EXCLUDED_AS_PHYSICIAN_OR_REFERRER = "all_excluded_as_physician_or_referrer"
-ALL_EXCLUDED_BY_RANK = "all_excluded_by_rank"
-ALL_EXCLUDED_BY_INTERVENTIONAL = "all_excluded_by_interventional"
-ALL_ALREADY_TRIED = "all_already_tried"
-ALL_UNAVAILABLE = "all_unavailable"  # someone passes every other rule; all such are paused or full
+NoSupporterReason = Literal[
+    "no_supporters_in_department",
+    "no_supporters_in_other_departments",
+    "no_supporters_in_hospital",
+    "all_excluded_as_physician_or_referrer",
+    "all_excluded_by_rank",
+    "all_excluded_by_interventional",
+    "all_already_tried",
+    "all_unavailable",
+]
+NO_SUPPORTERS_IN_DEPARTMENT: NoSupporterReason = "no_supporters_in_department"
+NO_SUPPORTERS_IN_OTHER_DEPARTMENTS: NoSupporterReason = "no_supporters_in_other_departments"
+NO_SUPPORTERS_IN_HOSPITAL: NoSupporterReason = "no_supporters_in_hospital"
+ALL_EXCLUDED_AS_PHYSICIAN_OR_REFERRER: NoSupporterReason = "all_excluded_as_physician_or_referrer"
+ALL_EXCLUDED_BY_RANK: NoSupporterReason = "all_excluded_by_rank"
+ALL_EXCLUDED_BY_INTERVENTIONAL: NoSupporterReason = "all_excluded_by_interventional"
+ALL_ALREADY_TRIED: NoSupporterReason = "all_already_tried"
+# someone passes every other rule; all such are paused or full
+ALL_UNAVAILABLE: NoSupporterReason = "all_unavailable"
 
-_FIRST_RULE: dict[MatchingPolicy, str] = {
+_FIRST_RULE: dict[MatchingPolicy, NoSupporterReason] = {
     "same_department": NO_SUPPORTERS_IN_DEPARTMENT,
     "other_department": NO_SUPPORTERS_IN_OTHER_DEPARTMENTS,
     "same_then_other": NO_SUPPORTERS_IN_HOSPITAL,
@@ -151,7 +164,7 @@ class Choice:
     """The outcome of matching: a supporter with a reason, or nobody with the reason why."""
 
     supporter_id: str | None
-    reason: str
+    reason: AssignmentReason | NoSupporterReason
     # Why a lead's `assign_to` was not honoured (logged), None when it was or none was given.
     manual_refused: str | None = None
 

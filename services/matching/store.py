@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from functools import singledispatch
+from typing import Literal
 
 import asyncpg
 
@@ -45,97 +47,150 @@ from shared.contracts import (
 # --- written from this service's own events ---------------------------------------------------
 
 
-async def project(conn: asyncpg.Connection, events: Sequence[Event], now: datetime) -> None:
-    """Apply appended events to the read tables, in the same transaction."""
+async def project_all(conn: asyncpg.Connection, events: Sequence[Event], now: datetime) -> None:
+    """Apply appended events to the read tables, in the same transaction (`now`: the service
+    clock, when an assignment ended)."""
     for event in events:
-        if isinstance(event, HospitalRegistered):
-            await conn.execute(
-                "INSERT INTO hospitals (hospital, name, physician_count) VALUES ($1, $2, $3)",
-                event.hospital,
-                event.name,
-                event.physician_count,
-            )
-        elif isinstance(event, DepartmentLaunched):
-            await conn.execute(
-                "INSERT INTO departments (hospital, department, physician_count, launched_on)"
-                " VALUES ($1, $2, $3, $4)",
-                event.hospital,
-                event.department,
-                event.physician_count,
-                event.launched_on,
-            )
-        elif isinstance(event, DepartmentClosed):
-            await conn.execute(
-                "UPDATE departments SET closed_on = $3 WHERE hospital = $1 AND department = $2",
-                event.hospital,
-                event.department,
-                event.closed_on,
-            )
-        elif isinstance(event, SupporterTrained):
-            await conn.execute(
-                "INSERT INTO supporters (hospital, supporter_id, department, rank,"
-                " interventional, trained_on) VALUES ($1, $2, $3, $4, $5, $6)",
-                event.hospital,
-                event.supporter_id,
-                event.department,
-                event.rank.value,
-                event.interventional,
-                event.trained_on,
-            )
-        elif isinstance(event, SupporterRetired):
-            await conn.execute(
-                "UPDATE supporters SET retired_on = $3 WHERE hospital = $1 AND supporter_id = $2",
-                event.hospital,
-                event.supporter_id,
-                event.retired_on,
-            )
-        elif isinstance(event, SupporterAvailabilityChanged):
-            await conn.execute(
-                "UPDATE supporters SET available = $3, max_open_assignments = $4"
-                " WHERE hospital = $1 AND supporter_id = $2",
-                event.hospital,
-                event.supporter_id,
-                event.available,
-                event.max_open_assignments,
-            )
-        elif isinstance(event, MatchingPolicySet):
-            await conn.execute(
-                "INSERT INTO policies (hospital, department, policy) VALUES ($1, $2, $3)"
-                " ON CONFLICT (hospital, department) DO UPDATE SET policy = excluded.policy",
-                event.hospital,
-                event.department or domain.HOSPITAL_WIDE,
-                event.policy,
-            )
-        elif isinstance(event, SupporterAssigned):
-            await _end_open_assignment(conn, event.hospital, event.referral_id, now)
-            await conn.execute(
-                "INSERT INTO assignments (hospital, referral_id, supporter_id, department,"
-                " requested_at, assigned_at, due_at, reason)"
-                " SELECT $1, $2, $3, $4, r.requested_at, $5, $6, $7 FROM referrals r"
-                " WHERE r.hospital = $1 AND r.referral_id = $2",
-                event.hospital,
-                event.referral_id,
-                event.supporter_id,
-                event.department,
-                event.assigned_at,
-                event.due_at,
-                event.reason,
-            )
-            await _set_referral_status(conn, event.hospital, event.referral_id, "assigned", None)
-        elif isinstance(event, AssignmentOverdue):
-            await conn.execute(
-                "UPDATE assignments SET status = 'overdue', ended_at = $4"
-                " WHERE hospital = $1 AND referral_id = $2 AND supporter_id = $3",
-                event.hospital,
-                event.referral_id,
-                event.supporter_id,
-                now,
-            )
-        elif isinstance(event, NoSupporterAvailable):
-            await _end_open_assignment(conn, event.hospital, event.referral_id, now)
-            await _set_referral_status(
-                conn, event.hospital, event.referral_id, "waiting", event.reason
-            )
+        await project(event, conn, now)
+
+
+@singledispatch
+async def project(event: Event, conn: asyncpg.Connection, now: datetime) -> None:
+    """The read tables one event changes: none, unless its type is registered below."""
+
+
+@project.register
+async def _hospital_registered(
+    event: HospitalRegistered, conn: asyncpg.Connection, now: datetime
+) -> None:
+    await conn.execute(
+        "INSERT INTO hospitals (hospital, name, physician_count) VALUES ($1, $2, $3)",
+        event.hospital,
+        event.name,
+        event.physician_count,
+    )
+
+
+@project.register
+async def _department_launched(
+    event: DepartmentLaunched, conn: asyncpg.Connection, now: datetime
+) -> None:
+    await conn.execute(
+        "INSERT INTO departments (hospital, department, physician_count, launched_on)"
+        " VALUES ($1, $2, $3, $4)",
+        event.hospital,
+        event.department,
+        event.physician_count,
+        event.launched_on,
+    )
+
+
+@project.register
+async def _department_closed(
+    event: DepartmentClosed, conn: asyncpg.Connection, now: datetime
+) -> None:
+    await conn.execute(
+        "UPDATE departments SET closed_on = $3 WHERE hospital = $1 AND department = $2",
+        event.hospital,
+        event.department,
+        event.closed_on,
+    )
+
+
+@project.register
+async def _supporter_trained(
+    event: SupporterTrained, conn: asyncpg.Connection, now: datetime
+) -> None:
+    await conn.execute(
+        "INSERT INTO supporters (hospital, supporter_id, department, rank,"
+        " interventional, trained_on) VALUES ($1, $2, $3, $4, $5, $6)",
+        event.hospital,
+        event.supporter_id,
+        event.department,
+        event.rank.value,
+        event.interventional,
+        event.trained_on,
+    )
+
+
+@project.register
+async def _supporter_retired(
+    event: SupporterRetired, conn: asyncpg.Connection, now: datetime
+) -> None:
+    await conn.execute(
+        "UPDATE supporters SET retired_on = $3 WHERE hospital = $1 AND supporter_id = $2",
+        event.hospital,
+        event.supporter_id,
+        event.retired_on,
+    )
+
+
+@project.register
+async def _availability_changed(
+    event: SupporterAvailabilityChanged, conn: asyncpg.Connection, now: datetime
+) -> None:
+    await conn.execute(
+        "UPDATE supporters SET available = $3, max_open_assignments = $4"
+        " WHERE hospital = $1 AND supporter_id = $2",
+        event.hospital,
+        event.supporter_id,
+        event.available,
+        event.max_open_assignments,
+    )
+
+
+@project.register
+async def _policy_set(event: MatchingPolicySet, conn: asyncpg.Connection, now: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO policies (hospital, department, policy) VALUES ($1, $2, $3)"
+        " ON CONFLICT (hospital, department) DO UPDATE SET policy = excluded.policy",
+        event.hospital,
+        event.department or domain.HOSPITAL_WIDE,
+        event.policy,
+    )
+
+
+@project.register
+async def _supporter_assigned(
+    event: SupporterAssigned, conn: asyncpg.Connection, now: datetime
+) -> None:
+    await _end_open_assignment(conn, event.hospital, event.referral_id, now)
+    await conn.execute(
+        "INSERT INTO assignments (hospital, referral_id, supporter_id, department,"
+        " requested_at, assigned_at, due_at, reason)"
+        " SELECT $1, $2, $3, $4, r.requested_at, $5, $6, $7 FROM referrals r"
+        " WHERE r.hospital = $1 AND r.referral_id = $2",
+        event.hospital,
+        event.referral_id,
+        event.supporter_id,
+        event.department,
+        event.assigned_at,
+        event.due_at,
+        event.reason,
+    )
+    await _set_referral_status(conn, event.hospital, event.referral_id, "assigned", None)
+
+
+@project.register
+async def _assignment_overdue(
+    event: AssignmentOverdue, conn: asyncpg.Connection, now: datetime
+) -> None:
+    await conn.execute(
+        "UPDATE assignments SET status = 'overdue', ended_at = $4"
+        " WHERE hospital = $1 AND referral_id = $2 AND supporter_id = $3",
+        event.hospital,
+        event.referral_id,
+        event.supporter_id,
+        now,
+    )
+
+
+@project.register
+async def _no_supporter(
+    event: NoSupporterAvailable, conn: asyncpg.Connection, now: datetime
+) -> None:
+    await _end_open_assignment(conn, event.hospital, event.referral_id, now)
+    await _set_referral_status(conn, event.hospital, event.referral_id, "waiting", event.reason)
 
 
 async def _end_open_assignment(
@@ -152,7 +207,11 @@ async def _end_open_assignment(
 
 
 async def _set_referral_status(
-    conn: asyncpg.Connection, hospital: str, referral_id: str, status: str, reason: str | None
+    conn: asyncpg.Connection,
+    hospital: str,
+    referral_id: str,
+    status: Literal["assigned", "waiting"],
+    reason: str | None,
 ) -> None:
     # A referral closed by outreach stays closed whatever matching does afterwards.
     await conn.execute(

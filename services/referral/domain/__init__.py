@@ -25,8 +25,8 @@ from shared.contracts import (
     RequestReferral,
     SupporterAssigned,
 )
+from shared.errors import NotYetKnown
 from shared.registry import Department as Department  # as the service knows it
-from shared.unit_of_work import NotYetKnown
 
 # Clocks of hospital systems drift; a little lead is not "the future".
 FUTURE_TOLERANCE = timedelta(minutes=5)

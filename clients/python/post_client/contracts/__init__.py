@@ -1,0 +1,193 @@
+# GENERATED from the platform's shared/contracts/__init__.py by clients/python/sync_contracts.py:
+# do not edit. The platform's tests compare the JSON Schemas of both, field by field.
+"""The integration contract (../shared/CONTRACT.md, version 1.2) as pydantic v2 models.
+
+Commands come from hospitals on ``post.{hospital}.cmd.{Type}``; events leave the platform on
+``post.{hospital}.evt.{Type}``. Every body is a CloudEvents 1.0 event in structured JSON mode.
+Payloads are strict: unknown fields are refused, never stored (free text is never kept).
+
+One module per seam, every public name re-exported here (``from post_client.contracts import X``):
+
+- `base`: the id patterns, enums and literals, `Message`, `Command`, `Event`;
+- `commands`: every command and `COMMANDS`; `events`: every event and `EVENTS`;
+- `subjects`: the `POST` stream and its subjects;
+- `envelope`: the CloudEvents envelope and building one;
+- `parsing`: bytes to models, with reason codes (`parse_envelope`, `parse_payload`, ...);
+- the reason codes and `Rejected`, `Unanswerable` live in shared/errors.py (no dependencies).
+"""
+
+from __future__ import annotations
+
+from post_client.contracts.base import (
+    HOSPITAL_PATTERN,
+    ID_PATTERN,
+    AssignmentReason,
+    Command,
+    DeclineReason,
+    DepartmentId,
+    Event,
+    EventNature,
+    HospitalId,
+    MatchingPolicy,
+    Message,
+    Outcome,
+    PseudonymousId,
+    Rank,
+    Score,
+    Source,
+    is_hospital_id,
+    is_slug,
+)
+from post_client.contracts.commands import (
+    COMMANDS,
+    CloseDepartment,
+    ForgetPhysician,
+    LaunchDepartment,
+    RecordInteraction,
+    RecordOutreach,
+    RegisterHospital,
+    RegisterSupporter,
+    RequestReferral,
+    RetireSupporter,
+    SetMatchingPolicy,
+    SetSupporterAvailability,
+    SubmitSurveyResponse,
+)
+from post_client.contracts.envelope import (
+    CONTENT_TYPE,
+    DATACONTENTTYPE,
+    SPECVERSION,
+    CloudEvent,
+    command_message,
+    encode,
+    hospital_of_source,
+    make_cloudevent,
+    new_id,
+)
+from post_client.contracts.events import (
+    EVENTS,
+    AssignmentOverdue,
+    CommandRejected,
+    DepartmentClosed,
+    DepartmentLaunched,
+    HospitalRegistered,
+    InteractionCompleted,
+    MatchingPolicySet,
+    NoSupporterAvailable,
+    OutreachAccepted,
+    OutreachDeclined,
+    OutreachUnreachable,
+    PhysicianForgotten,
+    ReferralCreated,
+    SupporterAssigned,
+    SupporterAvailabilityChanged,
+    SupporterRetired,
+    SupporterTrained,
+    SurveyResponseRecorded,
+)
+from post_client.contracts.parsing import (
+    ENVELOPE_ATTRIBUTES,
+    describe_errors,
+    describe_validation_error,
+    envelope_limits,
+    parse_envelope,
+    parse_event,
+    parse_event_json,
+    parse_payload,
+    top_level_id,
+    usable_id,
+)
+from post_client.contracts.subjects import (
+    STREAM_NAME,
+    STREAM_SUBJECTS,
+    cmd_subject,
+    dlq_subject,
+    evt_subject,
+    parse_subject,
+)
+from post_client.errors import (
+    ReasonCode,
+    Rejected,
+    Unanswerable,
+)
+
+__all__ = [
+    "COMMANDS",
+    "CONTENT_TYPE",
+    "DATACONTENTTYPE",
+    "ENVELOPE_ATTRIBUTES",
+    "EVENTS",
+    "HOSPITAL_PATTERN",
+    "ID_PATTERN",
+    "SPECVERSION",
+    "STREAM_NAME",
+    "STREAM_SUBJECTS",
+    "AssignmentOverdue",
+    "AssignmentReason",
+    "CloseDepartment",
+    "CloudEvent",
+    "Command",
+    "CommandRejected",
+    "DeclineReason",
+    "DepartmentClosed",
+    "DepartmentId",
+    "DepartmentLaunched",
+    "Event",
+    "EventNature",
+    "ForgetPhysician",
+    "HospitalId",
+    "HospitalRegistered",
+    "InteractionCompleted",
+    "LaunchDepartment",
+    "MatchingPolicy",
+    "MatchingPolicySet",
+    "Message",
+    "NoSupporterAvailable",
+    "Outcome",
+    "OutreachAccepted",
+    "OutreachDeclined",
+    "OutreachUnreachable",
+    "PhysicianForgotten",
+    "PseudonymousId",
+    "Rank",
+    "ReasonCode",
+    "RecordInteraction",
+    "RecordOutreach",
+    "ReferralCreated",
+    "RegisterHospital",
+    "RegisterSupporter",
+    "Rejected",
+    "RequestReferral",
+    "RetireSupporter",
+    "Score",
+    "SetMatchingPolicy",
+    "SetSupporterAvailability",
+    "Source",
+    "SubmitSurveyResponse",
+    "SupporterAssigned",
+    "SupporterAvailabilityChanged",
+    "SupporterRetired",
+    "SupporterTrained",
+    "SurveyResponseRecorded",
+    "Unanswerable",
+    "cmd_subject",
+    "command_message",
+    "describe_errors",
+    "describe_validation_error",
+    "dlq_subject",
+    "encode",
+    "envelope_limits",
+    "evt_subject",
+    "hospital_of_source",
+    "is_hospital_id",
+    "is_slug",
+    "make_cloudevent",
+    "new_id",
+    "parse_envelope",
+    "parse_event",
+    "parse_event_json",
+    "parse_payload",
+    "parse_subject",
+    "top_level_id",
+    "usable_id",
+]
