@@ -29,17 +29,24 @@ SERVICES = ("referral", "matching", "records", "analytics")
 # Below Linux's ephemeral range (32768-60999): a port handed out here cannot be taken, between
 # the choice and the bind, by one of the many outgoing connections a platform opens.
 _PORTS = (20000, 32000)
+# Ports this process handed out already: a platform asks for several before any server binds
+# them, and two draws of the same free port would meet at the bind ("address already in use").
+_HANDED_OUT: set[int] = set()
 
 
 def free_port() -> int:
-    """A port nothing listens on, outside the ephemeral range."""
+    """A port nothing listens on and this process has not handed out, outside the ephemeral
+    range."""
     for _ in range(200):
         port = random.randrange(*_PORTS)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     with socket.socket() as s:  # a crowded range: any port the kernel gives
         s.bind(("127.0.0.1", 0))

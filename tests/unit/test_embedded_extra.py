@@ -94,3 +94,14 @@ def test_the_deployment_install_has_no_embedded_server() -> None:
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert "RUN pip install .\n" in dockerfile and "embedded" not in dockerfile.split("RUN ")[1]
     assert '".[dev,embedded]"' in (ROOT / "Makefile").read_text()
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch) -> None:
+    # A platform draws several ports before any server binds them: equal draws must not come
+    # back as the same port (they would meet at the bind).
+    from shared import runtime
+
+    draws = iter([24001, 24001, 24002])
+    monkeypatch.setattr(runtime.random, "randrange", lambda *a: next(draws))
+    monkeypatch.setattr(runtime, "_HANDED_OUT", set())
+    assert [runtime.free_port(), runtime.free_port()] == [24001, 24002]

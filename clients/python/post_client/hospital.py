@@ -51,22 +51,21 @@ _log = logging.getLogger("post_client")
 REDELIVERY_MAX_SECONDS = 10.0  # well within the consumer's ack wait (30 s)
 
 
-def redelivery_delay(message: Any, failures: int = 1) -> float:
+def delivered_count(message: Any) -> int | None:
+    """How many times JetStream delivered `message` (this time included); None when it is not
+    a JetStream message (FastStream's TestNatsBroker calls handlers directly)."""
+    try:
+        metadata = message.raw_message.metadata
+    except Exception:
+        return None
+    return None if metadata is None else int(metadata.num_delivered or 1)
+
+
+def redelivery_delay(delivered: int, failures: int) -> float:
     """How long to wait before an event whose handler failed `failures` times in this process
-    is handled again. An event JetStream delivered before (to a process that died or did not
-    acknowledge it within the ack wait) starts further along the doubling."""
-    try:
-        delivered = int(message.raw_message.metadata.num_delivered or 1)
-    except Exception:  # not a JetStream message (FastStream's TestNatsBroker)
-        delivered = 1
+    is handled again. An event JetStream delivered before (`delivered` > 1: to a process that
+    died or did not acknowledge it within the ack wait) starts further along the doubling."""
     return float(min(0.5 * 2 ** (delivered + failures - 2), REDELIVERY_MAX_SECONDS))
-
-
-def _from_jetstream(message: Any) -> bool:
-    try:
-        return message.raw_message.metadata is not None
-    except Exception:  # not a JetStream message (FastStream's TestNatsBroker)
-        return False
 
 
 def consumer_name(hospital: str) -> str:
@@ -385,10 +384,11 @@ class Hospital:
                 try:
                     result = await func(*args, **kwargs)
                 except Exception:
-                    if not _from_jetstream(message):
+                    delivered = delivered_count(message)
+                    if delivered is None:
                         raise  # FastStream's TestNatsBroker: the test that delivered it fails
                     failures += 1
-                    delay = redelivery_delay(message, failures)
+                    delay = redelivery_delay(delivered, failures)
                     _log.exception(
                         "durable handler %s failed (%d times); handled again in %.1f s",
                         getattr(func, "__name__", "handler"),
