@@ -2,7 +2,8 @@
 
 A background task (``refresh_gauges``) recomputes the all-time figures of the hospitals whose
 facts changed since it last looked (their ``scope_versions``), a few hospitals' facts at a time,
-and the region's in PostgreSQL (region.py); the collector exports each hospital's latest
+and the region's from the pre-aggregated read models (store.py); the collector exports each
+hospital's latest
 samples. Hospital gauges cover every figure; department gauges only the hospitals of
 ``POST_ANALYTICS_DEPARTMENT_GAUGES``, bounded (``department_gauges``). Nothing here is
 registered at import: ``export`` registers it when the service starts.
@@ -23,7 +24,7 @@ import structlog
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from services.analytics import answers, domain, reaim, region
+from services.analytics import answers, domain, reaim, store
 from services.analytics.facts import (
     answer_key,
     facts_by_hospital,
@@ -345,10 +346,10 @@ async def _refresh_hospitals(
 async def _refresh_region(
     pool: asyncpg.Pool, cache: answers.AnswerCache | None, state: GaugeState
 ) -> None:
-    """The region's all-time figures, aggregated in PostgreSQL (region.py)."""
+    """The region's all-time figures, from the pre-aggregated read models (store.py)."""
     async with pool.acquire() as conn, snapshot(conn):
         version = int(await conn.fetchval(TOTAL_VERSION_SQL))
-        period, figures = await region.compute(conn, None, None)
+        period, figures = await store.compute(conn, domain.Scope(), None, None)
     if cache is not None:
         cache.put(
             answer_key(domain.Scope(), None, None), version, render(domain.Scope(), period, figures)

@@ -615,7 +615,7 @@ async def test_the_regions_figures_from_postgresql_equal_reaim_compute(platform:
     """Every key of every RE-AIM object, for the region, as aggregated in PostgreSQL and as the
     pure computation gives it from every fact, over many periods; the events applied in a
     shuffled order (first outcomes are minima, whatever came first)."""
-    from services.analytics import region
+    from services.analytics import store
 
     events = _region_events(4)
     delivered = list(enumerate(events, start=1))
@@ -654,7 +654,7 @@ async def test_the_regions_figures_from_postgresql_equal_reaim_compute(platform:
             )
             for start, end in periods:
                 expected = reaim.compute(facts, scope=Scope(), period_from=start, period_to=end)
-                period, got = await region.compute(conn, start, end)
+                period, got = await store.compute(conn, Scope(), start, end)
                 assert period == reaim.period_of(facts, start, end), (start, end)
                 for name in reaim.OBJECTS:
                     assert got[name] == expected[name], (start, end, name)

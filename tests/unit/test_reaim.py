@@ -1068,7 +1068,7 @@ def test_the_gauge_of_supporters_available() -> None:
     }
 
 
-# --- issue 15: the region's figures from aggregates (region.py) ------------------------------
+# --- issue 15: the region's figures from aggregates (store.py) ------------------------------
 
 
 def test_the_median_of_counted_values_is_the_median_of_the_values() -> None:
@@ -1076,7 +1076,7 @@ def test_the_median_of_counted_values_is_the_median_of_the_values() -> None:
     from collections import Counter
 
     from services.analytics import reaim
-    from services.analytics.region import median_of_counts
+    from services.analytics.store import median_of_counts
 
     rng = random.Random(15)
     assert median_of_counts({}) is None
