@@ -16,10 +16,12 @@ from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from typing import Any, Final
 
+from services.analytics import domain
 from services.analytics.domain import (
     NO_SUPPORTER,
     Department,
     Facts,
+    Figures,
     Interaction,
     Outreach,
     Referral,
@@ -37,7 +39,7 @@ WITHIN = timedelta(hours=48)
 MICROSECOND = timedelta(microseconds=1)
 MICROSECONDS_PER_HOUR = 3_600_000_000
 
-OBJECTS = ("reach", "effectiveness", "adoption", "implementation", "maintenance")
+OBJECTS = domain.OBJECTS
 
 
 # --- exact arithmetic -----------------------------------------------------------------------
@@ -167,7 +169,7 @@ def _records(
 
 def compute(
     facts: Facts, *, scope: Scope, period_from: date | None, period_to: date | None
-) -> dict[str, Any]:
+) -> Figures:
     """The five RE-AIM objects of one scope and period, every key of CONTRACT.md's table."""
     facts = facts.within(scope)
     period = period_of(facts, period_from, period_to)
@@ -198,17 +200,19 @@ def compute(
 
     first_launch = min((d.launched_on for d in facts.departments if d.launched_on), default=None)
 
-    return {
-        "reach": _reach(facts, period, interactions, referrals, trained, launched, eligible),
-        "effectiveness": _effectiveness(surveys, interactions),
-        "adoption": _adoption(facts, launched, eligible, referrals, records, surveys),
-        "implementation": _implementation(
-            referrals, records, eligible, len(active), _available(active, facts, period)
-        ),
-        "maintenance": _maintenance(
-            period, interactions, trained, active, launched, open_departments, first_launch
-        ),
-    }
+    return Figures.model_validate(
+        {
+            "reach": _reach(facts, period, interactions, referrals, trained, launched, eligible),
+            "effectiveness": _effectiveness(surveys, interactions),
+            "adoption": _adoption(facts, launched, eligible, referrals, records, surveys),
+            "implementation": _implementation(
+                referrals, records, eligible, len(active), _available(active, facts, period)
+            ),
+            "maintenance": _maintenance(
+                period, interactions, trained, active, launched, open_departments, first_launch
+            ),
+        }
+    )
 
 
 def _reach(
@@ -400,11 +404,8 @@ def _maintenance(
     }
 
 
-def numeric_figures(figures: dict[str, Any]) -> dict[str, float | None]:
+def numeric_figures(figures: Figures) -> dict[str, float | None]:
     """The numeric keys of an answer (for gauges): `key` -> value, null kept as None."""
-    flat: dict[str, float | None] = {}
-    for name in OBJECTS:
-        for key, value in figures[name].items():
-            if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
-                flat[key] = value
-    return flat
+    return {
+        key: getattr(getattr(figures, name), key) for key, name in domain.numeric_keys().items()
+    }

@@ -25,7 +25,7 @@ from typing import Any
 import asyncpg
 
 from services.analytics import reaim
-from services.analytics.domain import Scope
+from services.analytics.domain import Figures, Scope
 
 # $1: the period's start (inclusive) or null; $2: its end (exclusive) or null (no fact at
 # all); $3, $4: the scope's hospital and department (null: all). Each level has its own text,
@@ -335,9 +335,7 @@ def median_of_counts(counts: dict[int, int]) -> float | None:
     return reaim.round_half_up(Fraction(sum(found), len(found)), 1)
 
 
-def figures(
-    agg: Aggregates, period: reaim.Period, span: tuple[date, date] | None
-) -> dict[str, Any]:
+def figures(agg: Aggregates, period: reaim.Period, span: tuple[date, date] | None) -> Figures:
     """The five RE-AIM objects from the aggregates: `reaim.compute`'s answer. Pure."""
     d, s, r, v = agg.departments, agg.supporters, agg.referrals, agg.surveys
     launched, open_, eligible = d["launched"], d["open"], d["eligible"]
@@ -375,77 +373,81 @@ def figures(
             k += 1
 
     delay = agg.delay_median_us
-    return {
-        "reach": {
-            "supporters_trained": s["trained_in_period"],
-            "referrals": r["referrals"],
-            "referrals_by_source": by_source,
-            "interactions": interactions,
-            "interactions_by_department": dict(sorted(by_department.items())),
-            "physicians_supported": supported,
-            "eligible_physicians": eligible,
-            "reach_rate": reaim.rate(supported, eligible),
-            "minutes_mean": (
-                None
-                if not interactions
-                else reaim.round_half_up(
-                    Fraction(sum(m * n for m, n in minutes.items()), interactions), 1
-                )
-            ),
-            "minutes_median": median_of_counts(minutes),
-            "minutes_min": min(minutes, default=None),
-            "minutes_max": max(minutes, default=None),
-            "monthly": monthly,
-            "monthly_mean": reaim.mean(counts),
-            "monthly_median": reaim.median(counts),
-            "monthly_min": min(counts, default=None),
-            "monthly_max": max(counts, default=None),
-        },
-        "effectiveness": {
-            "respondents_with_interaction": v["with_interaction"],
-            "helpful_rate": reaim.rate(v["helpful"], v["with_interaction"]),
-            "wellbeing_improved_rate": reaim.rate(v["wellbeing"], v["with_interaction"]),
-            "comfort_improved_rate": reaim.rate(v["comfort"], v["with_interaction"]),
-            "escalation_rate": reaim.rate(escalated, interactions),
-        },
-        "adoption": {
-            "hospitals_adopted": d["hospitals_adopted"],
-            "departments_launched": launched,
-            "physician_coverage": reaim.rate(eligible, d["registered_physicians"]),
-            "outreach_acceptance_rate": reaim.rate(r["accepted"], r["accepted"] + r["declined"]),
-            "would_recommend_rate": reaim.rate(v["would_recommend"], v["aware"]),
-            "departments_without_referrals": d["without_referrals"],
-        },
-        "implementation": {
-            "outreach_within_48h_rate": reaim.rate(r["within_48h"], r["with_record"]),
-            "hours_to_outreach_median": (
-                None
-                if delay is None
-                else reaim.round_half_up(delay / reaim.MICROSECONDS_PER_HOUR, 1)
-            ),
-            "physicians_per_active_supporter": reaim.ratio(eligible, s["active"]),
-            "referrals_without_supporter": r["without_supporter"],
-            "supporters_available": s["available"],
-            "decline_reasons": {
-                reason: r[f"reason_{reason}"]
-                for reason in (*reaim.DECLINE_REASONS, reaim.UNSPECIFIED)
+    return Figures.model_validate(
+        {
+            "reach": {
+                "supporters_trained": s["trained_in_period"],
+                "referrals": r["referrals"],
+                "referrals_by_source": by_source,
+                "interactions": interactions,
+                "interactions_by_department": dict(sorted(by_department.items())),
+                "physicians_supported": supported,
+                "eligible_physicians": eligible,
+                "reach_rate": reaim.rate(supported, eligible),
+                "minutes_mean": (
+                    None
+                    if not interactions
+                    else reaim.round_half_up(
+                        Fraction(sum(m * n for m, n in minutes.items()), interactions), 1
+                    )
+                ),
+                "minutes_median": median_of_counts(minutes),
+                "minutes_min": min(minutes, default=None),
+                "minutes_max": max(minutes, default=None),
+                "monthly": monthly,
+                "monthly_mean": reaim.mean(counts),
+                "monthly_median": reaim.median(counts),
+                "monthly_min": min(counts, default=None),
+                "monthly_max": max(counts, default=None),
             },
-        },
-        "maintenance": {
-            "supporters_active": s["active"],
-            "supporter_retention_rate": reaim.rate(s["active"], s["trained"]),
-            "departments_active_rate": reaim.rate(open_, launched),
-            "interactions_by_program_year": by_year,
-            "monthly_rate_by_program_year": [
-                reaim.round_half_up(Fraction(c, 12), 1) for c in by_year
-            ],
-        },
-    }
+            "effectiveness": {
+                "respondents_with_interaction": v["with_interaction"],
+                "helpful_rate": reaim.rate(v["helpful"], v["with_interaction"]),
+                "wellbeing_improved_rate": reaim.rate(v["wellbeing"], v["with_interaction"]),
+                "comfort_improved_rate": reaim.rate(v["comfort"], v["with_interaction"]),
+                "escalation_rate": reaim.rate(escalated, interactions),
+            },
+            "adoption": {
+                "hospitals_adopted": d["hospitals_adopted"],
+                "departments_launched": launched,
+                "physician_coverage": reaim.rate(eligible, d["registered_physicians"]),
+                "outreach_acceptance_rate": reaim.rate(
+                    r["accepted"], r["accepted"] + r["declined"]
+                ),
+                "would_recommend_rate": reaim.rate(v["would_recommend"], v["aware"]),
+                "departments_without_referrals": d["without_referrals"],
+            },
+            "implementation": {
+                "outreach_within_48h_rate": reaim.rate(r["within_48h"], r["with_record"]),
+                "hours_to_outreach_median": (
+                    None
+                    if delay is None
+                    else reaim.round_half_up(delay / reaim.MICROSECONDS_PER_HOUR, 1)
+                ),
+                "physicians_per_active_supporter": reaim.ratio(eligible, s["active"]),
+                "referrals_without_supporter": r["without_supporter"],
+                "supporters_available": s["available"],
+                "decline_reasons": {
+                    reason: r[f"reason_{reason}"]
+                    for reason in (*reaim.DECLINE_REASONS, reaim.UNSPECIFIED)
+                },
+            },
+            "maintenance": {
+                "supporters_active": s["active"],
+                "supporter_retention_rate": reaim.rate(s["active"], s["trained"]),
+                "departments_active_rate": reaim.rate(open_, launched),
+                "interactions_by_program_year": by_year,
+                "monthly_rate_by_program_year": [
+                    reaim.round_half_up(Fraction(c, 12), 1) for c in by_year
+                ],
+            },
+        }
+    )
 
 
 async def compute(
     conn: asyncpg.Connection, scope: Scope, period_from: date | None, period_to: date | None
-) -> tuple[reaim.Period, dict[str, Any]]:
+) -> tuple[reaim.Period, Figures]:
     """The scope's period and figures, in the caller's snapshot."""
     # Without `to` the period ends after the last fact; without `from` the monthly list
     # starts at the first launch, or the first fact lacking one.

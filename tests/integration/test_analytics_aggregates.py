@@ -252,9 +252,12 @@ async def check_history(
             scopes += [Scope(h, d.department) for d in facts.departments if d.hospital == h]
         for scope in scopes:
             for start, end in [(None, None), *periods]:
-                expected = reaim.compute(facts, scope=scope, period_from=start, period_to=end)
+                expected = reaim.compute(
+                    facts, scope=scope, period_from=start, period_to=end
+                ).model_dump()
                 async with conn.transaction(isolation="repeatable_read", readonly=True):
-                    period, got = await store.compute(conn, scope, start, end)
+                    period, answer = await store.compute(conn, scope, start, end)
+                got = answer.model_dump()
                 assert period == reaim.period_of(facts.within(scope), start, end)
                 for name in reaim.OBJECTS:
                     assert got[name] == expected[name], (scope, start, end, name)

@@ -13,6 +13,7 @@ from services.analytics.domain import (
     AvailabilityChange,
     Department,
     Facts,
+    Figures,
     Hospital,
     Interaction,
     Outreach,
@@ -48,7 +49,7 @@ def figures(
         scope=scope,
         period_from=d(period_from) if period_from else None,
         period_to=d(period_to) if period_to else None,
-    )
+    ).model_dump()
 
 
 def referral(
@@ -884,7 +885,7 @@ def test_department_scope_sees_only_that_department() -> None:
 
 
 def test_numeric_figures_flatten_the_numbers_and_keep_nulls() -> None:
-    flat = numeric_figures(figures(_two_hospitals()))
+    flat = numeric_figures(Figures.model_validate(figures(_two_hospitals())))
     assert flat["interactions"] == 2
     assert flat["reach_rate"] == rate(1, 230)
     assert flat["would_recommend_rate"] == 1.0
