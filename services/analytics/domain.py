@@ -1,4 +1,5 @@
-"""The facts the RE-AIM figures are computed from: one dataclass per read-model row. Pure.
+"""The facts the RE-AIM figures are computed from (one dataclass per read-model row) and the
+answer they make (one typed model). Pure.
 
 Each fact is keyed by hospital and a domain id, because every id of CONTRACT.md is unique
 within its hospital only. Fields are optional where the fact may be known only in part
@@ -10,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+
+from pydantic import BaseModel, Field
 
 # The latest matching outcome of a referral (SupporterAssigned / NoSupporterAvailable).
 ASSIGNED = "assigned"
@@ -186,3 +189,139 @@ def utc_date(moment: datetime) -> date:
 def start_of_day(day: date) -> datetime:
     """A date stands for the start of that day, UTC, wherever a time is needed."""
     return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+# --- the answer: one typed model (reaim.compute and store.figures fill it; OpenAPI, the
+# rendering and the gauges' names read it) ---------------------------------------------------
+
+Rate = float | None
+
+
+class MonthCount(BaseModel):
+    month: str = Field(description="YYYY-MM")
+    interactions: int
+
+
+class Reach(BaseModel):
+    """How many physicians the program reaches."""
+
+    supporters_trained: int = Field(description="SupporterTrained in the period")
+    referrals: int = Field(description="ReferralCreated in the period")
+    referrals_by_source: dict[str, int]
+    interactions: int = Field(description="InteractionCompleted in the period")
+    interactions_by_department: dict[str, int] = Field(
+        description="by department slug (summed over hospitals at region scope)"
+    )
+    physicians_supported: int = Field(description="distinct physicians with an interaction")
+    eligible_physicians: int = Field(
+        description="physician_count of departments launched and not closed before the end"
+    )
+    reach_rate: Rate = Field(description="physicians_supported / eligible_physicians")
+    minutes_mean: float | None
+    minutes_median: float | None
+    minutes_min: int | None
+    minutes_max: int | None
+    monthly: list[MonthCount] = Field(
+        description="every calendar month overlapping the period, zeros included"
+    )
+    monthly_mean: float | None
+    monthly_median: float | None
+    monthly_min: int | None
+    monthly_max: int | None
+
+
+class Effectiveness(BaseModel):
+    """Whether it helps, from the department survey."""
+
+    respondents_with_interaction: int
+    helpful_rate: Rate = Field(description="helpful >= 4 among respondents with an interaction")
+    wellbeing_improved_rate: Rate
+    comfort_improved_rate: Rate
+    escalation_rate: Rate = Field(description="escalated interactions / interactions")
+
+
+class Adoption(BaseModel):
+    """Who takes the program up."""
+
+    hospitals_adopted: int
+    departments_launched: int = Field(description="launched before the end, closed included")
+    physician_coverage: Rate = Field(
+        description="eligible physicians / physician_count of the registered hospitals in scope"
+    )
+    outreach_acceptance_rate: Rate = Field(
+        description="first outcome accepted / first outcome accepted or declined"
+    )
+    would_recommend_rate: Rate = Field(description="among survey responses with aware")
+    departments_without_referrals: int
+
+
+class Implementation(BaseModel):
+    """How faithfully it is run."""
+
+    outreach_within_48h_rate: Rate = Field(
+        description="first outreach or interaction at most 48 h after requested_at"
+    )
+    hours_to_outreach_median: float | None
+    physicians_per_active_supporter: float | None = Field(description="goal <= 10")
+    referrals_without_supporter: int = Field(
+        description="latest matching outcome is NoSupporterAvailable"
+    )
+    supporters_available: int = Field(
+        description="active supporters whose latest SupporterAvailabilityChanged with changed_on"
+        " before the end says available (or who have none)"
+    )
+    decline_reasons: dict[str, int]
+
+
+class Maintenance(BaseModel):
+    """Whether it lasts."""
+
+    supporters_active: int
+    supporter_retention_rate: Rate
+    departments_active_rate: Rate
+    interactions_by_program_year: list[int] = Field(description="from program year 1")
+    monthly_rate_by_program_year: list[float]
+
+
+class Figures(BaseModel):
+    """The five RE-AIM objects of one scope and period (CONTRACT.md's table)."""
+
+    reach: Reach
+    effectiveness: Effectiveness
+    adoption: Adoption
+    implementation: Implementation
+    maintenance: Maintenance
+
+
+_NUMBERS = (int, float, int | None, float | None)
+OBJECTS = tuple(Figures.model_fields)
+
+
+def numeric_keys() -> dict[str, str]:
+    """Every numeric key of the answer (a count, a rate, a mean...) -> its RE-AIM object, in
+    the model's order: read from the model, not from a computed answer."""
+    keys: dict[str, str] = {}
+    for name, part in Figures.model_fields.items():
+        model = part.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for key, spec in model.model_fields.items():
+            if spec.annotation in _NUMBERS:
+                keys[key] = name
+    return keys
+
+
+# The figures a region watches per hospital (issue 26): one gauge each for every hospital;
+# every other figure has gauges for the region and the hospitals with department gauges.
+HEADLINE = (
+    "referrals",
+    "interactions",
+    "physicians_supported",
+    "eligible_physicians",
+    "reach_rate",
+    "outreach_acceptance_rate",
+    "outreach_within_48h_rate",
+    "physicians_per_active_supporter",
+    "referrals_without_supporter",
+    "supporters_active",
+)
+assert set(HEADLINE) <= set(numeric_keys()), "a headline figure the answer does not have"

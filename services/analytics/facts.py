@@ -84,94 +84,6 @@ def facts_by_hospital(facts: domain.Facts) -> dict[str, domain.Facts]:
 
 # --- answer schema (OpenAPI) ----------------------------------------------------------------
 
-Rate = float | None
-
-
-class MonthCount(BaseModel):
-    month: str = Field(description="YYYY-MM")
-    interactions: int
-
-
-class Reach(BaseModel):
-    """How many physicians the program reaches."""
-
-    supporters_trained: int = Field(description="SupporterTrained in the period")
-    referrals: int = Field(description="ReferralCreated in the period")
-    referrals_by_source: dict[str, int]
-    interactions: int = Field(description="InteractionCompleted in the period")
-    interactions_by_department: dict[str, int] = Field(
-        description="by department slug (summed over hospitals at region scope)"
-    )
-    physicians_supported: int = Field(description="distinct physicians with an interaction")
-    eligible_physicians: int = Field(
-        description="physician_count of departments launched and not closed before the end"
-    )
-    reach_rate: Rate = Field(description="physicians_supported / eligible_physicians")
-    minutes_mean: float | None
-    minutes_median: float | None
-    minutes_min: int | None
-    minutes_max: int | None
-    monthly: list[MonthCount] = Field(
-        description="every calendar month overlapping the period, zeros included"
-    )
-    monthly_mean: float | None
-    monthly_median: float | None
-    monthly_min: int | None
-    monthly_max: int | None
-
-
-class Effectiveness(BaseModel):
-    """Whether it helps, from the department survey."""
-
-    respondents_with_interaction: int
-    helpful_rate: Rate = Field(description="helpful >= 4 among respondents with an interaction")
-    wellbeing_improved_rate: Rate
-    comfort_improved_rate: Rate
-    escalation_rate: Rate = Field(description="escalated interactions / interactions")
-
-
-class Adoption(BaseModel):
-    """Who takes the program up."""
-
-    hospitals_adopted: int
-    departments_launched: int = Field(description="launched before the end, closed included")
-    physician_coverage: Rate = Field(
-        description="eligible physicians / physician_count of the registered hospitals in scope"
-    )
-    outreach_acceptance_rate: Rate = Field(
-        description="first outcome accepted / first outcome accepted or declined"
-    )
-    would_recommend_rate: Rate = Field(description="among survey responses with aware")
-    departments_without_referrals: int
-
-
-class Implementation(BaseModel):
-    """How faithfully it is run."""
-
-    outreach_within_48h_rate: Rate = Field(
-        description="first outreach or interaction at most 48 h after requested_at"
-    )
-    hours_to_outreach_median: float | None
-    physicians_per_active_supporter: float | None = Field(description="goal <= 10")
-    referrals_without_supporter: int = Field(
-        description="latest matching outcome is NoSupporterAvailable"
-    )
-    supporters_available: int = Field(
-        description="active supporters whose latest SupporterAvailabilityChanged with changed_on"
-        " before the end says available (or who have none)"
-    )
-    decline_reasons: dict[str, int]
-
-
-class Maintenance(BaseModel):
-    """Whether it lasts."""
-
-    supporters_active: int
-    supporter_retention_rate: Rate
-    departments_active_rate: Rate
-    interactions_by_program_year: list[int] = Field(description="from program year 1")
-    monthly_rate_by_program_year: list[float]
-
 
 class ScopeView(BaseModel):
     level: Literal["region", "hospital", "department"]
@@ -188,14 +100,11 @@ class PeriodView(BaseModel):
     )
 
 
-class ReaimAnswer(BaseModel):
+class ReaimAnswer(domain.Figures):
+    """The five RE-AIM objects of one scope and period, as served."""
+
     scope: ScopeView
     period: PeriodView
-    reach: Reach
-    effectiveness: Effectiveness
-    adoption: Adoption
-    implementation: Implementation
-    maintenance: Maintenance
 
 
 class DepartmentEntry(BaseModel):
@@ -214,14 +123,14 @@ class HospitalEntry(BaseModel):
 # --- rendering ------------------------------------------------------------------------------
 
 
-def render(scope: domain.Scope, period: reaim.Period, figures: dict[str, Any]) -> bytes:
+def render(scope: domain.Scope, period: reaim.Period, figures: domain.Figures) -> bytes:
     """The answer as served: JSON of `ReaimAnswer` (its aliases: `from`)."""
-    answer = {
-        "scope": scope.as_dict(),
-        "period": {"from": period.start, "to": period.end},
-        **figures,
-    }
-    return ReaimAnswer.model_validate(answer).model_dump_json(by_alias=True).encode()
+    answer = ReaimAnswer(
+        scope=ScopeView.model_validate(scope.as_dict()),
+        period=PeriodView.model_validate({"from": period.start, "to": period.end}),
+        **{name: getattr(figures, name) for name in domain.Figures.model_fields},
+    )
+    return answer.model_dump_json(by_alias=True).encode()
 
 
 def answer_key(scope: domain.Scope, start: date | None, end: date | None) -> answers.Key:

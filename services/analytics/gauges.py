@@ -2,10 +2,12 @@
 
 A background task (``refresh_gauges``) recomputes the all-time figures of the hospitals whose
 facts changed since it last looked (their ``scope_versions``), a few hospitals' facts at a time,
-and the region's in PostgreSQL (region.py); the collector exports each hospital's latest
-samples. Hospital gauges cover every figure; department gauges only the hospitals of
-``POST_ANALYTICS_DEPARTMENT_GAUGES``, bounded (``department_gauges``). Nothing here is
-registered at import: ``export`` registers it when the service starts.
+and the region's from the pre-aggregated read models (store.py); the collector exports each
+hospital's latest samples. The region has a gauge for every figure; every hospital for its
+headline figures (``domain.HEADLINE``, about 10: a national region's scrape stays bounded);
+the hospitals of ``POST_ANALYTICS_DEPARTMENT_GAUGES``, bounded (``department_gauges``), for
+every figure of the hospital and of each of its departments. Nothing here is registered at
+import: ``export`` registers it when the service starts.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from threading import Lock
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
+from pydantic import BaseModel
 
-from services.analytics import answers, domain, reaim, region
+from services.analytics import answers, domain, reaim, store
 from services.analytics.facts import (
     answer_key,
     facts_by_hospital,
@@ -61,31 +64,40 @@ Snapshot = dict[str, list[Sample]]
 
 
 def _gauge_names() -> dict[str, str]:
-    """Gauge key -> the RE-AIM object it belongs to (from an empty answer: every key)."""
-    empty = reaim.compute(domain.Facts(), scope=domain.Scope(), period_from=None, period_to=None)
-    exported = {*reaim.numeric_figures(empty), *BREAKDOWNS, "interactions_by_program_year"}
-    return {key: name for name in reaim.OBJECTS for key in empty[name] if key in exported}
+    """Gauge key -> the RE-AIM object it belongs to, read from the answer's model: its numeric
+    keys, the breakdowns and the program years."""
+    names = domain.numeric_keys()
+    for name, part in domain.Figures.model_fields.items():
+        assert isinstance(part.annotation, type) and issubclass(part.annotation, BaseModel)
+        for key in part.annotation.model_fields:
+            if key in BREAKDOWNS or key == "interactions_by_program_year":
+                names[key] = name
+    return names
 
 
 GAUGES = _gauge_names()
 
 
 def samples_of(
-    figures: dict[str, Any], hospital: str, department: str
+    figures: domain.Figures, hospital: str, department: str, headline: bool = False
 ) -> Iterator[tuple[str, Sample]]:
-    """The samples of one scope's all-time figures; a null figure has no sample."""
+    """The samples of one scope's all-time figures (`headline`: only domain.HEADLINE's); a
+    null figure has no sample."""
     base = (hospital, department)
     for key, value in reaim.numeric_figures(figures).items():
-        if value is not None:
+        if value is not None and (not headline or key in domain.HEADLINE):
             yield key, (base, float(value))
+    if headline:
+        return
     for key in BREAKDOWNS:
-        for item, count in figures[GAUGES[key]][key].items():
+        counts: dict[str, int] = getattr(getattr(figures, GAUGES[key]), key)
+        for item, count in counts.items():
             yield key, ((*base, item), float(count))
-    for year, count in enumerate(figures["maintenance"]["interactions_by_program_year"], 1):
+    for year, count in enumerate(figures.maintenance.interactions_by_program_year, 1):
         yield "interactions_by_program_year", ((*base, str(year)), float(count))
 
 
-Computed = Callable[[domain.Scope, domain.Facts, dict[str, Any]], None]
+Computed = Callable[[domain.Scope, domain.Facts, domain.Figures], None]
 # One scope's samples and the gauge each belongs to: a hospital's list holds its departments'.
 Scoped = list[tuple[str, Sample]]
 
@@ -96,8 +108,9 @@ def hospital_samples(
     departments: bool = True,
     computed: Computed | None = None,
 ) -> Scoped:
-    """The samples of one registered hospital (`facts`: its own) and, with `departments`, of
-    each of its launched departments. Pure."""
+    """The samples of one registered hospital (`facts`: its own): with `departments`, every
+    figure of it and of each of its launched departments; without, its headline figures
+    (domain.HEADLINE: a national region's scrape stays bounded). Pure."""
     scoped: Scoped = []
     scopes = [domain.Scope(hospital)]
     if departments:
@@ -107,7 +120,7 @@ def hospital_samples(
         figures = reaim.compute(facts, scope=scope, period_from=None, period_to=None)
         if computed is not None:
             computed(scope, facts, figures)
-        scoped.extend(samples_of(figures, hospital, scope.department or ""))
+        scoped.extend(samples_of(figures, hospital, scope.department or "", not departments))
     return scoped
 
 
@@ -318,7 +331,7 @@ async def _refresh_hospitals(
         facts = await load_facts(conn, domain.Scope(), hospitals)
 
     def compute() -> dict[str, Scoped]:
-        def keep(scope: domain.Scope, part: domain.Facts, figures: dict[str, Any]) -> None:
+        def keep(scope: domain.Scope, part: domain.Facts, figures: domain.Figures) -> None:
             if cache is not None:
                 period = reaim.period_of(part.within(scope), None, None)
                 body = render(scope, period, figures)
@@ -344,10 +357,10 @@ async def _refresh_hospitals(
 async def _refresh_region(
     pool: asyncpg.Pool, cache: answers.AnswerCache | None, state: GaugeState
 ) -> None:
-    """The region's all-time figures, aggregated in PostgreSQL (region.py)."""
+    """The region's all-time figures, from the pre-aggregated read models (store.py)."""
     async with pool.acquire() as conn, snapshot(conn):
         version = int(await conn.fetchval(TOTAL_VERSION_SQL))
-        period, figures = await region.compute(conn, None, None)
+        period, figures = await store.compute(conn, domain.Scope(), None, None)
     if cache is not None:
         cache.put(
             answer_key(domain.Scope(), None, None), version, render(domain.Scope(), period, figures)

@@ -3,12 +3,13 @@
 Each event maps to one order-independent upsert (``row_of``): the live handler executes it in
 the message's transaction (where shared records the message in ``processed``), and the rebuild
 executes the same rows in batches. All the rebuild needs, and nothing of HTTP or Prometheus.
+The pre-aggregated read models follow the fact rows through triggers (migrations/005).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import singledispatch
 from typing import Any
 
 import asyncpg
@@ -161,19 +162,33 @@ FACT_TABLES = (
 )
 
 
+@singledispatch
+def row_of(event: Event, stream_seq: int | None, event_id: str) -> Row | None:
+    """The fact row of one event (None: nothing to record); pure. One function per event
+    class, registered below (`functools.singledispatch`, as matching's projection)."""
+    raise TypeError(f"analytics does not consume {event.type_name}")
+
+
 def registered(e: registry.Fact, seq: int | None, event_id: str) -> Row:
     """Hospitals and departments: the one rule every service's copy follows."""
     return Row(*registry.upsert(e))
 
 
+for _fact in registry.FACT_TYPES:
+    row_of.register(_fact)(registered)
+
+
+@row_of.register
 def supporter_trained(e: SupporterTrained, seq: int | None, event_id: str) -> Row:
     return Row(TRAINED_SQL, (e.hospital, e.supporter_id, e.department, e.trained_on))
 
 
+@row_of.register
 def supporter_retired(e: SupporterRetired, seq: int | None, event_id: str) -> Row:
     return Row(RETIRED_SQL, (e.hospital, e.supporter_id, e.department, e.retired_on))
 
 
+@row_of.register
 def supporter_availability_changed(
     e: SupporterAvailabilityChanged, seq: int | None, event_id: str
 ) -> Row:
@@ -183,11 +198,13 @@ def supporter_availability_changed(
     )
 
 
+@row_of.register
 def matching_policy_set(e: MatchingPolicySet, seq: int | None, event_id: str) -> None:
     """No fact: no RE-AIM figure depends on how matching chose."""
     return None
 
 
+@row_of.register
 def referral_created(e: ReferralCreated, seq: int | None, event_id: str) -> Row:
     return Row(
         REFERRAL_SQL,
@@ -202,25 +219,32 @@ UPDATE referrals SET physician_id = $2 WHERE hospital = $1 AND referral_id = ANY
 """
 
 
+@row_of.register
 def physician_forgotten(e: PhysicianForgotten, seq: int | None, event_id: str) -> Row | None:
     if not e.referral_ids:
         return None
     return Row(FORGOTTEN_SQL, (e.hospital, e.forget_id, list(e.referral_ids)))
 
 
+@row_of.register
 def supporter_assigned(e: SupporterAssigned, seq: int | None, event_id: str) -> Row:
     return Row(MATCHING_SQL, (e.hospital, e.referral_id, e.department, domain.ASSIGNED, seq))
 
 
+@row_of.register
 def no_supporter_available(e: NoSupporterAvailable, seq: int | None, event_id: str) -> Row:
     return Row(MATCHING_SQL, (e.hospital, e.referral_id, e.department, domain.NO_SUPPORTER, seq))
 
 
+@row_of.register
 def assignment_overdue(e: AssignmentOverdue, seq: int | None, event_id: str) -> None:
     """No fact: the reassignment or NoSupporterAvailable that follows is the outcome."""
     return None
 
 
+@row_of.register(OutreachAccepted)
+@row_of.register(OutreachDeclined)
+@row_of.register(OutreachUnreachable)
 def outreach_recorded(
     e: OutreachAccepted | OutreachDeclined | OutreachUnreachable, seq: int | None, event_id: str
 ) -> Row:
@@ -239,6 +263,7 @@ def outreach_recorded(
     )
 
 
+@row_of.register
 def interaction_completed(e: InteractionCompleted, seq: int | None, event_id: str) -> Row:
     return Row(
         INTERACTION_SQL,
@@ -255,6 +280,7 @@ def interaction_completed(e: InteractionCompleted, seq: int | None, event_id: st
     )
 
 
+@row_of.register
 def survey_response_recorded(e: SurveyResponseRecorded, seq: int | None, event_id: str) -> Row:
     return Row(
         SURVEY_SQL,
@@ -273,28 +299,10 @@ def survey_response_recorded(e: SurveyResponseRecorded, seq: int | None, event_i
     )
 
 
-PROJECTIONS: dict[str, Callable[[Any, int | None, str], Row | None]] = {
-    **{fact.__name__: registered for fact in registry.FACT_TYPES},
-    "SupporterTrained": supporter_trained,
-    "SupporterRetired": supporter_retired,
-    "SupporterAvailabilityChanged": supporter_availability_changed,
-    "MatchingPolicySet": matching_policy_set,
-    "ReferralCreated": referral_created,
-    "SupporterAssigned": supporter_assigned,
-    "NoSupporterAvailable": no_supporter_available,
-    "AssignmentOverdue": assignment_overdue,
-    "OutreachAccepted": outreach_recorded,
-    "OutreachDeclined": outreach_recorded,
-    "OutreachUnreachable": outreach_recorded,
-    "InteractionCompleted": interaction_completed,
-    "SurveyResponseRecorded": survey_response_recorded,
-    "PhysicianForgotten": physician_forgotten,
-}
-
-
-def row_of(event: Event, stream_seq: int | None, event_id: str) -> Row | None:
-    """The fact row of one event (None: nothing to record); pure."""
-    return PROJECTIONS[event.type_name](event, stream_seq, event_id)
+# The event types the service consumes: every one with a projection.
+PROJECTIONS: frozenset[str] = frozenset(
+    cls.__name__ for cls in row_of.registry if cls is not object
+)
 
 
 # Every fact row bumps its hospital's version (answers.py), in the same statement: each row's

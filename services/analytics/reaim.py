@@ -16,10 +16,12 @@ from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from typing import Any, Final
 
+from services.analytics import domain
 from services.analytics.domain import (
     NO_SUPPORTER,
     Department,
     Facts,
+    Figures,
     Interaction,
     Outreach,
     Referral,
@@ -37,13 +39,13 @@ WITHIN = timedelta(hours=48)
 MICROSECOND = timedelta(microseconds=1)
 MICROSECONDS_PER_HOUR = 3_600_000_000
 
-OBJECTS = ("reach", "effectiveness", "adoption", "implementation", "maintenance")
+OBJECTS = domain.OBJECTS
 
 
 # --- exact arithmetic -----------------------------------------------------------------------
 
 
-def _round(value: Fraction, places: int) -> float:
+def round_half_up(value: Fraction, places: int) -> float:
     exact = Decimal(value.numerator) / Decimal(value.denominator)
     return float(exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
 
@@ -53,17 +55,17 @@ def rate(numerator: int, denominator: int) -> float | None:
     if denominator == 0:
         return None
     # Clamped: facts of closed departments could push a ratio past 1; a rate never does.
-    return _round(min(Fraction(numerator, denominator), Fraction(1)), 4)
+    return round_half_up(min(Fraction(numerator, denominator), Fraction(1)), 4)
 
 
 def ratio(numerator: int, denominator: int, places: int = 1) -> float | None:
-    return None if denominator == 0 else _round(Fraction(numerator, denominator), places)
+    return None if denominator == 0 else round_half_up(Fraction(numerator, denominator), places)
 
 
 def mean(values: Sequence[int], places: int = 1) -> float | None:
     if not values:
         return None
-    return _round(Fraction(sum(values), len(values)), places)
+    return round_half_up(Fraction(sum(values), len(values)), places)
 
 
 def median(values: Sequence[int], places: int = 1, unit: int = 1) -> float | None:
@@ -73,8 +75,8 @@ def median(values: Sequence[int], places: int = 1, unit: int = 1) -> float | Non
     ordered = sorted(values)
     middle = len(ordered) // 2
     if len(ordered) % 2:
-        return _round(Fraction(ordered[middle], unit), places)
-    return _round(Fraction(ordered[middle - 1] + ordered[middle], 2 * unit), places)
+        return round_half_up(Fraction(ordered[middle], unit), places)
+    return round_half_up(Fraction(ordered[middle - 1] + ordered[middle], 2 * unit), places)
 
 
 def add_years(day: date, years: int) -> date:
@@ -85,7 +87,7 @@ def add_years(day: date, years: int) -> date:
         return day.replace(year=day.year + years, day=28)
 
 
-def _month_starts(first: date, last: date) -> list[date]:
+def month_starts(first: date, last: date) -> list[date]:
     months: list[date] = []
     current = first.replace(day=1)
     while current <= last:
@@ -167,7 +169,7 @@ def _records(
 
 def compute(
     facts: Facts, *, scope: Scope, period_from: date | None, period_to: date | None
-) -> dict[str, Any]:
+) -> Figures:
     """The five RE-AIM objects of one scope and period, every key of CONTRACT.md's table."""
     facts = facts.within(scope)
     period = period_of(facts, period_from, period_to)
@@ -198,17 +200,19 @@ def compute(
 
     first_launch = min((d.launched_on for d in facts.departments if d.launched_on), default=None)
 
-    return {
-        "reach": _reach(facts, period, interactions, referrals, trained, launched, eligible),
-        "effectiveness": _effectiveness(surveys, interactions),
-        "adoption": _adoption(facts, launched, eligible, referrals, records, surveys),
-        "implementation": _implementation(
-            referrals, records, eligible, len(active), _available(active, facts, period)
-        ),
-        "maintenance": _maintenance(
-            period, interactions, trained, active, launched, open_departments, first_launch
-        ),
-    }
+    return Figures.model_validate(
+        {
+            "reach": _reach(facts, period, interactions, referrals, trained, launched, eligible),
+            "effectiveness": _effectiveness(surveys, interactions),
+            "adoption": _adoption(facts, launched, eligible, referrals, records, surveys),
+            "implementation": _implementation(
+                referrals, records, eligible, len(active), _available(active, facts, period)
+            ),
+            "maintenance": _maintenance(
+                period, interactions, trained, active, launched, open_departments, first_launch
+            ),
+        }
+    )
 
 
 def _reach(
@@ -273,7 +277,7 @@ def _monthly(facts: Facts, period: Period, interactions: list[Interaction]) -> l
     counts = Counter((i.occurred_on.year, i.occurred_on.month) for i in interactions)
     return [
         {"month": month.strftime("%Y-%m"), "interactions": counts[(month.year, month.month)]}
-        for month in _month_starts(first, period.end - timedelta(days=1))
+        for month in month_starts(first, period.end - timedelta(days=1))
     ]
 
 
@@ -396,15 +400,12 @@ def _maintenance(
         "supporter_retention_rate": rate(len(active), len(trained)),
         "departments_active_rate": rate(len(open_departments), len(launched)),
         "interactions_by_program_year": by_year,
-        "monthly_rate_by_program_year": [_round(Fraction(c, 12), 1) for c in by_year],
+        "monthly_rate_by_program_year": [round_half_up(Fraction(c, 12), 1) for c in by_year],
     }
 
 
-def numeric_figures(figures: dict[str, Any]) -> dict[str, float | None]:
+def numeric_figures(figures: Figures) -> dict[str, float | None]:
     """The numeric keys of an answer (for gauges): `key` -> value, null kept as None."""
-    flat: dict[str, float | None] = {}
-    for name in OBJECTS:
-        for key, value in figures[name].items():
-            if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
-                flat[key] = value
-    return flat
+    return {
+        key: getattr(getattr(figures, name), key) for key, name in domain.numeric_keys().items()
+    }

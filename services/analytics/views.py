@@ -1,9 +1,8 @@
-"""The RE-AIM answers over HTTP and the hospital list (facts.py loads and renders a hospital's
-or a department's facts; region.py aggregates the region's in PostgreSQL)."""
+"""The RE-AIM answers over HTTP and the hospital list: every scope's figures from the
+pre-aggregated read models (store.py), rendered by facts.py."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import date
 from typing import Any
 
@@ -12,12 +11,11 @@ import structlog
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from services.analytics import answers, domain, reaim, region
+from services.analytics import answers, domain, store
 from services.analytics.facts import (
     HospitalEntry,
     ReaimAnswer,
     answer_key,
-    load_facts,
     render,
     scope_version,
     snapshot,
@@ -70,13 +68,6 @@ def _period(period_from: str | None, period_to: str | None) -> tuple[date | None
     return start, end
 
 
-def _compute_and_render(
-    facts: domain.Facts, scope: domain.Scope, start: date | None, end: date | None
-) -> bytes:
-    figures = reaim.compute(facts, scope=scope, period_from=start, period_to=end)
-    return render(scope, reaim.period_of(facts.within(scope), start, end), figures)
-
-
 log = structlog.get_logger()
 
 # What a read that raced a rebuild's schema swap may meet: plans cached for the old tables,
@@ -101,13 +92,11 @@ async def _answer(
             async with service.pool.acquire() as conn, snapshot(conn):
                 version = await scope_version(conn, scope)
                 body = cache.get(key, version)
-                if body is None and scope.hospital is None:
-                    # The region: aggregated in PostgreSQL, never its facts in Python.
-                    period, figures = await region.compute(conn, start, end)
+                if body is None:
+                    await _known(conn, scope)
+                    period, figures = await store.compute(conn, scope, start, end)
                     body = render(scope, period, figures)
                     cache.put(key, version, body)
-                elif body is None:
-                    facts = await load_facts(conn, scope)
             break
         except SWAPPED as exc:
             # A query that waited for a rebuild's swap (rebuild.py) finds the tables it had
@@ -115,15 +104,29 @@ async def _answer(
             if attempt == SWAP_RETRIES:
                 raise
             log.info("reaim_read_retried", error=type(exc).__name__, attempt=attempt)
-    if body is None:
-        if scope.hospital is not None and not (facts.hospitals or facts.departments):
-            raise HttpRejection(404, ReasonCode.unknown_hospital, "no such hospital")
-        if scope.department is not None and not any(d.launched_on for d in facts.departments):
-            raise HttpRejection(404, ReasonCode.unknown_department, "no such department launched")
-        # CPU-bound for a big region: off the event loop, so the consumer keeps going.
-        body = await asyncio.to_thread(_compute_and_render, facts, scope, start, end)
-        cache.put(key, version, body)
     return Response(body, media_type="application/json")
+
+
+KNOWN_HOSPITAL_SQL = """
+SELECT EXISTS (SELECT 1 FROM hospitals WHERE hospital = $1)
+    OR EXISTS (SELECT 1 FROM departments WHERE hospital = $1)
+"""
+LAUNCHED_SQL = """
+SELECT EXISTS (SELECT 1 FROM departments
+    WHERE hospital = $1 AND department = $2 AND launched_on IS NOT NULL)
+"""
+
+
+async def _known(conn: asyncpg.Connection, scope: domain.Scope) -> None:
+    """A hospital seen (registered, or with a department), a department launched: else 404."""
+    if scope.hospital is None:
+        return
+    if not await conn.fetchval(KNOWN_HOSPITAL_SQL, scope.hospital):
+        raise HttpRejection(404, ReasonCode.unknown_hospital, "no such hospital")
+    if scope.department is not None and not await conn.fetchval(
+        LAUNCHED_SQL, scope.hospital, scope.department
+    ):
+        raise HttpRejection(404, ReasonCode.unknown_department, "no such department launched")
 
 
 @router.get("/reaim", response_model=ReaimAnswer, **_REGION)

@@ -546,7 +546,9 @@ async def test_arrival_order_and_redelivery_do_not_change_the_facts(platform: Pl
             await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await pool.close()
         assert outcome == "no_supporter"  # the latest by stream sequence, whatever came first
-        answers.append(reaim.compute(facts, scope=Scope(h), period_from=None, period_to=None))
+        answers.append(
+            reaim.compute(facts, scope=Scope(h), period_from=None, period_to=None).model_dump()
+        )
     assert answers[0] == answers[1]
     assert answers[0]["reach"]["interactions"] == 3
 
@@ -615,7 +617,7 @@ async def test_the_regions_figures_from_postgresql_equal_reaim_compute(platform:
     """Every key of every RE-AIM object, for the region, as aggregated in PostgreSQL and as the
     pure computation gives it from every fact, over many periods; the events applied in a
     shuffled order (first outcomes are minima, whatever came first)."""
-    from services.analytics import region
+    from services.analytics import store
 
     events = _region_events(4)
     delivered = list(enumerate(events, start=1))
@@ -642,7 +644,9 @@ async def test_the_regions_figures_from_postgresql_equal_reaim_compute(platform:
         async with pool.acquire() as conn:
             facts = await load_facts(conn, Scope())
             assert len(facts.interactions) > 100
-            whole = reaim.compute(facts, scope=Scope(), period_from=None, period_to=None)
+            whole = reaim.compute(
+                facts, scope=Scope(), period_from=None, period_to=None
+            ).model_dump()
             # The data reaches every kind of figure the comparison is meant to check.
             assert whole["implementation"]["referrals_without_supporter"] >= 1
             assert whole["implementation"]["decline_reasons"]["unspecified"] >= 1
@@ -653,8 +657,11 @@ async def test_the_regions_figures_from_postgresql_equal_reaim_compute(platform:
                 {(r.hospital, r.referral_id) for r in facts.referrals}
             )
             for start, end in periods:
-                expected = reaim.compute(facts, scope=Scope(), period_from=start, period_to=end)
-                period, got = await region.compute(conn, start, end)
+                expected = reaim.compute(
+                    facts, scope=Scope(), period_from=start, period_to=end
+                ).model_dump()
+                period, answer = await store.compute(conn, Scope(), start, end)
+                got = answer.model_dump()
                 assert period == reaim.period_of(facts, start, end), (start, end)
                 for name in reaim.OBJECTS:
                     assert got[name] == expected[name], (start, end, name)

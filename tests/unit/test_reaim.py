@@ -13,6 +13,7 @@ from services.analytics.domain import (
     AvailabilityChange,
     Department,
     Facts,
+    Figures,
     Hospital,
     Interaction,
     Outreach,
@@ -48,7 +49,7 @@ def figures(
         scope=scope,
         period_from=d(period_from) if period_from else None,
         period_to=d(period_to) if period_to else None,
-    )
+    ).model_dump()
 
 
 def referral(
@@ -884,7 +885,7 @@ def test_department_scope_sees_only_that_department() -> None:
 
 
 def test_numeric_figures_flatten_the_numbers_and_keep_nulls() -> None:
-    flat = numeric_figures(figures(_two_hospitals()))
+    flat = numeric_figures(Figures.model_validate(figures(_two_hospitals())))
     assert flat["interactions"] == 2
     assert flat["reach_rate"] == rate(1, 230)
     assert flat["would_recommend_rate"] == 1.0
@@ -1068,7 +1069,7 @@ def test_the_gauge_of_supporters_available() -> None:
     }
 
 
-# --- issue 15: the region's figures from aggregates (region.py) ------------------------------
+# --- issue 15: the region's figures from aggregates (store.py) ------------------------------
 
 
 def test_the_median_of_counted_values_is_the_median_of_the_values() -> None:
@@ -1076,7 +1077,7 @@ def test_the_median_of_counted_values_is_the_median_of_the_values() -> None:
     from collections import Counter
 
     from services.analytics import reaim
-    from services.analytics.region import median_of_counts
+    from services.analytics.store import median_of_counts
 
     rng = random.Random(15)
     assert median_of_counts({}) is None
