@@ -1,13 +1,13 @@
 """The RE-AIM figures as Prometheus gauges, and the analytics service's own metrics.
 
-A background task (``refresh_gauges``) recomputes the all-time figures of the hospitals whose
-facts changed since it last looked (their ``scope_versions``), a few hospitals' facts at a time,
-and the region's from the pre-aggregated read models (store.py); the collector exports each
-hospital's latest samples. The region has a gauge for every figure; every hospital for its
-headline figures (``domain.HEADLINE``, about 10: a national region's scrape stays bounded);
-the hospitals of ``POST_ANALYTICS_DEPARTMENT_GAUGES``, bounded (``department_gauges``), for
-every figure of the hospital and of each of its departments. Nothing here is registered at
-import: ``export`` registers it when the service starts.
+A background task (``GaugeRefresh``, built in app.py with what it uses) recomputes the all-time
+figures of the hospitals whose facts changed since it last looked (their ``scope_versions``), a
+few hospitals' facts at a time, and the region's from the pre-aggregated read models (store.py);
+the collector exports each hospital's latest samples. The region has a gauge for every figure;
+every hospital for its headline figures (``domain.HEADLINE``, about 10: a national region's
+scrape stays bounded); the hospitals of ``POST_ANALYTICS_DEPARTMENT_GAUGES``, bounded
+(``department_gauges``), for every figure of the hospital and of each of its departments.
+Nothing here is registered at import: ``export`` registers it when the service starts.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from threading import Lock
-from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
@@ -36,9 +35,6 @@ from services.analytics.facts import (
 )
 from shared.contracts import Event
 from shared.settings import current, env_name
-
-if TYPE_CHECKING:
-    from shared.service import Running as Service
 
 log = structlog.get_logger()
 
@@ -179,6 +175,10 @@ class ReaimCollector:
             yield family
 
 
+# The process's collector, as prometheus_client's REGISTRY is the process's registry: one
+# `/metrics` per process, so one `post_reaim_*` family each, whatever the number of analytics
+# services a process runs (one in a deployment; the in-process tests start several). A
+# GaugeRefresh is given it (app.py) or its own (a test's).
 COLLECTOR = ReaimCollector()
 
 
@@ -273,6 +273,7 @@ async def refresh_gauges_once(
     cache: answers.AnswerCache | None = None,
     state: GaugeState | None = None,
     exports: Callable[[str], bool] | None = None,
+    collector: ReaimCollector | None = None,
 ) -> float:
     """Recompute the gauges of every hospital (that this instance exports) whose facts changed
     since `state` was computed (without one: all), a few hospitals at a time, and the region's
@@ -307,7 +308,7 @@ async def refresh_gauges_once(
     elif not exports(""):
         state.scopes.pop("", None)
         state.versions.pop("", None)
-    COLLECTOR.scopes = state.scopes
+    (collector if collector is not None else COLLECTOR).scopes = state.scopes
     took = time.perf_counter() - started
     GAUGE_REFRESH_SECONDS.observe(took)
     return took
@@ -372,40 +373,56 @@ async def _refresh_region(
 TOTAL_VERSION_SQL = "SELECT coalesce(sum(version), 0) FROM scope_versions"
 
 
-async def refresh_gauges(service: Service) -> None:
-    """Background task: register the metrics (the service has started), then every 15 seconds
-    recompute the gauges of the hospitals whose facts changed, whichever instance projected
-    them, and of the hospitals this instance has just taken over."""
-    export()
+class GaugeRefresh:
+    """The background task of one analytics instance: every 15 seconds recompute the gauges of
+    the hospitals whose facts changed, whichever instance projected them, and of the hospitals
+    this instance has just taken over. Built in app.py with what it uses: the pool, this
+    instance's answer cache, which hospitals it exports (`exports`: the hospitals of the
+    partitions it holds, "" for the region when it holds partition 0) and which partitions it
+    holds now (`partitions`). It owns what the last refresh computed (`state`)."""
 
-    def exports(hospital: str) -> bool:
-        return service.owns(hospital) if hospital else 0 in service.partitions
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        cache: answers.AnswerCache,
+        exports: Callable[[str], bool],
+        partitions: Callable[[], list[int]],
+        collector: ReaimCollector | None = None,
+    ) -> None:
+        self.pool = pool
+        self.cache = cache
+        self.exports = exports
+        self.partitions = partitions
+        self.collector = collector if collector is not None else COLLECTOR
+        self.state = GaugeState()
 
-    COLLECTOR.exports = exports
-    state = GaugeState()
-    seen: tuple[int, frozenset[int]] = (-1, frozenset())
-    refreshed = 0.0
-    while True:
-        took = 0.0
-        if not service.partitions:  # starting, or a spare instance: nothing of ours to export
-            await asyncio.sleep(1.0)
-            continue
-        try:
-            # Every fact row, whichever instance projected it, bumps its hospital's version.
-            now = (
-                int(await service.pool.fetchval(TOTAL_VERSION_SQL)),
-                frozenset(service.partitions),
-            )
-        except Exception as exc:  # the database away for a moment: the next round asks again
-            log.warning("gauge_version_unavailable", error=repr(exc))
-            now = seen
-        stale = time.monotonic() - refreshed > GAUGE_MAX_AGE_SECONDS
-        if now != seen or stale:
+    async def run(self) -> None:
+        """Register the metrics (the service has started), then refresh forever."""
+        export()
+        self.collector.exports = self.exports
+        seen: tuple[int, frozenset[int]] = (-1, frozenset())
+        refreshed = 0.0
+        while True:
+            took = 0.0
+            held = self.partitions()
+            if not held:  # starting, or a spare instance: nothing of ours to export
+                await asyncio.sleep(1.0)
+                continue
             try:
-                cache = answers.cache_for(service.name)
-                took = await refresh_gauges_once(service.pool, cache, state, exports)
-                seen, refreshed = now, time.monotonic()
-            except Exception as exc:  # the next round tries again; the last samples stay
-                log.warning("gauge_refresh_failed", error=repr(exc))
-        # A big region takes seconds to compute: never spend more than a third of the time on it.
-        await asyncio.sleep(max(GAUGE_INTERVAL_SECONDS, 2 * took))
+                # Every fact row, whichever instance projected it, bumps its hospital's version.
+                now = (int(await self.pool.fetchval(TOTAL_VERSION_SQL)), frozenset(held))
+            except Exception as exc:  # the database away for a moment: the next round asks
+                log.warning("gauge_version_unavailable", error=repr(exc))
+                now = seen
+            stale = time.monotonic() - refreshed > GAUGE_MAX_AGE_SECONDS
+            if now != seen or stale:
+                try:
+                    took = await refresh_gauges_once(
+                        self.pool, self.cache, self.state, self.exports, self.collector
+                    )
+                    seen, refreshed = now, time.monotonic()
+                except Exception as exc:  # the next round tries again; the last samples stay
+                    log.warning("gauge_refresh_failed", error=repr(exc))
+            # A big region takes seconds to compute: never spend more than a third of the time
+            # on it.
+            await asyncio.sleep(max(GAUGE_INTERVAL_SECONDS, 2 * took))

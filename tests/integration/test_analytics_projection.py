@@ -9,6 +9,7 @@ never disturbs a platform the end-to-end tests may be running beside it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -669,3 +670,48 @@ async def test_the_regions_figures_from_postgresql_equal_reaim_compute(platform:
         async with pool.acquire() as conn:
             await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await pool.close()
+
+
+async def test_a_gauge_refresh_exports_what_its_instance_holds_into_its_own_collector(
+    platform: Platform, analytics: Service
+) -> None:
+    """GaugeRefresh is given what it uses (app.py): the pool, a cache, which hospitals its
+    instance exports and which partitions it holds. It fills the collector it is given with the
+    hospitals it exports only, and waits while its instance holds no partition."""
+    h, other = f"h-{uuid.uuid4().hex[:10]}", f"h-{uuid.uuid4().hex[:10]}"
+    nc = await nats.connect(platform.nats_url)
+    js = nc.jetstream()
+    await ensure_stream(js)
+    ids = [await publish(js, e) for e in [*program(h), *program(other)]]
+
+    async def processed() -> bool:
+        async with analytics.pool.acquire() as conn:
+            return bool(await conn.fetchval("SELECT count(*) FROM processed") >= len(ids))
+
+    held: list[int] = []
+    collector = gauges.ReaimCollector()
+    refresh = gauges.GaugeRefresh(
+        analytics.pool, answers.AnswerCache(), lambda x: x == h, lambda: held, collector
+    )
+    task = asyncio.create_task(refresh.run())
+    try:
+        await settle(processed)
+        await asyncio.sleep(1.5)
+        assert collector.scopes == {}  # no partition held yet: nothing computed
+        held.append(0)
+        await settle(lambda: _filled(collector, h))
+        assert set(collector.scopes) == {h}  # neither the other hospital nor the region
+        text = "\n".join(
+            f"{m.name} {s.labels} {s.value}" for m in collector.collect() for s in m.samples
+        )
+        assert other not in text
+        assert f"'hospital': '{h}'" in text
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await nc.close()
+
+
+async def _filled(collector: gauges.ReaimCollector, hospital: str) -> bool:
+    return bool(collector.scopes.get(hospital))
