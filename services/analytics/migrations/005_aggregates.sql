@@ -324,7 +324,7 @@ CREATE TRIGGER agg_survey AFTER INSERT ON surveys
 -- Read models projected before this migration: their aggregates from the rows they hold.
 DO $$
 DECLARE
-    r record;
+    r referrals;  -- the row type agg_referral_apply takes (a bare record does not cast)
 BEGIN
     IF EXISTS (SELECT 1 FROM agg_interactions) OR EXISTS (SELECT 1 FROM agg_referrals) THEN
         RETURN;  -- filled already
