@@ -88,9 +88,13 @@ def start_platform(settings: Settings, instances: int = 1) -> Platform:
     platform.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(platform.data_dir, 0o755)
     print(f"starting nats-server and PostgreSQL under {platform.data_dir} ...", flush=True)
-    platform.start_servers()
-    platform.start_services()
-    platform.wait_ready()
+    try:
+        platform.start_servers()
+        platform.start_services()
+        platform.wait_ready()
+    except BaseException:  # Ctrl-C (or a failure) while starting: nothing left running
+        platform.stop()
+        raise
     return platform
 
 

@@ -453,11 +453,14 @@ class Platform:
         return env
 
     def start_servers(self) -> None:
-        self.nats = NatsServer(
-            self.data_dir / "nats", self.nats_port, self.nats_monitor_port
-        ).start()
+        # Each server is the platform's before it starts: interrupted while it starts (Ctrl-C
+        # before it listens), `stop` still finds its process. They run in sessions of their
+        # own, so a terminal's Ctrl-C reaches only this process.
+        self.nats = NatsServer(self.data_dir / "nats", self.nats_port, self.nats_monitor_port)
+        self.nats.start()
         if not self.database_url:
-            self.postgres = Postgres(self.data_dir / "postgres", self.pg_port).start()
+            self.postgres = Postgres(self.data_dir / "postgres", self.pg_port)
+            self.postgres.start()
 
     @staticmethod
     def key(name: str, index: int = 0) -> str:

@@ -18,7 +18,7 @@ import nats
 import pytest
 
 from shared.contracts import make_cloudevent
-from shared.runtime import SERVICES, free_port
+from shared.runtime import SERVICES, free_port, port_in_use
 
 pytestmark = pytest.mark.e2e
 
@@ -36,9 +36,11 @@ def _up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def _wait_banner(log: Path, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
+    # The log is appended to by every run: only a banner this run printed counts.
+    already = log.read_text().count("POST platform is up.") if log.exists() else 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if "POST platform is up." in log.read_text():
+        if log.read_text().count("POST platform is up.") > already:
             return
         assert proc.poll() is None, log.read_text()[-3000:]
         time.sleep(0.2)
@@ -133,3 +135,36 @@ async def test_up_serves_every_service_and_keeps_events_across_a_restart() -> No
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+    assert log.read_text().count("stopped.") == 2  # the second run stopped as the first did
+
+
+def test_ctrl_c_while_starting_leaves_nothing_running() -> None:
+    """An operator who presses Ctrl-C before the banner (the servers up, the services still
+    starting) gets the prompt back with every server and service stopped, not orphaned."""
+    data_dir = Path(tempfile.mkdtemp(prefix="post-up-"))
+    os.chmod(data_dir, 0o755)
+    ports = {name: free_port() for name in SERVICES}
+    nats_port, pg_port = free_port(), free_port()
+    env = {
+        "POST_DATA_DIR": str(data_dir),
+        "POST_NATS_URL": f"nats://127.0.0.1:{nats_port}",
+        "POST_NATS_MONITOR_PORT": str(free_port()),
+        "POST_PG_PORT": str(pg_port),
+        **{f"POST_{name.upper()}_PORT": str(port) for name, port in ports.items()},
+    }
+    env.pop("POST_DATABASE_URL", None)
+    log = data_dir / "postctl.log"
+    proc = _up(env, log)
+    try:
+        deadline = time.monotonic() + 90
+        # NATS listening: the servers are up, so there is something to leave behind.
+        while not port_in_use(nats_port):
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        assert "POST platform is up." not in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    listening = [p for p in [nats_port, pg_port, *ports.values()] if port_in_use(p)]
+    assert listening == [], log.read_text()[-3000:]
