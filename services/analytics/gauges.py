@@ -273,7 +273,7 @@ async def refresh_gauges_once(
     cache: answers.AnswerCache | None = None,
     state: GaugeState | None = None,
     exports: Callable[[str], bool] | None = None,
-    collector: ReaimCollector | None = None,
+    collector: ReaimCollector = COLLECTOR,
 ) -> float:
     """Recompute the gauges of every hospital (that this instance exports) whose facts changed
     since `state` was computed (without one: all), a few hospitals at a time, and the region's
@@ -308,7 +308,7 @@ async def refresh_gauges_once(
     elif not exports(""):
         state.scopes.pop("", None)
         state.versions.pop("", None)
-    (collector if collector is not None else COLLECTOR).scopes = state.scopes
+    collector.scopes = state.scopes
     took = time.perf_counter() - started
     GAUGE_REFRESH_SECONDS.observe(took)
     return took
@@ -387,13 +387,13 @@ class GaugeRefresh:
         cache: answers.AnswerCache,
         exports: Callable[[str], bool],
         partitions: Callable[[], list[int]],
-        collector: ReaimCollector | None = None,
+        collector: ReaimCollector = COLLECTOR,
     ) -> None:
         self.pool = pool
         self.cache = cache
         self.exports = exports
         self.partitions = partitions
-        self.collector = collector if collector is not None else COLLECTOR
+        self.collector = collector
         self.state = GaugeState()
 
     async def run(self) -> None:
