@@ -7,9 +7,11 @@ department). Real PostgreSQL, one schema for the test, emptied between examples.
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -245,22 +247,29 @@ async def check_history(
             # (a copy is the same event id: the fact's upsert keeps one).
             for index in order:
                 await projection.project(conn, events[index], index + 1, f"evt-{index}")
-        facts = await load_facts(conn, Scope())
-        scopes = [Scope()]
-        for h in HOSPITALS:
-            scopes.append(Scope(h))
-            scopes += [Scope(h, d.department) for d in facts.departments if d.hospital == h]
-        for scope in scopes:
-            for start, end in [(None, None), *periods]:
-                expected = reaim.compute(
-                    facts, scope=scope, period_from=start, period_to=end
-                ).model_dump()
-                async with conn.transaction(isolation="repeatable_read", readonly=True):
-                    period, answer = await store.compute(conn, scope, start, end)
-                got = answer.model_dump()
-                assert period == reaim.period_of(facts.within(scope), start, end)
-                for name in reaim.OBJECTS:
-                    assert got[name] == expected[name], (scope, start, end, name)
+        await compare_answers(conn, periods)
+
+
+async def compare_answers(
+    conn: asyncpg.Connection, periods: list[tuple[date | None, date | None]]
+) -> None:
+    """Every key of every RE-AIM object, aggregated and direct, at every scope and period."""
+    facts = await load_facts(conn, Scope())
+    scopes = [Scope()]
+    for h in HOSPITALS:
+        scopes.append(Scope(h))
+        scopes += [Scope(h, d.department) for d in facts.departments if d.hospital == h]
+    for scope in scopes:
+        for start, end in [(None, None), *periods]:
+            expected = reaim.compute(
+                facts, scope=scope, period_from=start, period_to=end
+            ).model_dump()
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                period, answer = await store.compute(conn, scope, start, end)
+            got = answer.model_dump()
+            assert period == reaim.period_of(facts.within(scope), start, end)
+            for name in reaim.OBJECTS:
+                assert got[name] == expected[name], (scope, start, end, name)
 
 
 @settings(
@@ -297,3 +306,40 @@ def test_a_period_is_its_whole_months_and_two_stretches_of_days() -> None:
     assert store.pieces(p(jan15, date(2024, 2, 3))) == (
         None, None, jan15, feb1, feb1, date(2024, 2, 3),
     )  # fmt: skip
+
+
+@settings(
+    max_examples=3,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+async def test_a_database_projected_before_the_aggregates_is_backfilled_by_their_migration(
+    platform: Platform, tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    """An upgrade: read models projected under migrations 001-004, then 005 applied (as a
+    service of the new version does when it starts) fills the aggregates from the rows there,
+    and they answer as the direct computation does."""
+    events = data.draw(histories())
+    periods = data.draw(_periods())
+    before = tmp_path_factory.mktemp("before-aggregates")
+    for path in sorted(MIGRATIONS.glob("*.sql")):
+        if path.name < "005":
+            shutil.copy(path, before / path.name)
+    schema = f"analytics_up_{uuid.uuid4().hex[:8]}"
+    pool = await create_pool(platform.db_url, schema)
+    try:
+        await migrate(pool, schema, Path(before))
+        async with pool.acquire() as conn:
+            assert not await conn.fetchval("SELECT to_regclass('agg_referrals') IS NOT NULL")
+            async with conn.transaction():
+                for index, event in enumerate(events):
+                    await projection.project(conn, event, index + 1, f"evt-{index}")
+        applied = await migrate(pool, schema, MIGRATIONS)
+        assert applied == [f"{schema}/005_aggregates.sql"]  # only it: an upgrade
+        async with pool.acquire() as conn:
+            await compare_answers(conn, periods)
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await pool.close()
