@@ -307,13 +307,26 @@ PROJECTIONS: frozenset[str] = frozenset(
 
 # Every fact row bumps its hospital's version (answers.py), in the same statement: each row's
 # first argument is its hospital.
+#
+# And every fact row first takes the aggregates' fence: a transaction-scoped advisory lock of
+# the schema. The triggers (migrations/005_aggregates.sql) update the region's rows ('' for the
+# hospital) from every partition, in the order its batch's events come; two partitions' batches
+# taking the rows of two days (or departments) in opposite orders deadlocked, and the loser's
+# hospital was held back. Taken before any row of the statement (the bump reads the fence, and
+# the rows' AFTER triggers fire at the statement's end), it orders the batches that write facts
+# instead. It costs next to no parallelism: batches of the live stream already waited for each
+# other on today's region rows. Re-entrant, released at the commit.
+FENCE_SQL = (
+    "SELECT pg_advisory_xact_lock(hashtextextended('post-analytics-aggregates:' ||"
+    " current_schema(), 0)) AS taken"
+)
 BUMP_SQL = """
 INSERT INTO scope_versions AS v (hospital, version) SELECT DISTINCT unnest($1::text[]), 1
 ON CONFLICT (hospital) DO UPDATE SET version = v.version + 1
 """
 _BUMP_CTE = (
-    "WITH bumped AS (INSERT INTO scope_versions AS v (hospital, version) VALUES ($1, 1)"
-    " ON CONFLICT (hospital) DO UPDATE SET version = v.version + 1) "
+    f"WITH fence AS ({FENCE_SQL}), bumped AS (INSERT INTO scope_versions AS v (hospital, version)"
+    " SELECT $1::text, 1 FROM fence ON CONFLICT (hospital) DO UPDATE SET version = v.version + 1) "
 )
 _VERSIONED: dict[str, str] = {}
 

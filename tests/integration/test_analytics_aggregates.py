@@ -7,6 +7,7 @@ department). Real PostgreSQL, one schema for the test, emptied between examples.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import uuid
 from collections.abc import AsyncIterator
@@ -286,6 +287,43 @@ async def test_aggregated_answers_equal_the_direct_computation(
     copies = data.draw(st.lists(st.sampled_from(range(len(events))), max_size=5))
     periods = data.draw(_periods())
     await check_history(aggregate_pool, events, [*order, *copies], periods)
+
+
+async def test_two_partitions_writing_region_rows_in_opposite_orders_take_turns(
+    aggregate_pool: asyncpg.Pool,
+) -> None:
+    """Two instances' batches (two hospitals, two partitions) each write interactions of two
+    days, in opposite orders: both update the region's row of each day (the triggers). Without
+    the aggregates' fence (projection.FENCE_SQL) the second to ask waits for the first's row
+    and the first for its: PostgreSQL kills one (a deadlock) and its hospital is held back.
+    With it, the second batch waits at its first fact until the first commits."""
+    day1, day2 = _day(1), _day(2)
+    async with aggregate_pool.acquire() as conn:
+        await conn.execute("TRUNCATE " + ", ".join(_EMPTIED))
+
+    async def batch(hospital: str, days: tuple[date, date], started: asyncio.Event) -> None:
+        async with aggregate_pool.acquire() as conn, conn.transaction():
+            for k, day in enumerate(days):
+                event = InteractionCompleted(
+                    hospital=hospital, referral_id=f"r{k}", supporter_id="s0",
+                    occurred_on=day, minutes=30, escalated=False, department=DEPARTMENTS[0],
+                )  # fmt: skip
+                await projection.project(conn, event, None, f"{hospital}-{k}")
+                started.set()
+                await asyncio.sleep(0.5)  # the other batch writes meanwhile
+
+    first_started, second_started = asyncio.Event(), asyncio.Event()
+    first = asyncio.create_task(batch(HOSPITALS[0], (day1, day2), first_started))
+    await first_started.wait()
+    second = asyncio.create_task(batch(HOSPITALS[1], (day2, day1), second_started))
+    await asyncio.gather(first, second)  # a deadlock raises here
+    async with aggregate_pool.acquire() as conn:
+        by_day = dict(
+            await conn.fetch(
+                "SELECT day, n FROM agg_interactions WHERE hospital = '' AND department = ''"
+            )
+        )
+    assert by_day == {day1: 2, day2: 2}
 
 
 def test_a_period_is_its_whole_months_and_two_stretches_of_days() -> None:
