@@ -52,7 +52,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         else:
             print("the POST study is already loaded (data kept from an earlier run)")
         # Every answer of the replay is in the stream: wait until analytics has read it all.
-        asyncio.run(wait_consumed(platform.nats_url, "analytics"))
+        asyncio.run(wait_consumed(platform.nats_url, "analytics", db_url=platform.db_url))
         report = _get_json(f"{analytics}/reaim", token)
         rows = paper.compare(report)
         print(paper.format_table(rows))

@@ -10,7 +10,8 @@ hospital's commands go out on a connection opened with that hospital's own NKey 
 first use, as `postctl hospital onboard` does it), and its events come in on that connection
 from its durable consumer `hospital-<hospital>` (pulled, acknowledged, deduplicated by the
 CloudEvents id), exactly as CONTRACT.md 1.2 tells a hospital to do it.
-`wait_consumed` waits until a service's durable consumer has read the stream so far.
+`wait_consumed` waits until a service has handled the stream so far (given the database, also
+until it holds no hospital back).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -31,6 +33,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from shared import hospitals as delivery
+from shared import inbox
 from shared.contracts import STREAM_NAME, Command, command_message, evt_subject, is_hospital_id
 from shared.partitions import service_lag
 from shared.settings import nats_servers, nats_tls
@@ -253,8 +256,13 @@ class PlatformClient:
         await self.nc.drain()
 
 
-async def wait_consumed(nats_url: str, service: str, timeout: float = 120.0) -> None:
-    """Until a service (every instance of it) has handled everything in the stream so far."""
+async def wait_consumed(
+    nats_url: str, service: str, timeout: float = 120.0, db_url: str | None = None
+) -> None:
+    """Until a service (every instance of it) has handled everything in the stream so far.
+    With `db_url` (the platform's database), also until it holds no hospital back: a message
+    that failed for a passing reason (a deadlock, the database away) is parked with the rest
+    of its hospital's messages (shared/consumer.py), acknowledged in NATS, not handled yet."""
     nc = await nats.connect(nats_servers(nats_url), tls=nats_tls())
     try:
         js = nc.jetstream()
@@ -262,11 +270,23 @@ async def wait_consumed(nats_url: str, service: str, timeout: float = 120.0) -> 
         while time.monotonic() < deadline:
             # Twice, a moment apart: a work stream's source lag is what its sourcing consumer
             # last saw, so it reads 0 for the moment between a publish and its delivery.
-            if await service_lag(js, service) == (0, 0):
+            if await _caught_up(js, service, db_url):
                 await asyncio.sleep(0.3)
-                if await service_lag(js, service) == (0, 0):
+                if await _caught_up(js, service, db_url):
                     return
             await asyncio.sleep(0.2)
         raise TimeoutError(f"the {service} service has not caught up after {timeout:.0f} s")
     finally:
         await nc.close()
+
+
+async def _caught_up(js: JetStreamContext, service: str, db_url: str | None) -> bool:
+    if await service_lag(js, service) != (0, 0):
+        return False
+    if db_url is None:
+        return True
+    conn = await asyncpg.connect(db_url)
+    try:
+        return not await inbox.holds(conn, service)
+    finally:
+        await conn.close()

@@ -182,6 +182,14 @@ async def held_back(conn: asyncpg.Connection, partition: int) -> set[str]:
     return {r["hospital"] for r in rows}
 
 
+async def holds(conn: asyncpg.Connection, service: str) -> int:
+    """How many hospitals `service` holds back, over every partition (an operator's, a test's
+    question: is it done with what it acknowledged?)."""
+    return int(
+        await conn.fetchval("SELECT count(*) FROM post_platform.holds WHERE service = $1", service)
+    )
+
+
 async def held_back_anywhere(conn: asyncpg.Connection, partition: int) -> set[str]:
     """The hospitals of `partition` that some service holds back."""
     rows = await conn.fetch(

@@ -253,7 +253,7 @@ def dashboard_platform() -> Iterator[Platform]:
 async def base_url(dashboard_platform: Platform) -> str:
     """The analytics service, once it has read the whole replay of the study."""
     await run_post_2023(dashboard_platform.nats_url)
-    await wait_consumed(dashboard_platform.nats_url, "analytics")
+    await wait_consumed(dashboard_platform.nats_url, "analytics", db_url=dashboard_platform.db_url)
     return f"http://127.0.0.1:{dashboard_platform.service_ports['analytics']}"
 
 

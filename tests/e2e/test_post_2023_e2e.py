@@ -45,7 +45,7 @@ async def analytics(post_platform: Platform) -> AsyncIterator[httpx.AsyncClient]
 async def replayed(post_platform: Platform) -> dict[str, Any]:
     summary = await run_post_2023(post_platform.nats_url)
     # Every answer of the replay is in the stream: wait until analytics has read it all.
-    await wait_consumed(post_platform.nats_url, "analytics")
+    await wait_consumed(post_platform.nats_url, "analytics", db_url=post_platform.db_url)
     return summary
 
 
@@ -160,7 +160,7 @@ async def test_the_demos_showcase_of_contract_1_1_leaves_the_papers_figures(
     assert "SetMatchingPolicy same_department -> MatchingPolicySet" in "\n".join(lines)
     assert any("-> SupporterAvailabilityChanged" in line for line in lines)
     assert sum("RequestReferral ae-" in line for line in lines) == 2
-    await wait_consumed(post_platform.nats_url, "analytics")
+    await wait_consumed(post_platform.nats_url, "analytics", db_url=post_platform.db_url)
     answer = await reaim_when_caught_up(analytics)
     assert mismatches(answer) == [], paper.format_table(paper.compare(answer))
     assert (

@@ -103,7 +103,7 @@ async def _figures(run: LoadRun, report: LoadReport, platform: Platform, nats_ur
         run,
         report,
         f"http://127.0.0.1:{platform.service_ports['analytics']}",
-        lambda: wait_consumed(nats_url, "analytics"),
+        lambda: wait_consumed(nats_url, "analytics", db_url=platform.db_url),
         token=region_token_for(platform),
     )
 
@@ -285,7 +285,7 @@ async def test_a_command_in_flight_when_its_service_dies_is_handled_before_the_n
         )
         await client.send_and_wait(hospital, referral, timeout=30)
         await client.wait_for(hospital, "SupporterAssigned", timeout=30)
-        await wait_consumed(fault_platform.nats_url, "records")
+        await wait_consumed(fault_platform.nats_url, "records", db_url=fault_platform.db_url)
 
         records = fault_platform.processes["records"]
         assert records.proc is not None

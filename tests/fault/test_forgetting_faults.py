@@ -101,7 +101,7 @@ async def _naming(client: PlatformClient, physician: str) -> list[tuple[int, str
 
 async def _answers(platform: Platform) -> list[Any]:
     for service in SERVICES:
-        await wait_consumed(platform.nats_url, service)
+        await wait_consumed(platform.nats_url, service, db_url=platform.db_url)
     base = f"http://127.0.0.1:{platform.service_ports['analytics']}"
     headers = {"Authorization": f"Bearer {region_token_for(platform)}"}
     async with httpx.AsyncClient(base_url=base, timeout=30, headers=headers) as web:
