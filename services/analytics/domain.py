@@ -325,3 +325,30 @@ HEADLINE = (
     "supporters_active",
 )
 assert set(HEADLINE) <= set(numeric_keys()), "a headline figure the answer does not have"
+
+
+# The figures GET /reaim-hospitals ranks the hospitals by (issue 26), as "object.key": the
+# object read from the model, so a key moved or renamed fails here, at import.
+RANKED_KEYS = (
+    "referrals",
+    "interactions",
+    "physicians_supported",
+    "eligible_physicians",
+    "reach_rate",
+    "minutes_median",
+    "helpful_rate",
+    "wellbeing_improved_rate",
+    "escalation_rate",
+    "departments_launched",
+    "physician_coverage",
+    "outreach_acceptance_rate",
+    "would_recommend_rate",
+    "outreach_within_48h_rate",
+    "hours_to_outreach_median",
+    "physicians_per_active_supporter",
+    "referrals_without_supporter",
+    "supporters_active",
+    "supporter_retention_rate",
+    "departments_active_rate",
+)
+RANKED = tuple(f"{numeric_keys()[key]}.{key}" for key in RANKED_KEYS)

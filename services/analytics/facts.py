@@ -120,6 +120,27 @@ class HospitalEntry(BaseModel):
     departments: list[DepartmentEntry]
 
 
+class HospitalValue(BaseModel):
+    hospital: str
+    value: int | float | None = Field(description="as GET /reaim/{hospital} answers it")
+
+
+class HospitalRanking(BaseModel):
+    """One figure of every hospital over one period, sorted: the spread across hospitals."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    figure: str = Field(description="`object.key` of the RE-AIM answer")
+    figures: list[str] = Field(description="every figure the hospitals can be ranked by")
+    order: Literal["desc", "asc"] = Field(description="by value, nulls last; ties by hospital")
+    from_: date | None = Field(alias="from", description="as asked: inclusive; null: none")
+    to: date | None = Field(description="as asked: exclusive; null: each hospital's last fact")
+    total: int = Field(description="hospitals seen (as GET /hospitals lists them)")
+    offset: int
+    limit: int
+    hospitals: list[HospitalValue] = Field(description="this page of the ranking")
+
+
 # --- rendering ------------------------------------------------------------------------------
 
 

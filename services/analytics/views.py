@@ -3,8 +3,11 @@ pre-aggregated read models (store.py), rendered by facts.py."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import Any, Literal, TypeVar, cast
 
 import asyncpg
 import structlog
@@ -14,8 +17,10 @@ from fastapi.responses import Response
 from services.analytics import answers, domain, store
 from services.analytics.facts import (
     HospitalEntry,
+    HospitalRanking,
     ReaimAnswer,
     answer_key,
+    hospital_versions,
     render,
     scope_version,
     snapshot,
@@ -31,6 +36,7 @@ from shared.http import HttpRejection, http_error, problem
 from shared.service import service_of
 
 router = APIRouter(tags=["analytics"])
+T = TypeVar("T")
 
 _ERROR = problem()
 _RESPONSES: dict[int | str, dict[str, Any]] = {404: _ERROR, 422: _ERROR}
@@ -80,30 +86,54 @@ SWAPPED = (
 SWAP_RETRIES = 3
 
 
-async def _answer(
-    request: Request, scope: domain.Scope, period_from: str | None, period_to: str | None
-) -> Response:
-    start, end = _period(period_from, period_to)
+async def _read(request: Request, read: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """`read` in one read-only snapshot of the service's database, asked again when it raced
+    a rebuild's schema swap."""
     service = service_of(request)
-    cache = answers.cache_for(service.name)
-    key = answer_key(scope, start, end)
     for attempt in range(1, SWAP_RETRIES + 1):
         try:
             async with service.pool.acquire() as conn, snapshot(conn):
-                version = await scope_version(conn, scope)
-                body = cache.get(key, version)
-                if body is None:
-                    await _known(conn, scope)
-                    period, figures = await store.compute(conn, scope, start, end)
-                    body = render(scope, period, figures)
-                    cache.put(key, version, body)
-            break
+                return await read(conn)
         except SWAPPED as exc:
             # A query that waited for a rebuild's swap (rebuild.py) finds the tables it had
             # planned for gone: the new ones are in place, ask again.
             if attempt == SWAP_RETRIES:
                 raise
             log.info("reaim_read_retried", error=type(exc).__name__, attempt=attempt)
+    raise AssertionError("unreachable")
+
+
+async def answer_body(
+    conn: asyncpg.Connection,
+    cache: answers.AnswerCache,
+    scope: domain.Scope,
+    start: date | None,
+    end: date | None,
+    version: int | None = None,
+) -> bytes:
+    """The scope's answer over [start, end) as served (JSON of ReaimAnswer), in the caller's
+    snapshot: kept in `cache` at the scope's version (given, or read here), else computed and
+    kept. The one way to an answer: GET /reaim... and GET /reaim-hospitals both ask it, so a
+    hospital's figure in the ranking is the figure on its own page. 404 for an unknown
+    hospital or department."""
+    if version is None:
+        version = await scope_version(conn, scope)
+    key = answer_key(scope, start, end)
+    body = cache.get(key, version)
+    if body is None:
+        await _known(conn, scope)
+        period, figures = await store.compute(conn, scope, start, end)
+        body = render(scope, period, figures)
+        cache.put(key, version, body)
+    return body
+
+
+async def _answer(
+    request: Request, scope: domain.Scope, period_from: str | None, period_to: str | None
+) -> Response:
+    start, end = _period(period_from, period_to)
+    cache = answers.cache_for(service_of(request).name)
+    body = await _read(request, lambda conn: answer_body(conn, cache, scope, start, end))
     return Response(body, media_type="application/json")
 
 
@@ -155,6 +185,106 @@ async def reaim_department(
 ) -> Response:
     """The RE-AIM figures of one department of a hospital."""
     return await _answer(request, domain.Scope(hospital, department), period_from, period_to)
+
+
+# --- the spread across hospitals (issue 26) --------------------------------------------------
+
+ORDERS = ("desc", "asc")
+MAX_LIMIT = 500
+SEEN_SQL = "SELECT hospital FROM hospitals UNION SELECT hospital FROM departments ORDER BY 1"
+
+
+@dataclass(frozen=True, slots=True)
+class RankingQuery:
+    figure: str  # "object.key", one of domain.RANKED
+    order: Literal["desc", "asc"] = "desc"
+    limit: int = 50
+    offset: int = 0
+    start: date | None = None
+    end: date | None = None
+
+
+def ranking_query(
+    figure: str,
+    order: str = "desc",
+    limit: int = 50,
+    offset: int = 0,
+    period_from: str | None = None,
+    period_to: str | None = None,
+) -> RankingQuery:
+    """The ranking asked for, or a 422 (invalid_payload) that names what is wrong, never the
+    value sent."""
+
+    def refuse(detail: str) -> HttpRejection:
+        return http_error(Rejected(ReasonCode.invalid_payload, detail))
+
+    if figure not in domain.RANKED:
+        raise refuse(
+            "figure: not one of the figures hospitals are ranked by ("
+            + ", ".join(domain.RANKED)
+            + ")"
+        )
+    if order not in ORDERS:
+        raise refuse("order: desc or asc")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise refuse(f"limit: from 1 to {MAX_LIMIT}")
+    if offset < 0:
+        raise refuse("offset: 0 or more")
+    start, end = _period(period_from, period_to)
+    return RankingQuery(figure, cast(Literal["desc", "asc"], order), limit, offset, start, end)
+
+
+async def ranking(
+    conn: asyncpg.Connection, cache: answers.AnswerCache, query: RankingQuery
+) -> HospitalRanking:
+    """Every hospital seen, by one figure of its answer over the period (answer_body's, cache
+    and all), sorted by value (nulls last either way, ties by hospital id); one page of it.
+    In the caller's snapshot."""
+    part, key = query.figure.split(".")
+    versions = await hospital_versions(conn)
+    values: list[tuple[str, int | float | None]] = []
+    for (hospital,) in await conn.fetch(SEEN_SQL):
+        body = await answer_body(
+            conn, cache, domain.Scope(hospital), query.start, query.end, versions.get(hospital, 0)
+        )
+        values.append((hospital, json.loads(body)[part][key]))
+    sign = -1 if query.order == "desc" else 1
+    values.sort(key=lambda hv: (hv[1] is None, sign * (hv[1] or 0), hv[0]))
+    page = values[query.offset : query.offset + query.limit]
+    return HospitalRanking.model_validate(
+        {
+            "figure": query.figure,
+            "figures": list(domain.RANKED),
+            "order": query.order,
+            "from": query.start,
+            "to": query.end,
+            "total": len(values),
+            "offset": query.offset,
+            "limit": query.limit,
+            "hospitals": [{"hospital": h, "value": v} for h, v in page],
+        }
+    )
+
+
+@router.get("/reaim-hospitals", response_model=HospitalRanking, **_REGION)
+async def reaim_hospitals(
+    request: Request,
+    figure: str = Query(
+        description="the figure, as `object.key` of the RE-AIM answer",
+        json_schema_extra={"enum": list(domain.RANKED)},
+    ),
+    order: str = Query("desc", json_schema_extra={"enum": list(ORDERS)}),
+    limit: int = Query(50, json_schema_extra={"minimum": 1, "maximum": MAX_LIMIT}),
+    offset: int = Query(0, json_schema_extra={"minimum": 0}),
+    period_from: str | None = _FROM,
+    period_to: str | None = _TO,
+) -> HospitalRanking:
+    """One RE-AIM figure of every hospital over a period, sorted and paged: the spread across
+    the region's hospitals. Each value is the one GET /reaim/{hospital} answers for the same
+    period."""
+    query = ranking_query(figure, order, limit, offset, period_from, period_to)
+    cache = answers.cache_for(service_of(request).name)
+    return await _read(request, lambda conn: ranking(conn, cache, query))
 
 
 @router.get("/hospitals", response_model=list[HospitalEntry], **_REGION)

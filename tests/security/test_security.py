@@ -172,8 +172,13 @@ async def protected_routes(stack: Platform) -> list[tuple[str, str, str, list[An
     return found
 
 
+# The reads that need a query to answer 200.
+QUERIES = {"/reaim-hospitals": "?figure=reach.referrals"}
+
+
 def concrete(path: str, hospital: str) -> str:
-    return path.format(hospital=hospital, referral_id=REFERRAL, department=BASE_DEPARTMENT)
+    filled = path.format(hospital=hospital, referral_id=REFERRAL, department=BASE_DEPARTMENT)
+    return filled + QUERIES.get(path, "")
 
 
 BASE_DEPARTMENT = BASE["RequestReferral"]["department"]
@@ -198,6 +203,7 @@ async def test_every_read_of_every_service_needs_its_hospitals_token_or_a_region
         ("analytics", "/reaim"),
         ("analytics", "/reaim/{hospital}"),
         ("analytics", "/reaim/{hospital}/{department}"),
+        ("analytics", "/reaim-hospitals"),
         ("analytics", "/hospitals"),
         ("analytics", "/hospitals/{hospital}"),
     }
@@ -366,7 +372,12 @@ async def test_each_guarded_request_is_one_http_access_line_in_its_services_log(
         assert set(e) >= {"event", "time", "service", "holder", "method", "route", "status"}
         assert e["event"] == "http_access" and e["time"].endswith("Z")
         assert e["route"] not in ("/healthz", "/readyz", "/metrics")
-        assert "{" in e["route"] or e["route"] in ("/reaim", "/hospitals", "/whoami"), e
+        assert "{" in e["route"] or e["route"] in (
+            "/reaim",
+            "/reaim-hospitals",
+            "/hospitals",
+            "/whoami",
+        ), e
     # Never a token, its hash, an id or anything else from the URL, in any line of any log.
     for service in SERVICES:
         text = (stack.data_dir / "logs" / f"{service}.log").read_text()

@@ -229,7 +229,7 @@ HOSPITAL_READS = {
     "analytics /reaim/{hospital}/{department}",
     "analytics /hospitals/{hospital}",
 }
-REGION_READS = {"analytics /reaim", "analytics /hospitals"}
+REGION_READS = {"analytics /reaim", "analytics /reaim-hospitals", "analytics /hospitals"}
 CHANGES = {
     "referral /hospitals/{hospital}/referrals",
     "referral /hospitals/{hospital}/fhir/AdverseEvent",
