@@ -3,7 +3,9 @@
 Chromium loads the analytics service's page at `/`, runs its scripts against the service's own
 JSON and hands back the rendered DOM (`--dump-dom`) or a picture (`--screenshot`). Each view is
 chosen through the page's query string (`?hospital=...&department=...&from=...&to=...`) and the
-token through its fragment (`#token=...`), so no browser driver is needed. Without a token the
+token through its fragment (`#token=...`), so no browser driver is needed for those. What needs
+typing, clicking or measuring in the page (the hospital picker, the table of hospitals, the
+labels of a chart) drives the same Chromium through Playwright. Without a token the
 page asks for one; a region token shows the region and every hospital, a hospital's token
 that hospital alone. The figures shown are checked against GET /reaim of the same view.
 Region figures must be the study's alone, so the module runs its own platform, as
@@ -27,6 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.async_api import Browser, Page, async_playwright
 
 from postctl.simulate import run_post_2023
 from shared.auth import issue_token, tokens_file
@@ -233,6 +236,11 @@ def bars(page: Node, chart_id: str) -> list[tuple[str, int]]:
     ]
 
 
+def suggestions(page: Node) -> list[str]:
+    """The hospital ids the picker offers (its datalist)."""
+    return [o.attrs["value"] for o in page.by_id("hospital-list").find_all("option")]
+
+
 def selected(page: Node, select_id: str) -> str:
     chosen = [o for o in page.by_id(select_id).find_all("option") if "selected" in o.attrs]
     assert len(chosen) == 1
@@ -342,9 +350,8 @@ async def test_region_view_shows_the_replayed_study(
         == answer["implementation"]["physicians_per_active_supporter"]
     )
 
-    hospitals = [o.attrs["value"] for o in page.by_id("pick-hospital").find_all("option")]
-    assert hospitals == ["", "kp-hospital-a", "kp-hospital-b"]
-    assert selected(page, "pick-hospital") == ""
+    assert suggestions(page) == ["kp-hospital-a", "kp-hospital-b"]
+    assert page.by_id("pick-hospital").attrs.get("value", "") == ""  # the whole region
     assert "disabled" in page.by_id("pick-department").attrs
     assert "the whole region" in page.by_id("showing").text
     assert "region token “dashboard”" in page.by_id("holder-text").text
@@ -357,7 +364,7 @@ async def test_hospital_view(base_url: str, api: httpx.AsyncClient, tokens: Toke
     page = rendered(base_url, f"?hospital={HOSPITAL_A}", tokens.region)
     assert shown_figures(page) == expected_figures(answer)
     assert sum(n for _, n in bars(page, "monthly-svg")) == answer["reach"]["interactions"] > 0
-    assert selected(page, "pick-hospital") == HOSPITAL_A
+    assert page.by_id("pick-hospital").attrs["value"] == HOSPITAL_A
     departments = [o.attrs["value"] for o in page.by_id("pick-department").find_all("option")]
     assert departments == ["", *(d["department"] for d in listed[HOSPITAL_A]["departments"])]
     assert f"hospital {HOSPITAL_A}, all departments" in page.by_id("showing").text
@@ -435,7 +442,7 @@ def test_without_a_token_the_page_asks_for_one(base_url: str) -> None:
     # Nothing of any hospital: no figure, no picker filled, no data asked for.
     assert "hidden" in page.by_id("dashboard").attrs and "hidden" in page.by_id("filters").attrs
     assert not [n for n in page.find_all(cls="figure")]
-    assert HOSPITAL_A not in page.by_id("pick-hospital").text
+    assert not suggestions(page) and not page.by_id("pick-hospital").attrs.get("value")
 
 
 def test_an_unknown_token_is_refused_and_asked_again(base_url: str) -> None:
@@ -455,8 +462,8 @@ async def test_a_hospitals_token_shows_that_hospital_alone(
         page = rendered(base_url, query, tokens.hospital_a)
         assert page.find_all("body")[0].attrs["data-state"] == "ready", query
         assert shown_figures(page) == expected_figures(answer), query
-        options = [o.attrs["value"] for o in page.by_id("pick-hospital").find_all("option")]
-        assert options == [HOSPITAL_A]  # no region, no other hospital
+        assert suggestions(page) == [HOSPITAL_A]  # no other hospital
+        assert page.by_id("pick-hospital").attrs["value"] == HOSPITAL_A
         assert "disabled" in page.by_id("pick-hospital").attrs
         departments = [o.attrs["value"] for o in page.by_id("pick-department").find_all("option")]
         assert departments == ["", *(d["department"] for d in listed[HOSPITAL_A]["departments"])]
@@ -467,3 +474,208 @@ async def test_a_hospitals_token_shows_that_hospital_alone(
     department = await reaim(api, f"/reaim/{HOSPITAL_A}/emergency-medicine")
     assert shown_figures(page) == expected_figures(department)
     assert selected(page, "pick-department") == "emergency-medicine"
+
+
+# --- in the page: typing, clicking, measuring (Playwright on the same Chromium) --------------
+
+
+@pytest.fixture(scope="module")
+async def browser(dashboard_platform: Platform) -> AsyncIterator[Browser]:
+    async with async_playwright() as driver:
+        launched = await driver.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+def window(width: int) -> dict[str, Any]:
+    # The page's CSP forbids eval, which Playwright's waits use to run their conditions:
+    # the test's own scripts only (the CSP itself is checked above, on the served page).
+    return {"viewport": {"width": width, "height": 1600}, "bypass_csp": True}
+
+
+@pytest.fixture
+async def page(browser: Browser) -> AsyncIterator[Page]:
+    context = await browser.new_context(**window(1400))
+    try:
+        yield await context.new_page()
+    finally:
+        await context.close()
+
+
+READY = "document.body.dataset.state === 'ready'"
+
+
+async def opened(page: Page, base_url: str, token: str, query: str = "") -> None:
+    await page.goto(f"{base_url}/{query}#token={token}")
+    await page.wait_for_function(READY)
+
+
+async def showing(page: Page, hospital: str) -> None:
+    """The page has drawn the view of `hospital` ("" for the region)."""
+    search = f"hospital={hospital}" if hospital else ""
+    await page.wait_for_function(
+        f"{READY} && new URLSearchParams(location.search).get('hospital') === "
+        + ("null" if not hospital else repr(hospital))
+    )
+    text = await page.text_content("#showing") or ""
+    assert (f"hospital {hospital}," if hospital else "the whole region") in text, (search, text)
+
+
+async def test_the_picker_finds_a_hospital_from_part_of_its_id(
+    page: Page, base_url: str, tokens: Tokens
+) -> None:
+    await opened(page, base_url, tokens.region)
+    picker = page.locator("#pick-hospital")
+    await picker.click()
+    await picker.press_sequentially("hospital-a")
+    assert "1 hospital matches" in (await page.text_content("#pick-hint") or "")
+    offered = await page.eval_on_selector_all(
+        "#hospital-list option",
+        "(os) => os.map((o) => o.value).filter((v) => v.includes('hospital-a'))",
+    )
+    assert offered == [HOSPITAL_A]
+    # Chosen from the list, the suggestion replaces the text (headless Chromium draws no
+    # list to click: the same text typed and Enter is the same choice).
+    await picker.fill(HOSPITAL_A)
+    await picker.press("Enter")
+    await showing(page, HOSPITAL_A)
+    assert await page.is_hidden("#ranking-panel")
+    departments = await page.eval_on_selector_all(
+        "#pick-department option", "(os) => os.map((o) => o.value)"
+    )
+    assert "emergency-medicine" in departments
+
+    # Text that is no hospital: said so, and the page keeps the view it had.
+    await picker.fill("no-such-hospital")
+    await picker.press("Enter")
+    hint = await page.text_content("#pick-hint") or ""
+    assert "No hospital is called “no-such-hospital”" in hint, hint
+    await showing(page, HOSPITAL_A)
+
+    # Empty: the whole region.
+    await picker.fill("")
+    await picker.press("Enter")
+    await showing(page, "")
+
+
+async def test_a_hospitals_token_cannot_pick_another(
+    page: Page, base_url: str, tokens: Tokens
+) -> None:
+    await opened(page, base_url, tokens.hospital_a)
+    assert await page.is_disabled("#pick-hospital")
+    assert await page.input_value("#pick-hospital") == HOSPITAL_A
+    assert await page.is_hidden("#ranking-panel")
+
+
+async def ranking_rows(page: Page) -> list[tuple[str, str]]:
+    await page.wait_for_selector("#ranking-panel[data-state='ready']")
+    rows = await page.eval_on_selector_all(
+        "#ranking-rows tr",
+        "(rs) => rs.map((r) => [r.dataset.hospital, r.querySelector('td.value').textContent])",
+    )
+    return [(h, v) for h, v in rows]
+
+
+async def test_the_region_table_lists_sorts_and_opens_the_hospitals(
+    page: Page, base_url: str, api: httpx.AsyncClient, tokens: Tokens
+) -> None:
+    await opened(page, base_url, tokens.region)
+
+    async def served(figure: str, order: str) -> list[str]:
+        found = await reaim(api, "/reaim-hospitals", figure=figure, order=order)
+        assert found["total"] == 2
+        return [e["hospital"] for e in found["hospitals"]]
+
+    rows = await ranking_rows(page)
+    assert [h for h, _ in rows] == await served("reach.reach_rate", "desc")
+    for h, shown in rows:  # each as its own page shows it
+        answer = await reaim(api, f"/reaim/{h}")
+        assert shown == percent(answer["reach"]["reach_rate"])
+    assert "Hospitals by physicians reached" in (await page.text_content("#ranking-title") or "")
+    assert await page.text_content("#ranking-page") == "1\u20132 of 2 hospitals"
+    assert await page.is_disabled("#ranking-prev") and await page.is_disabled("#ranking-next")
+
+    await page.select_option("#ranking-figure", "reach.interactions")
+    await page.wait_for_function(
+        "document.getElementById('ranking-title').textContent.includes('conversations')"
+    )
+    down = await ranking_rows(page)
+    assert [h for h, _ in down] == await served("reach.interactions", "desc")
+    await page.click("#ranking-sort")
+    await page.wait_for_selector("#ranking-value-head[aria-sort='ascending']")
+    up = await ranking_rows(page)
+    assert up == list(reversed(down)) and [h for h, _ in up] == await served(
+        "reach.interactions", "asc"
+    )
+    for h, shown in up:
+        answer = await reaim(api, f"/reaim/{h}")
+        assert shown == number(answer["reach"]["interactions"])
+
+    await page.click(f"#ranking-rows a[data-hospital='{up[0][0]}']")
+    await showing(page, up[0][0])
+
+
+async def test_the_ranking_is_refused_to_a_hospitals_token(base_url: str, tokens: Tokens) -> None:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as web:
+        params = {"figure": "reach.referrals"}
+        own = await web.get(
+            "/reaim-hospitals",
+            params=params,
+            headers={"Authorization": f"Bearer {tokens.hospital_a}"},
+        )
+        assert (own.status_code, own.json()["reason_code"]) == (403, "forbidden")
+        region = {"Authorization": f"Bearer {tokens.region}"}
+        bad = await web.get("/reaim-hospitals", params={**params, "limit": "0"}, headers=region)
+        assert (bad.status_code, bad.json()["reason_code"]) == (422, "invalid_payload")
+
+
+LABEL_BOXES = """(svg) => [...svg.querySelectorAll('text')].map((t) => {
+    const b = t.getBoundingClientRect();
+    return {text: t.firstChild ? t.firstChild.textContent : '', left: b.left, right: b.right,
+            top: b.top, bottom: b.bottom};
+})"""
+
+
+def overlaps(boxes: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [
+        (a["text"], b["text"])
+        for i, a in enumerate(boxes)
+        for b in boxes[i + 1 :]
+        if a["left"] < b["right"] and b["left"] < a["right"]
+        and a["top"] < b["bottom"] and b["top"] < a["bottom"]
+    ]  # fmt: skip
+
+
+async def years_labels(page: Page) -> list[dict[str, Any]]:
+    boxes: list[dict[str, Any]] = await page.eval_on_selector("#years-svg", LABEL_BOXES)
+    return boxes
+
+
+async def test_the_maintenance_labels_never_overlap(
+    browser: Browser, base_url: str, api: httpx.AsyncClient, tokens: Tokens
+) -> None:
+    answer = await reaim(api, "/reaim")
+    rates = answer["maintenance"]["monthly_rate_by_program_year"]
+    assert len(rates) >= 3
+    # At 360 px the three years' notes once ran into one another ("9.1 a month10.3 a month").
+    for width in (360, 700, 1400):
+        context = await browser.new_context(**window(width))
+        page = await context.new_page()
+        try:
+            await opened(page, base_url, tokens.region)
+            boxes = await years_labels(page)
+            assert not overlaps(boxes), (width, overlaps(boxes))
+            notes = await page.eval_on_selector_all(
+                "#years-svg text.axis-note",
+                "(ts) => ts.map((t) => [t.firstChild.textContent,"
+                " t.querySelector('title').textContent])",
+            )
+            assert notes, width  # drawn where there is room, short if need be
+            for shown, title in notes:
+                assert shown.split(" ")[0].split("/")[0] in title and "a month" in title
+        finally:
+            await context.close()

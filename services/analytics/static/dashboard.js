@@ -33,7 +33,37 @@
 
   const TOKEN_KEY = "post-dashboard-token";
 
+  // The table of hospitals (GET reaim-hospitals): the figures it may rank by come from the
+  // service (its answer's `figures`); these are only their plain names.
+  const RANK_PAGE = 50;
+  const DEFAULT_FIGURE = "reach.reach_rate";
+  const FIGURE_WORDS = {
+    "reach.referrals": "Referrals",
+    "reach.interactions": "Support conversations",
+    "reach.physicians_supported": "Physicians supported",
+    "reach.eligible_physicians": "Eligible physicians",
+    "reach.reach_rate": "Physicians reached",
+    "reach.minutes_median": "Typical conversation (minutes)",
+    "effectiveness.helpful_rate": "Found it helpful",
+    "effectiveness.wellbeing_improved_rate": "Felt better",
+    "effectiveness.escalation_rate": "Helped on to further care",
+    "adoption.departments_launched": "Departments launched",
+    "adoption.physician_coverage": "Physicians covered",
+    "adoption.outreach_acceptance_rate": "Accepted the offer",
+    "adoption.would_recommend_rate": "Would recommend it",
+    "implementation.outreach_within_48h_rate": "Contacted within 48 hours",
+    "implementation.hours_to_outreach_median": "Typical time to first contact (hours)",
+    "implementation.physicians_per_active_supporter": "Physicians per supporter",
+    "implementation.referrals_without_supporter": "Referrals with no supporter",
+    "maintenance.supporters_active": "Active supporters",
+    "maintenance.supporter_retention_rate": "Supporters still active",
+    "maintenance.departments_active_rate": "Departments still running it",
+  };
+
   let hospitals = [];
+  let known = new Set(); // the hospital ids the picker accepts
+  const ranking = { figure: DEFAULT_FIGURE, order: "desc", offset: 0, figures: [], period: "" };
+  let rankLoads = 0;
   let lastAnswer = null;
   let loads = 0;
   let token = "";
@@ -143,17 +173,56 @@
     select.value = value;
   }
 
+  // The hospital picker: a text field with every hospital id as a suggestion (a datalist:
+  // the browser filters it as one types), empty for the whole region. The value attribute is
+  // written too, so a saved page shows the choice.
   function fillHospitals(view) {
-    const select = document.getElementById("pick-hospital");
+    const input = document.getElementById("pick-hospital");
+    const list = document.getElementById("hospital-list");
     const region = !holder || holder.kind === "region";
-    select.replaceChildren();
-    if (region) select.append(el("option", { value: "" }, "Whole region (all hospitals)"));
-    const known = hospitals.map((h) => h.hospital);
-    const ids = view.hospital && !known.includes(view.hospital) ? [...known, view.hospital] : known;
-    for (const id of ids) select.append(el("option", { value: id }, id));
-    choose(select, view.hospital);
-    select.disabled = !region; // a hospital's token reads its own hospital only
+    const ids = hospitals.map((h) => h.hospital);
+    if (view.hospital && !ids.includes(view.hospital)) ids.push(view.hospital);
+    const fresh = ids.length !== known.size || ids.some((id) => !known.has(id));
+    if (fresh) {
+      list.replaceChildren(...ids.map((id) => el("option", { value: id })));
+      known = new Set(ids);
+    }
+    input.defaultValue = input.value = view.hospital;
+    input.placeholder = region ? "Whole region: type a hospital id" : "";
+    input.disabled = !region; // a hospital's token reads its own hospital only
+    hint("", false);
     fillDepartments(view);
+  }
+
+  function hint(text, warn) {
+    const node = document.getElementById("pick-hint");
+    node.textContent = text;
+    node.classList.toggle("warn", Boolean(warn));
+  }
+
+  // What was typed, as a hospital: "" (the region), a known id, or null (unknown: explained).
+  function pickedHospital() {
+    const typed = document.getElementById("pick-hospital").value.trim();
+    if (!typed || known.has(typed)) return typed;
+    const matches = [...known].filter((id) => id.includes(typed)).length;
+    hint(matches
+      ? "No hospital is called “" + typed + "”: " + matches + " " + plural(matches, "id contains", "ids contain") +
+        " it; choose one from the list."
+      : "No hospital is called “" + typed + "” and no id contains it. The page still shows the view before.", true);
+    return null;
+  }
+
+  // While typing: how many ids hold the text (the list then offers them).
+  function typing() {
+    const typed = document.getElementById("pick-hospital").value.trim();
+    if (!typed) {
+      hint("Empty: the whole region.", false);
+      return;
+    }
+    const matches = [...known].filter((id) => id.includes(typed)).length;
+    hint(known.has(typed) ? "Press Enter to open " + typed + "."
+      : matches ? matches + " " + plural(matches, "hospital matches", "hospitals match") + ": choose one from the list."
+        : "No hospital id contains “" + typed + "”.", !matches && !known.has(typed));
   }
 
   function fillDepartments(view) {
@@ -180,9 +249,11 @@
     through.defaultValue = through.value = view.to ? shiftDay(view.to, -1) : "";
   }
 
+  // The view the form asks for, or null when the hospital typed is not one (explained).
   function viewFromForm() {
     const through = validDay(document.getElementById("pick-through").value);
-    const hospital = document.getElementById("pick-hospital").value;
+    const hospital = pickedHospital();
+    if (hospital === null) return null;
     return {
       hospital: hospital,
       department: hospital ? document.getElementById("pick-department").value : "",
@@ -192,6 +263,7 @@
   }
 
   function go(view) {
+    if (!view) return;
     history.pushState(null, "", location.pathname + viewQuery(view, ["hospital", "department", "from", "to"]));
     load();
   }
@@ -329,6 +401,8 @@
       chart.append(svg("text", { x: left - 6, y: y + 4, class: "tick", "text-anchor": "end" }, v));
     }
     const labelEvery = Math.max(1, Math.ceil(34 / slot));
+    container.append(chart); // drawn, so each label can be measured as it is placed
+    const placed = [];
     items.forEach((item, i) => {
       const h = (plotH * item.value) / max;
       const x = left + slot * i + (slot - barW) / 2;
@@ -340,20 +414,39 @@
       chart.append(bar);
       const cx = x + barW / 2;
       if (slot >= 22 || options.values) {
-        chart.append(svg("text", { x: cx, y: top + plotH - h - 5, class: "bar-value",
-          "text-anchor": "middle" }, number(item.value)));
+        label(chart, placed, { x: cx, y: top + plotH - h - 5, class: "bar-value" },
+          [number(item.value)]);
       }
       if (i % labelEvery === 0) {
-        chart.append(svg("text", { x: cx, y: height - bottom + 16, class: "tick",
-          "text-anchor": "middle" }, item.label));
+        label(chart, placed, { x: cx, y: height - bottom + 16, class: "tick" }, [item.label]);
       }
       if (item.axis) {
-        chart.append(svg("text", { x: cx, y: height - bottom + 32, class: "tick strong",
-          "text-anchor": "middle" }, item.axis));
+        label(chart, placed, { x: cx, y: height - bottom + 32, class: "tick strong axis-note" },
+          [item.axis, item.axisShort].filter(Boolean), item.axisTitle || item.axis);
       }
     });
-    container.append(chart);
     return chart;
+  }
+
+  // A label under or over a column, drawn only where it overlaps no label already placed:
+  // the first of `texts` (longest first) that fits, else none; the whole text is its tooltip.
+  // Unmeasurable (a hidden page): drawn in its first form.
+  function label(chart, placed, attrs, texts, title) {
+    const node = svg("text", { ...attrs, "text-anchor": "middle" });
+    chart.append(node);
+    for (const text of texts) {
+      node.textContent = text;
+      if (title) node.append(svg("title", {}, title));
+      const box = node.getBBox ? node.getBBox() : null;
+      if (!box || !box.width) return node;
+      const room = { left: box.x - 2, right: box.x + box.width + 2, top: box.y, bottom: box.y + box.height };
+      if (!placed.some((p) => p.left < room.right && room.left < p.right && p.top < room.bottom && room.top < p.bottom)) {
+        placed.push(room);
+        return node;
+      }
+    }
+    node.remove();
+    return null;
   }
 
   // Horizontal bars, one row per item {key, label, value}, with the value after the bar.
@@ -457,6 +550,9 @@
       key: String(i + 1), value: n, label: "Year " + (i + 1),
       title: "Program year " + (i + 1) + ": " + n + " conversations",
       axis: missing(rates[i]) ? "" : number(rates[i]) + " a month",
+      axisShort: missing(rates[i]) ? "" : number(rates[i]) + "/mo",
+      axisTitle: missing(rates[i]) ? "" : "Program year " + (i + 1) + ": " + number(rates[i]) +
+        " conversations a month on average",
     })), { id: "years-svg", height: 190, values: true, label: "Support conversations per program year" });
   }
 
@@ -494,6 +590,87 @@
       throw response.status === 401 ? new TokenRefused(text) : new Error(text);
     }
     return body;
+  }
+
+  // --- the hospitals side by side (region view) -----------------------------------------
+
+  function figureWords(key) {
+    return FIGURE_WORDS[key] || key;
+  }
+
+  function figureValue(key, value) {
+    return /(_rate|_coverage)$/.test(key) ? percent(value) : number(value);
+  }
+
+  // The region's hospitals by one figure, a page at a time, sorted by the service.
+  async function loadRanking(view) {
+    const panel = document.getElementById("ranking-panel");
+    const region = holder && holder.kind === "region" && !view.hospital;
+    panel.hidden = !region;
+    if (!region) return;
+    const ticket = ++rankLoads;
+    const period = view.from + "/" + view.to;
+    if (period !== ranking.period) ranking.offset = 0; // another period: from its first page
+    ranking.period = period;
+    panel.dataset.state = "loading";
+    const status = document.getElementById("ranking-status");
+    status.textContent = "Loading…";
+    const query = new URLSearchParams({
+      figure: ranking.figure, order: ranking.order, limit: String(RANK_PAGE),
+      offset: String(ranking.offset),
+    });
+    if (view.from) query.set("from", view.from);
+    if (view.to) query.set("to", view.to);
+    try {
+      const answer = await fetchJson("reaim-hospitals?" + query.toString());
+      if (ticket !== rankLoads) return;
+      drawRanking(answer, view);
+      status.textContent = "";
+      panel.dataset.state = "ready";
+    } catch (error) {
+      if (ticket !== rankLoads) return;
+      document.getElementById("ranking-rows").replaceChildren();
+      status.textContent = "The hospitals could not be listed: " + error.message + ".";
+      panel.dataset.state = "error";
+    }
+  }
+
+  function drawRanking(answer, view) {
+    const select = document.getElementById("ranking-figure");
+    if (ranking.figures.join() !== answer.figures.join()) {
+      ranking.figures = answer.figures;
+      select.replaceChildren(...answer.figures.map((k) => el("option", { value: k }, figureWords(k))));
+    }
+    choose(select, answer.figure);
+    const words = figureWords(answer.figure);
+    document.getElementById("ranking-title").textContent = "Hospitals by " + words.toLowerCase();
+    const head = document.getElementById("ranking-value-head");
+    const down = answer.order === "desc";
+    head.setAttribute("aria-sort", down ? "descending" : "ascending");
+    const sort = document.getElementById("ranking-sort");
+    sort.textContent = words + (down ? " ▼" : " ▲");
+    sort.title = down ? "Highest first: click for the lowest first" : "Lowest first: click for the highest first";
+    const rows = answer.hospitals.map((entry, i) => {
+      const target = { hospital: entry.hospital, department: "", from: view.from, to: view.to };
+      const link = el("a", { href: location.pathname + viewQuery(target, ["hospital", "from", "to"]),
+        class: "hospital-link", "data-hospital": entry.hospital }, entry.hospital);
+      link.addEventListener("click", (event) => {
+        event.preventDefault();
+        go(target);
+      });
+      return el("tr", { "data-hospital": entry.hospital, "data-value": missing(entry.value) ? "" : entry.value },
+        el("td", { class: "rank" }, answer.offset + i + 1), el("td", {}, link),
+        el("td", { class: "value" + (missing(entry.value) ? " none" : "") }, figureValue(answer.figure, entry.value)));
+    });
+    document.getElementById("ranking-rows").replaceChildren(...rows);
+    const first = answer.total ? answer.offset + 1 : 0;
+    const last = answer.offset + answer.hospitals.length;
+    document.getElementById("ranking-page").textContent = answer.hospitals.length
+      ? first.toLocaleString("en-US") + "–" + last.toLocaleString("en-US") + " of " +
+        answer.total.toLocaleString("en-US") + " " + plural(answer.total, "hospital", "hospitals")
+      : answer.total ? "No hospital on this page" : "No hospital yet";
+    document.getElementById("ranking-prev").disabled = answer.offset <= 0;
+    document.getElementById("ranking-next").disabled = last >= answer.total;
   }
 
   // --- the token --------------------------------------------------------------------------
@@ -596,6 +773,7 @@
       document.getElementById("showing").textContent = describe(answer);
       main.hidden = false;
       render(answer);
+      loadRanking(view);
       status.textContent = hospitals.length ? "" : "No hospital has sent any records yet.";
       document.body.dataset.state = "ready";
     } catch (error) {
@@ -615,6 +793,7 @@
       }
       if (ticket !== loads) return;
       fillHospitals(view);
+      document.getElementById("ranking-panel").hidden = true;
       main.hidden = true;
       document.getElementById("showing").textContent = "";
       status.textContent = "These figures could not be shown: " + error.message + ".";
@@ -646,10 +825,37 @@
       event.preventDefault();
       go(viewFromForm());
     });
-    document.getElementById("pick-hospital").addEventListener("change", () => {
+    const picker = document.getElementById("pick-hospital");
+    const pick = () => {
       const view = viewFromForm();
+      if (!view || view.hospital === readView().hospital) return; // unknown, or shown already
       view.department = "";
       go(view);
+    };
+    picker.addEventListener("input", (event) => {
+      typing();
+      // A suggestion taken from the list replaces the whole text: open it at once.
+      if (event.inputType === "insertReplacementText" && known.has(picker.value.trim())) pick();
+    });
+    picker.addEventListener("change", pick); // Enter, or leaving the field
+    picker.addEventListener("search", pick); // Enter, or the clear button of a search field
+    document.getElementById("ranking-figure").addEventListener("change", (event) => {
+      ranking.figure = event.target.value;
+      ranking.offset = 0;
+      loadRanking(readView());
+    });
+    document.getElementById("ranking-sort").addEventListener("click", () => {
+      ranking.order = ranking.order === "desc" ? "asc" : "desc";
+      ranking.offset = 0;
+      loadRanking(readView());
+    });
+    document.getElementById("ranking-prev").addEventListener("click", () => {
+      ranking.offset = Math.max(0, ranking.offset - RANK_PAGE);
+      loadRanking(readView());
+    });
+    document.getElementById("ranking-next").addEventListener("click", () => {
+      ranking.offset += RANK_PAGE;
+      loadRanking(readView());
     });
     document.getElementById("pick-department").addEventListener("change", () => go(viewFromForm()));
     document.getElementById("all-time").addEventListener("click", () => {
