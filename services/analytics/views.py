@@ -4,6 +4,7 @@ pre-aggregated read models (store.py), rendered by facts.py."""
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date
@@ -234,20 +235,47 @@ def ranking_query(
     return RankingQuery(figure, cast(Literal["desc", "asc"], order), limit, offset, start, end)
 
 
+Spread = dict[str, list[tuple[str, int | float | None]]]  # figure -> [(hospital, value)]
+# Every ranked figure of every hospital over a period, as read from their answers, kept at the
+# region's version (the sum of the hospitals'): while it holds no hospital's facts changed, so
+# another order, page or figure is a sort, not 6,000 answers read again. A few periods only.
+_SPREADS: OrderedDict[tuple[answers.AnswerCache, date | None, date | None], tuple[int, Spread]]
+_SPREADS = OrderedDict()
+SPREADS_KEPT = 8
+
+
+async def _spread(
+    conn: asyncpg.Connection, cache: answers.AnswerCache, start: date | None, end: date | None
+) -> Spread:
+    version = await scope_version(conn, domain.Scope())
+    kept = _SPREADS.get((cache, start, end))
+    if kept is not None and kept[0] == version:
+        _SPREADS.move_to_end((cache, start, end))
+        return kept[1]
+    versions = await hospital_versions(conn)
+    spread: Spread = {figure: [] for figure in domain.RANKED}
+    keys = [(figure, *figure.split(".")) for figure in domain.RANKED]
+    for (hospital,) in await conn.fetch(SEEN_SQL):
+        body = await answer_body(
+            conn, cache, domain.Scope(hospital), start, end, versions.get(hospital, 0)
+        )
+        answer = json.loads(body)
+        for figure, part, key in keys:
+            spread[figure].append((hospital, answer[part][key]))
+    _SPREADS[(cache, start, end)] = (version, spread)
+    _SPREADS.move_to_end((cache, start, end))
+    while len(_SPREADS) > SPREADS_KEPT:
+        _SPREADS.popitem(last=False)
+    return spread
+
+
 async def ranking(
     conn: asyncpg.Connection, cache: answers.AnswerCache, query: RankingQuery
 ) -> HospitalRanking:
     """Every hospital seen, by one figure of its answer over the period (answer_body's, cache
     and all), sorted by value (nulls last either way, ties by hospital id); one page of it.
     In the caller's snapshot."""
-    part, key = query.figure.split(".")
-    versions = await hospital_versions(conn)
-    values: list[tuple[str, int | float | None]] = []
-    for (hospital,) in await conn.fetch(SEEN_SQL):
-        body = await answer_body(
-            conn, cache, domain.Scope(hospital), query.start, query.end, versions.get(hospital, 0)
-        )
-        values.append((hospital, json.loads(body)[part][key]))
+    values = list((await _spread(conn, cache, query.start, query.end))[query.figure])
     sign = -1 if query.order == "desc" else 1
     values.sort(key=lambda hv: (hv[1] is None, sign * (hv[1] or 0), hv[0]))
     page = values[query.offset : query.offset + query.limit]

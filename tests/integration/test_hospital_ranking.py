@@ -289,3 +289,28 @@ async def test_the_ranking_query_refuses_directly_too() -> None:
             views.ranking_query(**kwargs)  # type: ignore[arg-type]
         assert (refused.value.status, refused.value.reason_code) == (422, "invalid_payload")
     assert views.ranking_query("reach.referrals", limit=500).limit == 500
+
+
+async def test_a_new_fact_is_in_the_next_ranking(ranked: Ranked) -> None:
+    # Last in the module: it adds a hospital. Kept rankings are kept at the region's version,
+    # so the next one after any fact is read afresh.
+    before = await rank(ranked, "reach.referrals", **Y2024)
+    again = await rank(ranked, "reach.referrals", order="asc", **Y2024)
+    assert listed(again)[-2:] == listed(before)[:2]  # a and c tie: by id in both orders
+    more: list[Event] = [
+        HospitalRegistered(hospital="h-rank-f", name="General", physician_count=100),
+        *(
+            ReferralCreated(
+                hospital="h-rank-f", referral_id=f"r{k}", physician_id=f"p{k}",
+                department=DEPARTMENT, rank=Rank.attending, source="self",
+                event_nature="other", requested_at=_at(date(2024, 10, 1 + k)),
+            )
+            for k in range(4)
+        ),
+    ]  # fmt: skip
+    async with ranked.pool.acquire() as conn, conn.transaction():
+        for index, event in enumerate(more):
+            await projection.project(conn, event, 1000 + index, f"evt-more-{index}")
+    after = await rank(ranked, "reach.referrals", **Y2024)
+    assert after["total"] == 6
+    assert listed(after)[0] == ("h-rank-f", 4) and listed(after)[1:] == listed(before)

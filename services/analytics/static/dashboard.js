@@ -403,6 +403,7 @@
     const labelEvery = Math.max(1, Math.ceil(34 / slot));
     container.append(chart); // drawn, so each label can be measured as it is placed
     const placed = [];
+    const notes = [];
     items.forEach((item, i) => {
       const h = (plotH * item.value) / max;
       const x = left + slot * i + (slot - barW) / 2;
@@ -421,11 +422,45 @@
         label(chart, placed, { x: cx, y: height - bottom + 16, class: "tick" }, [item.label]);
       }
       if (item.axis) {
-        label(chart, placed, { x: cx, y: height - bottom + 32, class: "tick strong axis-note" },
-          [item.axis, item.axisShort].filter(Boolean), item.axisTitle || item.axis);
+        notes.push({ attrs: { x: cx, y: height - bottom + 32, class: "tick strong axis-note" },
+          texts: [item.axis, item.axisShort].filter(Boolean), title: item.axisTitle || item.axis });
       }
     });
+    labelRow(chart, placed, notes);
     return chart;
+  }
+
+  const overlapping = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+
+  function boxOf(node) {
+    const box = node.getBBox ? node.getBBox() : null;
+    if (!box || !box.width) return null; // not drawn (a hidden page): nothing to measure
+    return { left: box.x - 2, right: box.x + box.width + 2, top: box.y, bottom: box.y + box.height };
+  }
+
+  // A row of notes in one form for all (the full one, else the short one) where they all fit
+  // side by side; else each note where it fits, the others left out (their columns' tooltips
+  // keep them).
+  function labelRow(chart, placed, notes) {
+    const forms = Math.max(0, ...notes.map((n) => n.texts.length));
+    for (let form = 0; form < forms; form++) {
+      const nodes = notes.map((n) => {
+        const node = svg("text", { ...n.attrs, "text-anchor": "middle" }, n.texts[Math.min(form, n.texts.length - 1)]);
+        if (n.title) node.append(svg("title", {}, n.title));
+        chart.append(node);
+        return node;
+      });
+      const boxes = nodes.map(boxOf);
+      if (boxes.some((b) => !b)) return; // unmeasurable: drawn in the first form
+      const clash = boxes.some((b, i) => placed.some((p) => overlapping(p, b)) ||
+        boxes.slice(i + 1).some((other) => overlapping(b, other)));
+      if (!clash) {
+        placed.push(...boxes);
+        return;
+      }
+      nodes.forEach((node) => node.remove());
+    }
+    for (const n of notes) label(chart, placed, n.attrs, n.texts.slice(-1), n.title);
   }
 
   // A label under or over a column, drawn only where it overlaps no label already placed:
@@ -437,10 +472,9 @@
     for (const text of texts) {
       node.textContent = text;
       if (title) node.append(svg("title", {}, title));
-      const box = node.getBBox ? node.getBBox() : null;
-      if (!box || !box.width) return node;
-      const room = { left: box.x - 2, right: box.x + box.width + 2, top: box.y, bottom: box.y + box.height };
-      if (!placed.some((p) => p.left < room.right && room.left < p.right && p.top < room.bottom && room.top < p.bottom)) {
+      const room = boxOf(node);
+      if (!room) return node;
+      if (!placed.some((p) => overlapping(p, room))) {
         placed.push(room);
         return node;
       }
