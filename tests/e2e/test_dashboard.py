@@ -555,6 +555,9 @@ async def test_the_picker_finds_a_hospital_from_part_of_its_id(
     hint = await page.text_content("#pick-hint") or ""
     assert "No hospital is called “no-such-hospital”" in hint, hint
     await showing(page, HOSPITAL_A)
+    await page.click("#all-time")  # nor does another button open anything with that text
+    await showing(page, HOSPITAL_A)
+    assert "No hospital is called" in (await page.text_content("#pick-hint") or "")
 
     # Empty: the whole region.
     await picker.fill("")

@@ -894,6 +894,7 @@
     document.getElementById("pick-department").addEventListener("change", () => go(viewFromForm()));
     document.getElementById("all-time").addEventListener("click", () => {
       const view = viewFromForm();
+      if (!view) return; // a hospital typed that is none: explained, nothing changes
       view.from = view.to = "";
       go(view);
     });
