@@ -188,7 +188,7 @@
       known = new Set(ids);
     }
     input.defaultValue = input.value = view.hospital;
-    input.placeholder = region ? "Whole region: type a hospital id" : "";
+    input.placeholder = region ? "Whole region (type an id)" : "";
     input.disabled = !region; // a hospital's token reads its own hospital only
     hint("", false);
     fillDepartments(view);
