@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.trace import (
     Link,
@@ -149,6 +150,21 @@ class _Gate(SpanProcessor):
 _GATE = _Gate()
 
 
+class _TakesNothing(TextMapPropagator):
+    """The global propagator: an HTTP request's span starts a trace of the platform's own
+    (extract: an empty context), and nothing is injected in what the platform sends by HTTP."""
+
+    def extract(self, carrier: Any, context: Context | None = None, getter: Any = None) -> Context:
+        return Context()
+
+    def inject(self, carrier: Any, context: Context | None = None, setter: Any = None) -> None:
+        return None
+
+    @property
+    def fields(self) -> set[str]:
+        return set()
+
+
 class _NoOrphanQueries:
     """The sampler: a database call outside any traced work (a heartbeat, a gauge's count, a
     timer's poll) is not a trace of its own; everything else as ``OTEL_TRACES_SAMPLER`` says
@@ -196,7 +212,6 @@ def setup(service: str, env: Mapping[str, str] | None = None) -> bool:
     if not names:
         return False
     from opentelemetry import propagate
-    from opentelemetry.propagators.composite import CompositePropagator
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (
@@ -229,7 +244,7 @@ def setup(service: str, env: Mapping[str, str] | None = None) -> bool:
     trace.set_tracer_provider(provider)
     # Nothing is taken from, or put in, an HTTP request's headers by the instrumentations: a
     # caller's traceparent is a hospital's text (see the module's rules).
-    propagate.set_global_textmap(CompositePropagator([]))
+    propagate.set_global_textmap(_TakesNothing())
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
     AsyncPGInstrumentor(capture_parameters=False).instrument(  # type: ignore[no-untyped-call]
