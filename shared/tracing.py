@@ -129,6 +129,9 @@ class _Gate(SpanProcessor):
             p.on_start(span, parent_context=parent_context)
 
     def on_end(self, span: ReadableSpan) -> None:
+        scope = span.instrumentation_scope.name if span.instrumentation_scope else ""
+        if scope.startswith(_HTTP_SCOPES):
+            span = http_span_as_logged(span)
         held = _HELD.get()
         if held is not None:
             held.append(span)
@@ -148,6 +151,45 @@ class _Gate(SpanProcessor):
 
 
 _GATE = _Gate()
+
+# The HTTP instrumentations' spans keep what the `http_access` log says of a request (its
+# method, route template and status), not the path with its ids, the query, the caller's
+# address or user agent: the rest of their attributes are dropped before export.
+_HTTP_SCOPES = ("opentelemetry.instrumentation.asgi", "opentelemetry.instrumentation.fastapi")
+HTTP_ATTRIBUTES = frozenset(
+    {
+        "http.method",
+        "http.request.method",
+        "http.route",
+        "http.status_code",
+        "http.response.status_code",
+        "http.scheme",
+        "url.scheme",
+        "http.flavor",
+        "network.protocol.version",
+        "asgi.event.type",
+        "error.type",
+    }
+)
+
+
+def http_span_as_logged(span: ReadableSpan) -> ReadableSpan:
+    """`span` with only the attributes of `HTTP_ATTRIBUTES`, no events (an exception's, with
+    its message) and no status description."""
+    attributes = {k: v for k, v in (span.attributes or {}).items() if k in HTTP_ATTRIBUTES}
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=attributes,
+        links=span.links,
+        kind=span.kind,
+        status=Status(span.status.status_code),  # a description may quote an exception
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
 
 
 class _TakesNothing(TextMapPropagator):

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shared import tracing
 from shared.client import HospitalKeys, PlatformClient
 from shared.contracts import encode, make_cloudevent
 from shared.runtime import Platform
@@ -227,6 +228,11 @@ async def test_one_referral_is_one_trace_across_the_four_services(
         assert refusal.attributes["post.outcome"] == "refused"
     server = [s for s in spans if s.service == "referral" and s.kind == "SERVER"]
     assert server and all(s.parent_id == "" for s in server)
+    # An HTTP span says what the access log says: the route's template, not its ids.
+    [read_span] = [s for s in server if "{referral_id}" in s.attributes.get("http.route", "")]
+    assert set(read_span.attributes) <= tracing.HTTP_ATTRIBUTES
+    http_spans = [s for s in spans if s.kind == "SERVER" or s.name.startswith("GET ")]
+    assert referral_id not in repr(http_spans)
 
     # No payload value in any span: the physician's id, the refused envelope's text.
     assert command.physician_id not in repr(spans)

@@ -240,3 +240,40 @@ def test_a_publish_is_the_child_of_the_work_that_appended(spans: InMemorySpanExp
     with tracing.producing("referral", "post.h-1.evt.E", "E", "h-1", {}) as context:
         pass
     assert spans.get_finished_spans()[-1].parent is None
+
+
+def test_an_http_span_keeps_what_the_access_log_says(spans: InMemorySpanExporter) -> None:
+    """The HTTP instrumentations' spans lose the path with its ids, the query, the caller's
+    address and user agent, exception events and status texts on their way out (`_Gate`)."""
+    provider = TracerProvider()
+    provider.add_span_processor(tracing._GATE)
+    http = provider.get_tracer("opentelemetry.instrumentation.asgi")
+    span = http.start_span(
+        "GET /hospitals/{hospital}/referrals/{referral_id}",
+        kind=SpanKind.SERVER,
+        attributes={
+            "http.request.method": "GET",
+            "http.route": "/hospitals/{hospital}/referrals/{referral_id}",
+            "url.path": "/hospitals/h-1/referrals/r-secret",
+            "url.query": "physician=p-1",
+            "client.address": "10.1.2.3",
+            "user_agent.original": "St Mary's EHR",
+            "http.response.status_code": 500,
+        },
+    )
+    span.add_event("exception", {"exception.message": "Dr. Jane Doe"})
+    span.set_status(StatusCode.ERROR, "ValueError: Dr. Jane Doe")
+    span.end()
+    [exported] = spans.get_finished_spans()
+    assert dict(exported.attributes or {}) == {
+        "http.request.method": "GET",
+        "http.route": "/hospitals/{hospital}/referrals/{referral_id}",
+        "http.response.status_code": 500,
+    }
+    assert not exported.events and exported.status.description is None
+    assert exported.status.status_code is StatusCode.ERROR
+    assert exported.kind is SpanKind.SERVER
+    # the platform's own spans keep their attributes
+    with tracing.span("append", post_events=2):
+        pass
+    assert dict(spans.get_finished_spans()[-1].attributes or {}) == {"post.events": 2}
