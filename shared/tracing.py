@@ -38,6 +38,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -207,12 +208,12 @@ class _TakesNothing(TextMapPropagator):
         return set()
 
 
-class _NoOrphanQueries:
+class _NoOrphanQueries(Sampler):
     """The sampler: a database call outside any traced work (a heartbeat, a gauge's count, a
     timer's poll) is not a trace of its own; everything else as ``OTEL_TRACES_SAMPLER`` says
     (parent-based, always on, by default)."""
 
-    def __init__(self, delegate: Any) -> None:
+    def __init__(self, delegate: Sampler) -> None:
         self.delegate = delegate
 
     def should_sample(
@@ -224,9 +225,7 @@ class _NoOrphanQueries:
         attributes: Any = None,
         links: Any = None,
         trace_state: Any = None,
-    ) -> Any:
-        from opentelemetry.sdk.trace.sampling import Decision, SamplingResult
-
+    ) -> SamplingResult:
         parent = trace.get_current_span(parent_context).get_span_context()
         if (
             not parent.is_valid
@@ -244,8 +243,8 @@ class _NoOrphanQueries:
 
 def setup(service: str, env: Mapping[str, str] | None = None) -> bool:
     """Install the SDK's tracer provider for this process when the environment asks for it
-    (once; a second call changes nothing); True when tracing is on. Off, nothing is imported
-    beyond the API and nothing is installed."""
+    (once; a second call changes nothing); True when tracing is on. Off, nothing is installed:
+    no provider, no exporter, no instrumentation."""
     global TRACER, _PROVIDER
     if TRACER is not None:
         return True
@@ -268,7 +267,7 @@ def setup(service: str, env: Mapping[str, str] | None = None) -> bool:
     )
     provider = TracerProvider(
         resource=resource,
-        sampler=_NoOrphanQueries(_get_from_env_or_default()),  # type: ignore[arg-type]
+        sampler=_NoOrphanQueries(_get_from_env_or_default()),
     )
     for name in names:
         exporter: SpanExporter

@@ -277,3 +277,22 @@ def test_an_http_span_keeps_what_the_access_log_says(spans: InMemorySpanExporter
     with tracing.span("append", post_events=2):
         pass
     assert dict(spans.get_finished_spans()[-1].attributes or {}) == {"post.events": 2}
+
+
+def test_a_database_call_outside_traced_work_is_not_sampled() -> None:
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision
+    from opentelemetry.trace import NonRecordingSpan, set_span_in_context
+
+    sampler = tracing._NoOrphanQueries(ALWAYS_ON)
+    query = {"db.system": "postgresql"}
+    orphan = sampler.should_sample(Context(), 1, "SELECT", SpanKind.CLIENT, query)
+    assert orphan.decision is Decision.DROP
+    parent = tracing.parse_traceparent(SENDER)
+    assert parent is not None
+    inside = set_span_in_context(NonRecordingSpan(parent))
+    assert sampler.should_sample(inside, 1, "SELECT", SpanKind.CLIENT, query).decision is (
+        Decision.RECORD_AND_SAMPLE
+    )
+    root = sampler.should_sample(Context(), 1, "process T", SpanKind.CONSUMER, {})
+    assert root.decision is Decision.RECORD_AND_SAMPLE
