@@ -18,13 +18,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from postctl import webhooks as webhook_cli
 from shared import tracing
 from shared.client import HospitalKeys, PlatformClient
 from shared.contracts import encode, make_cloudevent
 from shared.runtime import Platform
+from shared.settings import Settings
 from tests.conftest import dedicated_platform, region_token_for
 from tests.e2e.test_records_e2e import DEPARTMENT, _id, open_program, outreach, referral
 from tests.otlp_receiver import OtlpReceiver, Span
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e
 
@@ -83,7 +86,12 @@ async def test_one_referral_is_one_trace_across_the_four_services(
     keys = HospitalKeys(traced.nats.tenants_file, tmp_path / "seeds")
     client = await PlatformClient.connect(traced.nats_url, keys=keys)
     hospital = f"h-{secrets.token_hex(5)}"
+    hook = Receiver().start()  # the hospital's webhook: its deliveries are traced too
+    settings = Settings(
+        nats_url=traced.nats_url, database_url=traced.db_url, data_dir=traced.data_dir
+    )
     try:
+        await webhook_cli.register(settings, hospital, hook.url)
         await open_program(client, hospital)
         trace_id = secrets.token_hex(16)
 
@@ -147,6 +155,7 @@ async def test_one_referral_is_one_trace_across_the_four_services(
         assert read.status_code == 200
     finally:
         await client.close()
+        hook.stop()
 
     def complete(spans: list[Span]) -> bool:
         mine = [s for s in spans if s.trace_id == trace_id]
@@ -154,8 +163,10 @@ async def test_one_referral_is_one_trace_across_the_four_services(
         refusal = any(s.attributes.get("post.reason_code") == "unknown_department" for s in spans)
         unknown_field = any(s.attributes.get("post.reason_code") == "unknown_field" for s in spans)
         server = any(s.service == "referral" and s.kind == "SERVER" for s in spans)
+        delivered = any(s.name == "webhook deliver" and s.trace_id == trace_id for s in spans)
         return (
-            {
+            delivered
+            and {
                 ("referral", "process RequestReferral"),
                 ("referral", "send ReferralCreated"),
                 ("matching", "process ReferralCreated"),
@@ -215,6 +226,13 @@ async def test_one_referral_is_one_trace_across_the_four_services(
     assert one(mine, service="referral", name="process OutreachAccepted").parent_id == (
         accepted.span_id
     )
+
+    # The webhook's delivery of ReferralCreated is the child of its publish.
+    deliveries = [s for s in mine if s.name == "webhook deliver"]
+    assert published.span_id in {s.parent_id for s in deliveries}
+    assert all(s.kind == "CLIENT" and s.service == "referral" for s in deliveries)
+    assert {s.attributes["post.outcome"] for s in deliveries} == {"acknowledged"}
+    assert hook.url not in repr(spans)
 
     # A refused command's traceparent is not adopted, linked, or anywhere at all.
     for foreign in (refused_trace, bad_envelope_trace, header_trace):
