@@ -8,7 +8,8 @@ transit"). Production brings its own CA or certificates under the same file name
 - ``nats-1.pem`` .. ``nats-3.pem``: each NATS node, for its client port and for the routes
   between the nodes (mutual TLS: the certificate serves as a client one too);
 - ``postgres.pem``: PostgreSQL, for the services' ``sslmode=verify-full``;
-- ``proxy.pem``: the TLS proxy in front of the four services and Grafana.
+- ``proxy.pem``: the TLS proxy in front of the four services and Grafana;
+- ``jaeger.pem``: Jaeger's OTLP receiver, for the services' trace export.
 
 Each certificate names its compose service (``nats-1``, ``postgres``, ``proxy``) and
 ``localhost``/``127.0.0.1`` (for trials on one machine); ``--name`` adds the names hospitals
@@ -69,6 +70,7 @@ SERVERS = (
     Server("nats-3", public=True, client_auth=True),
     Server("postgres", public=False),
     Server("proxy", public=True),
+    Server("jaeger", public=False),
 )
 
 

@@ -270,6 +270,14 @@ def _rename_refs(node: Any, renames: dict[str, str]) -> Any:
     return node
 
 
+# W3C trace context (shared/tracing.py), the same values as the envelope's attributes.
+TRACE_HEADERS = {
+    "traceparent": "W3C trace context, as the envelope's `traceparent` (optional; on an event"
+    " when the platform traces; on a command, taken only once the command is)",
+    "tracestate": "W3C trace context, as the envelope's `tracestate` (optional)",
+}
+
+
 def _headers(properties: dict[str, str], required: list[str]) -> dict[str, Any]:
     return {
         "type": "object",
@@ -341,7 +349,10 @@ def _complete(doc: dict[str, Any]) -> dict[str, Any]:
                 "location": "$message.payload#/id",
             }
             message["headers"] = _headers(
-                {"Nats-Msg-Id": "the command's CloudEvents `id` (JetStream deduplication)"},
+                {
+                    "Nats-Msg-Id": "the command's CloudEvents `id` (JetStream deduplication)",
+                    **TRACE_HEADERS,
+                },
                 ["Nats-Msg-Id"],
             )
         elif name in EVENTS:
@@ -351,7 +362,7 @@ def _complete(doc: dict[str, Any]) -> dict[str, Any]:
                 "location": "$message.payload#/correlationid",
             }
             message["headers"] = _headers(
-                {"Nats-Msg-Id": "the event's CloudEvents `id`"}, ["Nats-Msg-Id"]
+                {"Nats-Msg-Id": "the event's CloudEvents `id`", **TRACE_HEADERS}, ["Nats-Msg-Id"]
             )
         else:  # the dead letter: the original bytes, whatever they were
             message["contentType"] = "application/octet-stream"

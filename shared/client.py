@@ -180,12 +180,23 @@ class PlatformClient:
             self._changed.notify_all()
 
     async def send(
-        self, hospital: str, command: Command, id_: str | None = None, origin: str = "system"
+        self,
+        hospital: str,
+        command: Command,
+        id_: str | None = None,
+        origin: str = "system",
+        traceparent: str | None = None,
     ) -> str:
-        """Publish a command to JetStream (waits for the stream's ack); returns its id."""
-        subject, body, msg_id = command_message(hospital, command, id_=id_, origin=origin)
+        """Publish a command to JetStream (waits for the stream's ack); returns its id. With
+        `traceparent`, the W3C trace context goes in the envelope and the NATS headers."""
+        subject, body, msg_id = command_message(
+            hospital, command, id_=id_, origin=origin, traceparent=traceparent
+        )
         js = await self._js_for(subject)
-        await js.publish(subject, body, headers={"Nats-Msg-Id": msg_id})
+        headers = {"Nats-Msg-Id": msg_id}
+        if traceparent is not None:
+            headers["traceparent"] = traceparent
+        await js.publish(subject, body, headers=headers)
         return msg_id
 
     async def send_raw(self, subject: str, body: bytes, msg_id: str | None = None) -> None:

@@ -38,8 +38,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from shared import inbox
-from shared.contracts import COMMANDS, STREAM_NAME, dlq_subject, parse_subject
+from shared import inbox, tracing
+from shared.contracts import COMMANDS, STREAM_NAME, dlq_subject, is_hospital_id, parse_subject
 from shared.dispatch import (
     HELD,
     IGNORED,
@@ -337,7 +337,10 @@ class PartitionWorker:
         started = time.perf_counter()
         structlog.contextvars.bind_contextvars(event_type=incoming.type, hospital=incoming.hospital)
         try:
-            outcome = await self.dispatcher.dispatch(incoming, conn, settled=settled)
+            if tracing.TRACER is None:
+                outcome = await self.dispatcher.dispatch(incoming, conn, settled=settled)
+            else:
+                outcome = await self._dispatch_traced(conn, incoming, settled)
             return Handled(outcome, None, time.perf_counter() - started)
         except Exception as exc:  # transient: retry with back-off, then dead-letter
             if conn.is_closed():
@@ -345,6 +348,22 @@ class PartitionWorker:
             return Handled(Outcome(Fate.error), exc, time.perf_counter() - started)
         finally:
             structlog.contextvars.unbind_contextvars("event_type", "hospital", "correlation_id")
+
+    async def _dispatch_traced(
+        self, conn: asyncpg.Connection, incoming: Incoming, settled: bool
+    ) -> Outcome:
+        """`dispatch` in the message's handling span (shared/tracing.py): named by what the
+        logs bind, the subject's type and hospital, or "unknown"/"invalid" when they are not
+        the platform's."""
+        label = incoming.label
+        hospital = incoming.hospital if is_hospital_id(incoming.hospital) else "invalid"
+        subject = f"post.{hospital}.{incoming.kind}.{label}"
+        with tracing.handling(
+            self.service, subject, incoming.kind, label, hospital, incoming.body
+        ) as span:
+            outcome = await self.dispatcher.dispatch(incoming, conn, settled=settled)
+            span.finish(outcome.label, reason_code=outcome.reason_code)
+            return outcome
 
     async def _retry(
         self, conn: asyncpg.Connection, hospitals: list[str] | None, settled: bool

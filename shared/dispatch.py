@@ -38,6 +38,7 @@ import asyncpg
 import nats.errors
 import structlog
 
+from shared import tracing
 from shared.clock import Clock
 from shared.contracts import (
     COMMANDS,
@@ -86,6 +87,7 @@ class Outcome:
     label: Fate
     dead_letter_reason: str = ""
     same_message: bool = False  # a duplicate that is this message delivered again
+    reason_code: str = ""  # a refused command's (CommandRejected's), for its trace span
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label", Fate(self.label))
@@ -133,6 +135,10 @@ def is_transient(exc: BaseException) -> bool:
 
 def dead_letter(reason: str) -> Outcome:
     return Outcome(Fate.dead_letter, reason)
+
+
+def refusal(rejected: Rejected) -> Outcome:
+    return Outcome(Fate.rejected, reason_code=str(rejected.reason_code))
 
 
 class _Refused(Exception):
@@ -309,7 +315,7 @@ class Dispatcher:
                             "event_refused", reason=rejected.reason_code, detail=rejected.detail
                         )
                         raise _Refused(IGNORED) from None
-                    raise _Refused(Outcome(Fate.rejected), rejected) from None
+                    raise _Refused(refusal(rejected), rejected) from None
                 except NotYetKnown as pending:
                     limit = self.not_yet_known_seconds
                     if not settled and stored_age_seconds(incoming, self.clock) < limit:
@@ -317,9 +323,8 @@ class Dispatcher:
                         raise _Wait() from None
                     if not is_command:
                         raise _Refused(dead_letter(f"not known: {pending.detail}")) from None
-                    raise _Refused(
-                        Outcome(Fate.rejected), Rejected(pending.reason_code, pending.detail)
-                    ) from None
+                    refused = Rejected(pending.reason_code, pending.detail)
+                    raise _Refused(refusal(refused), refused) from None
                 if is_command and not uow.emitted:
                     log.error("command_without_answer", command_type=incoming.type)
                 if incoming.waited:
@@ -368,7 +373,7 @@ class Dispatcher:
                 return await self._duplicate(conn, key, incoming)
             uow = UnitOfWork(self.service, conn, incoming.hospital, self.clock, command_id)
             await self._append_rejection(uow, command_id, incoming.type, rejected)
-        return Outcome(Fate.rejected)
+        return refusal(rejected)
 
     async def answer_unprocessable(
         self, conn: asyncpg.Connection, incoming: Incoming, reason: str
@@ -394,7 +399,8 @@ class Dispatcher:
             reason_code=rejected.reason_code,
             detail=rejected.detail,
         )
-        await uow.append(f"rejected:{uow.hospital}:{command_id}", 0, [event])
+        with tracing.answering():  # under the platform's own trace, never the sender's
+            await uow.append(f"rejected:{uow.hospital}:{command_id}", 0, [event])
 
     # -- a command over HTTP ---------------------------------------------------------------
 

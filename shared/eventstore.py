@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 from pydantic_core import from_json, to_json
 
+from shared import tracing
 from shared.contracts import Event, parse_event_json
 from shared.partitions import partition_of
 from shared.statistics import keep_no_statistics
@@ -301,6 +302,19 @@ class EventStore:
         """
         if not events:
             return []
+        if tracing.TRACER is not None:
+            with tracing.span("append", post_events=len(events)):
+                return await self._append(conn, stream_id, expected_version, events, publish)
+        return await self._append(conn, stream_id, expected_version, events, publish)
+
+    async def _append(
+        self,
+        conn: asyncpg.Connection,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[NewEvent],
+        publish: bool,
+    ) -> list[int]:
         try:
             version, positions = await conn.fetchrow(
                 APPEND_SQL,

@@ -19,6 +19,7 @@ import asyncpg
 import structlog
 from nats.js import JetStreamContext
 
+from shared import tracing
 from shared.contracts import encode, evt_subject, make_cloudevent
 from shared.observability import OUTBOX_BACKLOG, OUTBOX_PUBLISH_SECONDS, OUTBOX_PUBLISHED
 
@@ -98,7 +99,17 @@ class OutboxRelay:
 
     async def _publish(self, row: asyncpg.Record) -> None:
         subject, ce = cloudevent_of(row, self.service)
-        await self.js.publish(subject, encode(ce), headers={"Nats-Msg-Id": ce["id"]})
+        if tracing.TRACER is None:
+            await self.js.publish(subject, encode(ce), headers={"Nats-Msg-Id": ce["id"]})
+            return
+        # The publish span, the child of the work that appended the event (its metadata
+        # remembers it); the envelope and the NATS headers carry the span's context.
+        meta = row["metadata"]
+        with tracing.producing(
+            self.service, subject, row["event_type"], meta["hospital"], meta
+        ) as context:
+            ce.update(context)
+            await self.js.publish(subject, encode(ce), headers={"Nats-Msg-Id": ce["id"], **context})
 
 
 async def report_backlog(service: str, pool: asyncpg.Pool) -> int:

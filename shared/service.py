@@ -33,6 +33,7 @@ from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableErr
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
+from shared import tracing
 from shared.auth import AUTH_RESPONSES, AccessLog, Holder, require_any_token
 from shared.clock import Clock, ControlledClock, SystemClock
 from shared.consumer import Ownership
@@ -346,6 +347,16 @@ class Service:
         """The process entrypoint: ``python -m services.<name>``."""
         configure_logging(self.name, self.settings.log_level)
         self._own_process = True
+        # OpenTelemetry, when the OTEL_* variables ask for it (off by default: shared/tracing.py)
+        if tracing.setup(self.name):
+            tracing.instrument_app(self.http)
+            log.info("tracing_on", exporters=tracing.exporters())
+        try:
+            self._serve()
+        finally:
+            tracing.shutdown()  # what is buffered is exported
+
+    def _serve(self) -> None:
         uvicorn.run(
             self.http,
             host=self.settings.http_host,
@@ -382,16 +393,18 @@ class Service:
     async def unit_of_work(
         self, hospital: str, *, correlation_id: str = "", causation_id: str = ""
     ) -> AsyncIterator[UnitOfWork]:
-        """A transaction outside any message (timers): events appended are published after."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            yield UnitOfWork(
-                self.name,
-                conn,
-                hospital,
-                self.clock,
-                message_id=causation_id or new_id(),
-                correlation_id=correlation_id,
-            )
+        """A transaction outside any message (timers): events appended are published after,
+        the children of its span (a trace of its own) when tracing is on."""
+        with tracing.span(f"{self.name} background work", post_hospital=hospital):
+            async with self.pool.acquire() as conn, conn.transaction():
+                yield UnitOfWork(
+                    self.name,
+                    conn,
+                    hospital,
+                    self.clock,
+                    message_id=causation_id or new_id(),
+                    correlation_id=correlation_id,
+                )
         self.wake(hospital)
 
     async def execute(

@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from shared import tracing
 from shared.clock import Clock
 from shared.contracts import Event, new_id
 from shared.errors import NotYetKnown as NotYetKnown  # re-exported: the domains raise it
@@ -78,6 +79,9 @@ class UnitOfWork:
         AssignmentOverdue, then the reassignment it leads to)."""
         ids = [self.event_id(stream_id, expected_version + n) for n in range(1, len(events) + 1)]
         causes = [self.message_id, *ids[:-1]] if chained else [self.message_id] * len(events)
+        # Traced: the span of this work (a message's handling, a timer's unit, an HTTP request),
+        # for the outbox's publish to be its child, whenever and by whomever it is published.
+        context = tracing.current_context() if tracing.TRACER is not None else None
         await self.store.append(
             self.conn,
             stream_id,
@@ -90,6 +94,7 @@ class UnitOfWork:
                         "causation_id": cause,
                         "hospital": e.hospital,
                         "service": self.service,
+                        **(context or {}),
                     },
                     event_id,
                 )

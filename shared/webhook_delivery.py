@@ -29,9 +29,10 @@ from cryptography.exceptions import InvalidTag
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 from nats.js.errors import NotFoundError
+from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Gauge
 
-from shared import webhooks
+from shared import tracing, webhooks
 from shared.contracts import STREAM_NAME
 from shared.eventstore import connect
 from shared.partitions import lock_key, sleep_or_stop
@@ -249,12 +250,7 @@ class WebhookPartition:
                 # process, whose session may have ended meanwhile) means reading it again.
                 if time.monotonic() - read_at > self.settings.lease_seconds / 2:
                     continue
-                try:
-                    error = await attempt(
-                        client, hook.url, webhooks.unseal(self.key, hospital, hook.sealed), msg
-                    )
-                except InvalidTag:  # sealed under another POST_WEBHOOK_KEY
-                    error = "secret_unreadable"
+                error = await self._attempt(client, hospital, hook, msg)
                 if error is None:
                     ATTEMPTS.labels("acknowledged").inc()
                     await self._db(webhooks.acknowledged, hook, msg.seq)
@@ -276,6 +272,26 @@ class WebhookPartition:
         except Exception as exc:  # NATS away for a moment: the partition's loop starts it again
             log.warning("webhook_delivery_failed", error=type(exc).__name__)
             await asyncio.sleep(1.0)
+
+    async def _attempt(
+        self, client: httpx.AsyncClient, hospital: str, hook: webhooks.Webhook, msg: RawStreamMsg
+    ) -> str | None:
+        """One attempt; traced, a span (kind CLIENT) that is the child of the event's publish
+        (its envelope's traceparent), with what the log says: the hospital and the outcome."""
+        parent = tracing.envelope_context(msg.data or b"") if tracing.TRACER is not None else None
+        with tracing.span(
+            "webhook deliver", kind=SpanKind.CLIENT, parent=parent, post_hospital=hospital
+        ) as span:
+            try:
+                error = await attempt(
+                    client, hook.url, webhooks.unseal(self.key, hospital, hook.sealed), msg
+                )
+            except InvalidTag:  # sealed under another POST_WEBHOOK_KEY
+                error = "secret_unreadable"
+            span.set_attribute("post.outcome", "acknowledged" if error is None else "failed")
+            if error is not None:
+                span.set_attribute("error.type", error)
+            return error
 
     async def _back_off(self, hospital: str, hook: webhooks.Webhook, delay: float) -> None:
         """Wait `delay` before the next attempt, or less when the webhook was registered anew

@@ -550,6 +550,8 @@ def _compose_environment(service: str, cluster: Cluster, database_url: str) -> d
     env = {
         k: v.replace("${POST_NATS_PLATFORM_PASSWORD}", PLATFORM_PASSWORD) for k, v in env.items()
     }
+    # `${VAR:-default}` as compose reads it with VAR unset in .env: the default
+    env = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", v) for k, v in env.items()}
     for i, node in enumerate(NODES):
         env["POST_NATS_URL"] = env["POST_NATS_URL"].replace(
             f"@{node}:4222", f"@127.0.0.1:{cluster.client_ports[i]}"
@@ -697,7 +699,7 @@ def _host_path(service: dict[str, Any], container_path: str) -> Path:
 
 def test_compose_runs_the_whole_platform() -> None:
     services = _compose()["services"]
-    expected = {*NODES, "postgres", *SERVICES, "prometheus", "grafana", "proxy"}
+    expected = {*NODES, "postgres", *SERVICES, "prometheus", "grafana", "proxy", "jaeger"}
     expected |= {f"nats-exporter-{i}" for i in (1, 2, 3)}
     assert set(services) == expected
 
@@ -846,6 +848,32 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboard_folder() -> No
     providers = yaml.safe_load((provisioning / "dashboards" / "post.yml").read_text())
     (provider,) = providers["providers"]
     assert _host_path(grafana, provider["options"]["path"]) == DEPLOY / "grafana" / "dashboards"
+
+
+def test_tracing_is_off_by_default_and_goes_to_jaeger_over_tls_when_on() -> None:
+    services = _compose()["services"]
+    for name in SERVICES:
+        env = services[name]["environment"]
+        assert env["OTEL_TRACES_EXPORTER"] == "${OTEL_TRACES_EXPORTER:-none}"  # off unless .env
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "https://jaeger:4318"
+        ca = env["OTEL_EXPORTER_OTLP_CERTIFICATE"]
+        assert _host_path(services[name], ca) == ROOT / "deploy/certs/ca.pem"
+        assert "OTEL_SERVICE_NAME" not in env  # each service names itself
+    example = (DEPLOY / "env.example").read_text()
+    assert re.search(r"^OTEL_TRACES_EXPORTER=none$", example, re.MULTILINE)
+    jaeger = services["jaeger"]
+    flags = dict(f.split("=", 1) for f in jaeger["command"])
+    assert flags["--collector.otlp.http.host-port"] == ":4318"
+    assert flags["--collector.otlp.http.tls.enabled"] == "true"
+    for flag in ("--collector.otlp.http.tls.cert", "--collector.otlp.http.tls.key"):
+        assert _host_path(jaeger, flags[flag]).parent == ROOT / "deploy/certs"
+    assert "ports" not in jaeger
+    grafana = services["grafana"]
+    provisioning = _host_path(grafana, "/etc/grafana/provisioning")
+    sources = yaml.safe_load((provisioning / "datasources" / "jaeger.yml").read_text())
+    (source,) = sources["datasources"]
+    assert source["type"] == "jaeger" and source["url"] == "http://jaeger:16686"
+    assert "jaeger" in grafana["depends_on"]
 
 
 # --- TLS on every hop (CONTRACT.md 1.2, "Encryption in transit") ----------------------------

@@ -194,3 +194,18 @@ def test_grafana_dashboards_are_configmaps_generated_from_deploy_grafana() -> No
         assert cm["data"][path.name] == path.read_text()  # the file itself, not a copy of it
         assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert not list(K8S.rglob("*.json")), "dashboards are generated, not copied into deploy/k8s"
+
+
+def test_tracing_is_off_and_would_go_to_a_collector_over_tls() -> None:
+    docs = render("base")
+    config = by_kind(docs, "ConfigMap")["post-config"]["data"]
+    assert config["OTEL_TRACES_EXPORTER"] == "none"  # off: an overlay turns it on
+    assert config["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("https://")
+    assert "OTEL_SERVICE_NAME" not in config  # each service names itself
+    ca = config["OTEL_EXPORTER_OTLP_CERTIFICATE"]
+    for name in SERVICES:
+        c = _container(by_kind(docs, "Deployment")[f"post-{name}"])
+        assert any(ca.startswith(m["mountPath"].rstrip("/") + "/") for m in c["volumeMounts"])
+    policy = by_kind(docs, "NetworkPolicy")["post-services-http"]
+    ports = [p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])]
+    assert 4318 in ports

@@ -73,6 +73,8 @@ def make_cloudevent(
     time: datetime | None = None,
     correlationid: str | None = None,
     causationid: str | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> dict[str, Any]:
     ce: dict[str, Any] = {
         "specversion": SPECVERSION,
@@ -87,6 +89,11 @@ def make_cloudevent(
         ce["correlationid"] = correlationid
     if causationid is not None:
         ce["causationid"] = causationid
+    # The CloudEvents distributed-tracing extension (W3C trace context; shared/tracing.py)
+    if traceparent is not None:
+        ce["traceparent"] = traceparent
+    if tracestate is not None:
+        ce["tracestate"] = tracestate
     return ce
 
 
@@ -95,13 +102,23 @@ def encode(ce: dict[str, Any]) -> bytes:
 
 
 def command_message(
-    hospital: str, command: Command, *, id_: str | None = None, origin: str = "system"
+    hospital: str,
+    command: Command,
+    *,
+    id_: str | None = None,
+    origin: str = "system",
+    traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> tuple[str, bytes, str]:
-    """Build what a hospital system publishes: (subject, body, Nats-Msg-Id)."""
+    """Build what a hospital system publishes: (subject, body, Nats-Msg-Id); with the W3C
+    trace context of the sender's span when it traces (the platform's handling joins that
+    trace once the command is taken)."""
     ce = make_cloudevent(
         type_=command.type_name,
         source=f"/hospitals/{hospital}/{origin}",
         data=command.to_data(),
         id_=id_,
+        traceparent=traceparent,
+        tracestate=tracestate,
     )
     return cmd_subject(hospital, command.type_name), encode(ce), ce["id"]
