@@ -7,11 +7,15 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import nats
 import pytest
 
 from shared import inbox
+from shared.client import wait_consumed
 from shared.inbox import Incoming
-from shared.partitions import partition_of
+from shared.partitions import ensure_work_stream, partition_of, work_stream
+from shared.runtime import Platform
+from shared.service import ensure_stream
 
 pytestmark = pytest.mark.integration
 
@@ -74,3 +78,30 @@ async def test_a_head_that_fails_again_is_kept_with_its_count(pool: asyncpg.Pool
         await inbox.hold_head(conn, service, taken, taken.attempt, NOW + timedelta(seconds=2))
         [again] = await inbox.take_queue(conn, hospital)
         assert (again.stream_seq, again.attempt, again.body) == (20, 3, head.body)
+
+
+async def test_a_service_holding_a_hospital_back_has_not_caught_up(
+    pool: asyncpg.Pool, platform: Platform
+) -> None:
+    """`wait_consumed` with the database: a parked message is acknowledged in NATS (the
+    service's work stream is empty) but not handled; until its hospital is released the
+    service has not caught up."""
+    service = f"svc-{uuid.uuid4().hex[:6]}"
+    hospital = f"h-{uuid.uuid4().hex[:8]}"
+    nc = await nats.connect(platform.nats_url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js)
+        await ensure_work_stream(js, service, [f"post.*.cmd.{service}Thing"], 1)
+        await wait_consumed(platform.nats_url, service, timeout=5)  # nothing in the stream
+        async with pool.acquire() as conn:
+            await inbox.hold_head(conn, service, message(hospital, 7), 1, NOW)
+            with pytest.raises(TimeoutError):
+                await wait_consumed(platform.nats_url, service, timeout=2, db_url=platform.db_url)
+            await wait_consumed(platform.nats_url, service, timeout=5)  # NATS alone: caught up
+            await inbox.take_queue(conn, hospital)
+            await inbox.release(conn, service, hospital)
+        await wait_consumed(platform.nats_url, service, timeout=5, db_url=platform.db_url)
+    finally:
+        await js.delete_stream(work_stream(service))
+        await nc.close()
