@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import e2e, publish, replay, scaleout, store
+from bench import e2e, fence, publish, replay, scaleout, store
 from bench.common import Section, embedded_platform, sample_sizes
 from shared.runtime import Platform
 
@@ -32,6 +32,7 @@ SECTIONS: dict[str, Callable[[Platform, float], Coroutine[Any, Any, Section]]] =
     "replay": replay.run,
     "scaleout": scaleout.run,
     "national": replay.run_national,  # issue 15: analytics at national scale
+    "fence": fence.run,  # the aggregates' fence: what several partitions writing at once cost
 }
 
 
