@@ -85,6 +85,7 @@ class PlatformClient:
         self._seen: set[str] = set()
         self._changed = asyncio.Condition()
         self._hospitals: dict[str, _Hospital] = {}
+        self._closing = asyncio.Event()
         self._opening: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._url = ""
 
@@ -134,7 +135,11 @@ class PlatformClient:
 
     async def _pull(self, sub: JetStreamContext.PullSubscription) -> None:
         backlog = True
-        while True:
+        # Until the client closes, not only until cancelled: a cancellation can be lost in a
+        # fetch (nats-py turns one met on a closed connection into ConnectionClosedError,
+        # which the loop took for a passing failure). A CI run hung at the end of the test
+        # session in `close`, with this loop still polling.
+        while not self._closing.is_set():
             try:
                 # As shared/consumer.py: a fetch of n waits for all n once one came, so caught
                 # up ask for one (it comes the moment it is stored), behind for a batch.
@@ -144,6 +149,8 @@ class PlatformClient:
                 continue
             except asyncio.CancelledError:
                 raise
+            except nats.errors.ConnectionClosedError:
+                return  # closed for good (a reconnect is not a close): nothing more comes
             except Exception:  # reconnecting, or the server reloading its config: again
                 await asyncio.sleep(0.2)
                 continue
@@ -259,6 +266,7 @@ class PlatformClient:
         return await self.outcome(command_id, timeout)
 
     async def close(self) -> None:
+        self._closing.set()
         for hospital in self._hospitals.values():
             hospital.puller.cancel()
             await asyncio.gather(hospital.puller, return_exceptions=True)

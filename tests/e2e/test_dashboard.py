@@ -14,6 +14,7 @@ test_post_2023_e2e.py does. Needs Debian's `chromium` (`apt-get install -y chrom
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -250,10 +251,17 @@ def selected(page: Node, select_id: str) -> str:
 # --- fixtures -------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def browsing_platform(prefix: str) -> Iterator[Platform]:
+    """A platform of its own for a module of browser tests (Debian's Chromium is needed)."""
+    assert os.access(CHROMIUM, os.X_OK), "install Debian's chromium: apt-get install -y chromium"
+    with dedicated_platform(prefix) as platform:
+        yield platform
+
+
 @pytest.fixture(scope="module")
 def dashboard_platform() -> Iterator[Platform]:
-    assert os.access(CHROMIUM, os.X_OK), "install Debian's chromium: apt-get install -y chromium"
-    with dedicated_platform("post-dashboard-") as platform:
+    with browsing_platform("post-dashboard-") as platform:
         yield platform
 
 
@@ -479,8 +487,9 @@ async def test_a_hospitals_token_shows_that_hospital_alone(
 # --- in the page: typing, clicking, measuring (Playwright on the same Chromium) --------------
 
 
-@pytest.fixture(scope="module")
-async def browser(dashboard_platform: Platform) -> AsyncIterator[Browser]:
+@contextlib.asynccontextmanager
+async def driven_chromium() -> AsyncIterator[Browser]:
+    """Debian's Chromium, driven by Playwright (which downloads no browser of its own)."""
     async with async_playwright() as driver:
         launched = await driver.chromium.launch(
             executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
@@ -489,6 +498,12 @@ async def browser(dashboard_platform: Platform) -> AsyncIterator[Browser]:
             yield launched
         finally:
             await launched.close()
+
+
+@pytest.fixture(scope="module")
+async def browser(dashboard_platform: Platform) -> AsyncIterator[Browser]:
+    async with driven_chromium() as launched:
+        yield launched
 
 
 def window(width: int) -> dict[str, Any]:

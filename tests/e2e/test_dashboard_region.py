@@ -6,19 +6,26 @@ part of its id. Its own platform: the region's figures must be this region's alo
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page
 
 from postctl.simulate.driver import run_region
 from shared.client import wait_consumed
 from shared.runtime import Platform
-from tests.conftest import dedicated_platform, region_token_for
-from tests.e2e.test_dashboard import CHROMIUM, number, opened, ranking_rows, showing, window
+from tests.conftest import region_token_for
+from tests.e2e.test_dashboard import (
+    browsing_platform,
+    driven_chromium,
+    number,
+    opened,
+    ranking_rows,
+    showing,
+    window,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -28,8 +35,7 @@ PAGE = 50
 
 @pytest.fixture(scope="module")
 def region_platform() -> Iterator[Platform]:
-    assert os.access(CHROMIUM, os.X_OK), "install Debian's chromium: apt-get install -y chromium"
-    with dedicated_platform("post-dashboard-region-") as platform:
+    with browsing_platform("post-dashboard-region-") as platform:
         yield platform
 
 
@@ -54,14 +60,8 @@ async def api(base_url: str, token: str) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture(scope="module")
 async def browser(region_platform: Platform) -> AsyncIterator[Browser]:
-    async with async_playwright() as driver:
-        launched = await driver.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-        )
-        try:
-            yield launched
-        finally:
-            await launched.close()
+    async with driven_chromium() as launched:
+        yield launched
 
 
 @pytest.fixture
