@@ -33,6 +33,7 @@ from nats.js.errors import NotFoundError
 
 from postctl import tenants
 from shared import hospitals
+from shared.client import HospitalKeys, PlatformClient
 from shared.contracts import (
     STREAM_NAME,
     LaunchDepartment,
@@ -559,3 +560,21 @@ async def test_a_hospital_offline_when_its_supporter_is_assigned_gets_it_from_it
     finally:
         await nc.close()
         await platform.close()
+
+
+async def test_the_clients_puller_of_a_closed_hospital_connection_ends(
+    embedded: Embedded, platform_nc: NATS
+) -> None:
+    """`PlatformClient`'s puller of a hospital whose connection closed for good ends by
+    itself, and the client closes: a puller that took the closed connection for a passing
+    failure polled it forever, and a cancellation lost in its fetch hung the client's close
+    (a CI run's test session never ended)."""
+    keys = HospitalKeys(embedded.server.tenants_file, embedded.folder / "client-keys")
+    client = await PlatformClient.connect(embedded.url, keys=keys)
+    try:
+        await client.as_hospital("closed-for-good")
+        opened = client._hospitals["closed-for-good"]
+        await opened.nc.close()
+        await asyncio.wait_for(asyncio.shield(opened.puller), 5)
+    finally:
+        await asyncio.wait_for(client.close(), 10)
