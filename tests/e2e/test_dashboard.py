@@ -14,7 +14,6 @@ test_post_2023_e2e.py does. Needs Debian's `chromium` (`apt-get install -y chrom
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -30,17 +29,17 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page
 
 from postctl.simulate import run_post_2023
 from shared.auth import issue_token, tokens_file
 from shared.client import wait_consumed
 from shared.runtime import Platform
-from tests.conftest import dedicated_platform, region_token_for
+from tests.conftest import region_token_for
+from tests.e2e.browsing import CHROMIUM, browsing_platform, window
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = "/usr/bin/chromium"
 STATIC = Path(__file__).resolve().parents[2] / "services" / "analytics" / "static"
 HOSPITAL_A = "kp-hospital-a"
 
@@ -249,14 +248,6 @@ def selected(page: Node, select_id: str) -> str:
 
 
 # --- fixtures -------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def browsing_platform(prefix: str) -> Iterator[Platform]:
-    """A platform of its own for a module of browser tests (Debian's Chromium is needed)."""
-    assert os.access(CHROMIUM, os.X_OK), "install Debian's chromium: apt-get install -y chromium"
-    with dedicated_platform(prefix) as platform:
-        yield platform
 
 
 @pytest.fixture(scope="module")
@@ -485,40 +476,6 @@ async def test_a_hospitals_token_shows_that_hospital_alone(
 
 
 # --- in the page: typing, clicking, measuring (Playwright on the same Chromium) --------------
-
-
-@contextlib.asynccontextmanager
-async def driven_chromium() -> AsyncIterator[Browser]:
-    """Debian's Chromium, driven by Playwright (which downloads no browser of its own)."""
-    async with async_playwright() as driver:
-        launched = await driver.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-        )
-        try:
-            yield launched
-        finally:
-            await launched.close()
-
-
-@pytest.fixture(scope="module")
-async def browser(dashboard_platform: Platform) -> AsyncIterator[Browser]:
-    async with driven_chromium() as launched:
-        yield launched
-
-
-def window(width: int) -> dict[str, Any]:
-    # The page's CSP forbids eval, which Playwright's waits use to run their conditions:
-    # the test's own scripts only (the CSP itself is checked above, on the served page).
-    return {"viewport": {"width": width, "height": 1600}, "bypass_csp": True}
-
-
-@pytest.fixture
-async def page(browser: Browser) -> AsyncIterator[Page]:
-    context = await browser.new_context(**window(1400))
-    try:
-        yield await context.new_page()
-    finally:
-        await context.close()
 
 
 READY = "document.body.dataset.state === 'ready'"

@@ -11,21 +11,14 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page
+from playwright.async_api import Page
 
 from postctl.simulate.driver import run_region
 from shared.client import wait_consumed
 from shared.runtime import Platform
 from tests.conftest import region_token_for
-from tests.e2e.test_dashboard import (
-    browsing_platform,
-    driven_chromium,
-    number,
-    opened,
-    ranking_rows,
-    showing,
-    window,
-)
+from tests.e2e.browsing import browsing_platform
+from tests.e2e.test_dashboard import number, opened, ranking_rows, showing
 
 pytestmark = pytest.mark.e2e
 
@@ -56,21 +49,6 @@ async def api(base_url: str, token: str) -> AsyncIterator[httpx.AsyncClient]:
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=base_url, timeout=60, headers=headers) as http:
         yield http
-
-
-@pytest.fixture(scope="module")
-async def browser(region_platform: Platform) -> AsyncIterator[Browser]:
-    async with driven_chromium() as launched:
-        yield launched
-
-
-@pytest.fixture
-async def page(browser: Browser) -> AsyncIterator[Page]:
-    context = await browser.new_context(**window(1400))
-    try:
-        yield await context.new_page()
-    finally:
-        await context.close()
 
 
 async def served(api: httpx.AsyncClient, **params: Any) -> dict[str, Any]:
