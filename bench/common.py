@@ -3,11 +3,14 @@ and the sample payload (a real contract event, so sizes match what the platform 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,8 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import nats
+
 from shared.contracts import Rank, ReferralCreated, encode, evt_subject, make_cloudevent
-from shared.runtime import SERVICES, Platform, free_port
+from shared.runtime import SERVICES, NatsServer, Platform, free_port
 
 Result = dict[str, Any]
 
@@ -153,3 +158,97 @@ def sample_sizes() -> Result:
         "event_data_bytes": len(json.dumps(event.to_data(), separators=(",", ":"))),
         "message_bytes": len(sample_message()[1]),
     }
+
+
+# --- what a unit of work costs: JetStream writes and PostgreSQL round trips, counted ---------
+
+
+async def jetstream_writes(nats_url: str) -> dict[str, int]:
+    """Records each stream of the account has written to its store: every message stored
+    (published, or sourced into a work stream) and every one removed (a work-queue
+    acknowledgement, an erasure), each a write that `sync_interval: always` fsyncs."""
+    nc = await nats.connect(nats_url, name="post-bench-costs")
+    try:
+        writes = {}
+        for info in await nc.jetstream().streams_info():
+            state = info.state  # last_seq stored so far, of which `messages` are still there
+            writes[info.config.name] = state.last_seq + (state.last_seq - state.messages)
+        return writes
+    finally:
+        await nc.close()
+
+
+_ROUND_TRIPS = re.compile(r'^post_db_round_trips_total\{service="[^"]+"\} ([0-9.e+]+)$', re.M)
+
+
+def db_round_trips(platform: Platform) -> dict[str, int]:
+    """PostgreSQL round trips of every running service instance by service, from their
+    /metrics (`post_db_round_trips_total`, counted by asyncpg's query logger on each
+    connection)."""
+    totals: dict[str, int] = {}
+    for key, proc in platform.processes.items():
+        with urllib.request.urlopen(platform.url(key, "/metrics"), timeout=5) as resp:
+            text = resp.read().decode()
+        trips = int(sum(float(v) for v in _ROUND_TRIPS.findall(text)))
+        totals[proc.name] = totals.get(proc.name, 0) + trips
+    return totals
+
+
+class Costs:
+    """The JetStream writes and PostgreSQL round trips of the platform between `start` and
+    `stop`, over every stream and every instance."""
+
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+        self.writes: dict[str, int] = {}
+        self.trips: dict[str, int] = {}
+
+    async def start(self) -> None:
+        self.writes = await jetstream_writes(self.platform.nats_url)
+        self.trips = await asyncio.to_thread(db_round_trips, self.platform)
+
+    async def stop(self, units: int) -> Result:
+        writes = await jetstream_writes(self.platform.nats_url)
+        trips = await asyncio.to_thread(db_round_trips, self.platform)
+        by_stream = _per_unit(writes, self.writes, units)
+        by_service = _per_unit(trips, self.trips, units)
+        return {
+            "units": units,
+            "jetstream_writes": round(sum(by_stream.values()), 2),
+            "jetstream_writes_by_stream": by_stream,
+            "db_round_trips": round(sum(by_service.values()), 2),
+            "db_round_trips_by_service": by_service,
+        }
+
+
+def _per_unit(after: dict[str, int], before: dict[str, int], units: int) -> dict[str, float]:
+    return {
+        name: round((n - before.get(name, 0)) / units, 2)
+        for name, n in sorted(after.items())
+        if n != before.get(name, 0)
+    }
+
+
+async def jetstream_publish_rate(messages: int, sync_interval: str = "always") -> float:
+    """Pipelined JetStream publishes per second (500 in flight) into one stream of a bare
+    nats-server of its own: with `sync_interval: always`, the durable-write limit."""
+    folder = Path(tempfile.mkdtemp(prefix="post-bench-sync-"))
+    server = NatsServer(
+        folder, free_port(), free_port(), sync_interval=sync_interval, tenants=False
+    )
+    await asyncio.to_thread(server.start)
+    try:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await js.add_stream(name="SYNC", subjects=["sync.>"])
+        body = b"x" * 300
+        window = 500
+        with Timer() as t:
+            for start in range(0, messages, window):
+                acks = [js.publish(f"sync.{n % 10}", body) for n in range(start, start + window)]
+                await asyncio.gather(*acks)
+        await nc.close()
+        return rate(messages, t.seconds)
+    finally:
+        await asyncio.to_thread(server.stop)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -21,7 +21,18 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from bench.common import Section, Timer, fmt_ms, fmt_rate, percentiles, rate, rss_kib
+from bench.common import (
+    Costs,
+    Section,
+    Timer,
+    fmt_ms,
+    fmt_rate,
+    fmt_ratio,
+    jetstream_publish_rate,
+    percentiles,
+    rate,
+    rss_kib,
+)
 from shared.client import wait_consumed
 from shared.contracts import (
     Command,
@@ -244,6 +255,10 @@ async def run(platform: Platform, scale: float = 1.0) -> Section:
             partial(lifecycle, watcher, hospitals[n % len(hospitals)], 1000 + n)
             for n in range(lifecycles)
         ]
+        for name in SERVICES:
+            await wait_consumed(platform.nats_url, name, timeout=600, db_url=platform.db_url)
+        costs = Costs(platform)
+        await costs.start()
         with sampler, Timer() as t:
             durations = await _bounded(jobs, 200)
         fig["lifecycles"] = lifecycles
@@ -254,8 +269,10 @@ async def run(platform: Platform, scale: float = 1.0) -> Section:
         fig["rss_load_kib"] = dict(sampler.peak)
 
         # The steady rate is measured on a quiet platform: every consumer caught up first.
+        # What the lifecycles cost is counted once all they caused is done.
         for name in SERVICES:
-            await wait_consumed(platform.nats_url, name, timeout=600)
+            await wait_consumed(platform.nats_url, name, timeout=600, db_url=platform.db_url)
+        fig["per_lifecycle"] = await costs.stop(lifecycles)
         await asyncio.sleep(1)
         seconds = max(10.0, 30 * scale)
         latencies = await steady_latency(watcher, hospitals, 50, seconds)
@@ -263,6 +280,15 @@ async def run(platform: Platform, scale: float = 1.0) -> Section:
         fig["rejected"] = watcher.rejected
         p99 = fig["steady"]["ms"]["p99"]
         fig["target_met"] = p99 is not None and p99 < 50
+        # The durable-write limit, measured in the same run: fsynced publishes per second over
+        # the 7 messages a lifecycle must store (3 commands, 4 facts).
+        fig["durable_publish_per_second"] = await jetstream_publish_rate(
+            max(5000, int(20000 * scale))
+        )
+        fig["durable_limit_lifecycles_per_second"] = fig["durable_publish_per_second"] / 7
+        fig["ratio_lifecycles_vs_durable_limit"] = (
+            fig["lifecycles_per_second"] / fig["durable_limit_lifecycles_per_second"]
+        )
     finally:
         await watcher.close()
         for proc in platform.processes.values():
@@ -271,6 +297,26 @@ async def run(platform: Platform, scale: float = 1.0) -> Section:
 
     section.row("referral lifecycles at saturation", fmt_rate(fig["lifecycles_per_second"]))
     section.row("  contract events per second", fmt_rate(fig["events_per_second"]))
+    ratio = fig["ratio_lifecycles_vs_durable_limit"]
+    section.row(
+        "  / the durable-write limit (fsynced publishes/s / 7)",
+        f"{fmt_ratio(ratio)} of {fmt_rate(fig['durable_limit_lifecycles_per_second'])}",
+        ">= 0.5x",
+        ratio >= 0.5,
+    )
+    cost = fig["per_lifecycle"]
+    section.row(
+        "  JetStream writes per lifecycle (stored + removed)",
+        f"{cost['jetstream_writes']:.1f}",
+        "<= 10",
+        cost["jetstream_writes"] <= 10,
+    )
+    section.row(
+        "  PostgreSQL round trips per lifecycle",
+        f"{cost['db_round_trips']:.1f}",
+        "<= 30",
+        cost["db_round_trips"] <= 30,
+    )
     ms = fig["steady"]["ms"]
     section.row("RequestReferral -> SupporterAssigned @50/s p50", fmt_ms(ms["p50"]))
     section.row("  p90", fmt_ms(ms["p90"]))

@@ -16,18 +16,23 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import tempfile
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from pathlib import Path
 
-import nats
-
-from bench.common import Section, Timer, fmt_ms, fmt_rate, fmt_ratio, percentiles, rate
+from bench.common import (
+    Section,
+    Timer,
+    fmt_ms,
+    fmt_rate,
+    fmt_ratio,
+    jetstream_publish_rate,
+    percentiles,
+    rate,
+)
 from bench.e2e import Watcher, _bounded, _referral, lifecycle, setup_hospitals
 from shared.partitions import partition_of
-from shared.runtime import NatsServer, Platform, free_port
+from shared.runtime import Platform
 
 ROUNDS = 3  # of each configuration, alternating (the median of three)
 
@@ -98,33 +103,11 @@ async def _failover_seconds(platform: Platform, tries: int) -> list[float]:
     return seconds
 
 
-async def _publish_rate(url: str, messages: int) -> float:
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    await js.add_stream(name="SYNC", subjects=["sync.>"])
-    body = b"x" * 300
-    window = 500
-    with Timer() as t:
-        for start in range(0, messages, window):
-            acks = [js.publish(f"sync.{n % 10}", body) for n in range(start, start + window)]
-            await asyncio.gather(*acks)
-    await nc.close()
-    return rate(messages, t.seconds)
-
-
 async def _sync_cost(messages: int) -> dict[str, float]:
     rates: dict[str, list[float]] = {"always": [], "2m": []}
     for _ in range(ROUNDS):
         for interval in rates:
-            folder = Path(tempfile.mkdtemp(prefix="post-bench-sync-"))
-            server = NatsServer(
-                folder, free_port(), free_port(), sync_interval=interval, tenants=False
-            )
-            await asyncio.to_thread(server.start)
-            try:
-                rates[interval].append(await _publish_rate(server.url, messages))
-            finally:
-                await asyncio.to_thread(server.stop)
+            rates[interval].append(await jetstream_publish_rate(messages, interval))
     return {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
 
 

@@ -11,8 +11,9 @@ unqualified names.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -134,14 +135,26 @@ def _encode_json(value: Any) -> str:
     return to_json(value).decode()
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+RoundTrips = Callable[[], None]
+
+
+async def _init_connection(
+    conn: asyncpg.Connection, on_round_trip: RoundTrips | None = None
+) -> None:
     for typ in ("jsonb", "json"):
         # pydantic-core's decoder parses a stored event in 1.7 us, the stdlib's in 4.2 us
         await conn.set_type_codec(typ, encoder=_encode_json, decoder=from_json, schema="pg_catalog")
+    if on_round_trip is not None:
+        # Every round trip counted (asyncpg's query logger: ~1 us a statement), so the cost of a
+        # message in round trips is measured, not estimated (bench/e2e.py, issue 23).
+        conn.add_query_logger(lambda _record: on_round_trip())
 
 
-async def create_pool(database_url: str, schema: str, **kwargs: Any) -> asyncpg.Pool:
-    """A pool whose connections work in ``schema`` (created if missing)."""
+async def create_pool(
+    database_url: str, schema: str, on_round_trip: RoundTrips | None = None, **kwargs: Any
+) -> asyncpg.Pool:
+    """A pool whose connections work in ``schema`` (created if missing); `on_round_trip` is
+    called after each statement (a service's `post_db_round_trips_total`)."""
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
@@ -153,7 +166,7 @@ async def create_pool(database_url: str, schema: str, **kwargs: Any) -> asyncpg.
     kwargs.setdefault("max_size", 10)
     pool = await asyncpg.create_pool(
         database_url,
-        init=_init_connection,
+        init=functools.partial(_init_connection, on_round_trip=on_round_trip),
         server_settings={"search_path": schema, "application_name": f"post-{schema}"},
         **kwargs,
     )
@@ -162,7 +175,11 @@ async def create_pool(database_url: str, schema: str, **kwargs: Any) -> asyncpg.
 
 
 async def connect(
-    database_url: str, schema: str, application_name: str, **server_settings: str
+    database_url: str,
+    schema: str,
+    application_name: str,
+    on_round_trip: RoundTrips | None = None,
+    **server_settings: str,
 ) -> asyncpg.Connection:
     """A connection of its own (not pooled) working in ``schema``: a partition's lease."""
     conn = await asyncpg.connect(
@@ -173,7 +190,7 @@ async def connect(
             **server_settings,
         },
     )
-    await _init_connection(conn)
+    await _init_connection(conn, on_round_trip)
     return conn
 
 

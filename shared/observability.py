@@ -91,4 +91,10 @@ PARTITIONS_HELD = Gauge(
     "Partitions of the service this instance holds (summed over instances: every partition).",
     ["service"],
 )
+DB_ROUND_TRIPS = Counter(
+    "post_db_round_trips_total",
+    "Statements sent to PostgreSQL and answered (one round trip each; a simple-protocol string"
+    " of several statements is one), by the service's connections.",
+    ["service"],
+)
 SERVICE_UP = Gauge("post_service_up", "1 while the service is consuming.", ["service"])

@@ -41,7 +41,7 @@ from shared.contracts import STREAM_NAME, STREAM_SUBJECTS, Command, cmd_subject,
 from shared.dispatch import Dispatcher, InjectedFaults
 from shared.eventstore import MigrationChangedError, create_pool, migrate
 from shared.http import install_error_handlers
-from shared.observability import SERVICE_UP, configure_logging
+from shared.observability import DB_ROUND_TRIPS, SERVICE_UP, configure_logging
 from shared.outbox import report_backlog
 from shared.partitions import ensure_work_stream, partition_of
 from shared.settings import Settings, UnknownSettingError
@@ -225,7 +225,11 @@ class Service:
 
     async def start(self) -> None:
         if self._pool is None:
-            self._pool = await create_pool(self.settings.database_url.get_secret_value(), self.name)
+            self._pool = await create_pool(
+                self.settings.database_url.get_secret_value(),
+                self.name,
+                on_round_trip=DB_ROUND_TRIPS.labels(self.name).inc,
+            )
             try:
                 await migrate(self._pool, self.name, self.migrations)
             except MigrationChangedError as exc:
