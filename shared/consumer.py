@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -56,6 +56,7 @@ from shared.observability import (
     COMMANDS_ERASED,
     CONSUMER_ACK_PENDING,
     CONSUMER_PENDING,
+    DB_ROUND_TRIPS,
     DEAD_LETTERS,
     HANDLER_SECONDS,
     HOSPITALS_HELD_BACK,
@@ -78,6 +79,7 @@ from shared.partitions import (
     work_stream,
 )
 from shared.settings import Settings
+from shared.unit_of_work import Batch, batch_transaction
 
 log = structlog.get_logger()
 
@@ -139,6 +141,7 @@ class PartitionWorker:
             self.settings.database_url.get_secret_value(),
             self.service,
             application_name=f"{self.service}:{self.instance}",
+            on_round_trip=DB_ROUND_TRIPS.labels(self.service).inc,
             # The lease: a frozen holder's session ends, and its lock with it.
             idle_session_timeout=lease_ms,
             idle_in_transaction_session_timeout=lease_ms,
@@ -156,12 +159,18 @@ class PartitionWorker:
                 "SELECT count(*) FROM waiting WHERE partition = $1", self.partition
             )
             self.holding = await inbox.held_back(conn, self.partition)
+            # What the last holder committed and did not publish goes first: from here on a
+            # batch publishes only what it appended itself.
+            await self.relay.publish_pending(conn, self.partition)
             publisher = asyncio.create_task(self._publish_loop())
             await self._consume(sub)
         finally:
             if publisher is not None:
                 publisher.cancel()
                 await asyncio.gather(publisher, return_exceptions=True)
+            if self.held and not conn.is_closed():
+                with contextlib.suppress(Exception):  # else the next holder publishes them again
+                    await asyncio.wait_for(self.relay.delete_published(conn, self.partition), 2)
             if self.held:
                 PARTITIONS_HELD.labels(self.service).dec()
                 for gauge in (CONSUMER_PENDING, CONSUMER_ACK_PENDING, HOSPITALS_HELD_BACK):
@@ -238,13 +247,15 @@ class PartitionWorker:
         retried: list[tuple[Incoming, Handled]] = []
         async with self._lock:
             conn = self._connection()
+            appended = False
             try:
-                async with conn.transaction():
+                async with self._transaction(conn) as batch:
                     for _, incoming in items:
                         done.append(await self._take(conn, incoming))
                     hospitals = sorted({i.hospital for _, i in items if i is not None})
                     if self.waiting and hospitals:
                         retried = await self._retry(conn, hospitals, settled=False)
+                appended = batch.appended
             except Exception as exc:  # the commit or the connection failed: nothing stands
                 if conn.is_closed():
                     raise LostPartition(repr(exc)) from exc
@@ -252,11 +263,26 @@ class PartitionWorker:
                 retried = []
                 self.holding = await inbox.held_back(conn, self.partition)
             self._count_waiting(done, retried)
-            await self.relay.publish_pending(conn, self.partition)
+            if appended:  # nothing appended, nothing to publish: no read of the outbox
+                await self.relay.publish_pending(conn, self.partition)
             for (msg, incoming), handled in zip(items, done, strict=True):
                 await self._settle(conn, msg, incoming, handled)
             for incoming, handled in retried:
                 await self._settle(conn, None, incoming, handled)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self, conn: asyncpg.Connection) -> AsyncIterator[Batch]:
+        """A batch's transaction; the outbox rows published after the last one are deleted in
+        it, on its first message's statement (no round trip, no flush of their own)."""
+        lead, taken = self.relay.take_published(self.partition)
+        try:
+            async with batch_transaction(conn, lead) as batch:
+                yield batch
+        except BaseException:
+            self.relay.keep_published(taken)
+            raise
+        if not batch.lead_done:
+            self.relay.keep_published(taken)
 
     async def _take(self, conn: asyncpg.Connection, incoming: Incoming | None) -> Handled:
         """One message from the stream: kept behind its hospital's retried message, or handled;
@@ -297,11 +323,13 @@ class PartitionWorker:
         async with self._lock:
             conn = self._connection()
             done: list[tuple[Incoming, Handled]] = []
+            appended = False
             try:
-                async with conn.transaction():
+                async with self._transaction(conn) as batch:
                     now = self.dispatcher.clock.now()
                     for hospital in await inbox.due_heads(conn, self.partition, now):
                         done += await self._drain(conn, hospital)
+                appended = batch.appended
             except Exception as exc:
                 if conn.is_closed():
                     raise LostPartition(repr(exc)) from exc
@@ -309,7 +337,8 @@ class PartitionWorker:
                 done = []
                 self.holding = await inbox.held_back(conn, self.partition)
             self._count_waiting([h for _, h in done], [])
-            await self.relay.publish_pending(conn, self.partition)
+            if appended:
+                await self.relay.publish_pending(conn, self.partition)
             for incoming, handled in done:
                 await self._settle(conn, None, incoming, handled)
 
@@ -387,10 +416,11 @@ class PartitionWorker:
         settled = settle and await self._settled()
         async with self._lock:
             conn = self._connection()
-            async with conn.transaction():
+            async with self._transaction(conn) as batch:
                 retried = await self._retry(conn, None, settled)
             self._count_waiting([], retried)
-            await self.relay.publish_pending(conn, self.partition)
+            if batch.appended:
+                await self.relay.publish_pending(conn, self.partition)
             for incoming, handled in retried:
                 await self._settle(conn, None, incoming, handled)
 

@@ -25,19 +25,18 @@ from shared.observability import OUTBOX_BACKLOG, OUTBOX_PUBLISH_SECONDS, OUTBOX_
 
 log = structlog.get_logger()
 
-PENDING_SQL = """
+# The rows JetStream has acknowledged go as the next batch is read: one round trip. The
+# statement's snapshot still sees them, so the read leaves them out. By (partition, position):
+# the outbox's one index (migration 003). Deleting nothing writes nothing (no flush).
+DELETE_AND_NEXT_SQL = """
+WITH published AS (DELETE FROM outbox WHERE partition = $3 AND position = ANY($4::bigint[]))
 SELECT o.position, e.event_id::text AS event_id, e.event_type, e.data, e.metadata, e.recorded_at
 FROM outbox o JOIN events e USING (position)
-WHERE o.partition = $3 AND o.position > $2
+WHERE o.partition = $3 AND o.position > $2 AND o.position <> ALL($4::bigint[])
 ORDER BY o.position
 LIMIT $1
 """
-# By (partition, position): the outbox's one index (migration 003).
 DELETE_SQL = "DELETE FROM outbox WHERE partition = $2 AND position = ANY($1::bigint[])"
-# The rows of the batch JetStream has acknowledged go as the next batch is read: one round trip.
-DELETE_AND_NEXT_SQL = f"""
-WITH published AS (DELETE FROM outbox WHERE partition = $3 AND position = ANY($4::bigint[]))
-{PENDING_SQL}"""
 
 
 def cloudevent_of(row: asyncpg.Record | dict[str, Any], service: str) -> tuple[str, dict[str, Any]]:
@@ -57,10 +56,38 @@ def cloudevent_of(row: asyncpg.Record | dict[str, Any], service: str) -> tuple[s
 
 
 class OutboxRelay:
+    """One partition's publisher (its worker's, on the lease connection)."""
+
     def __init__(self, service: str, js: JetStreamContext, batch_size: int = 500) -> None:
         self.service = service
         self.js = js
         self.batch_size = batch_size
+        # Published, not yet deleted: deleted by the next read, or in the partition's next
+        # batch transaction (`take_published`), never in a transaction of their own.
+        self.published: list[int] = []
+
+    def take_published(self, partition: int) -> tuple[str, list[int]]:
+        """The DELETE of the rows published and not yet deleted, as a statement to run in the
+        caller's transaction (positions are integers: a literal array, nothing to escape), and
+        those positions, to give back with `keep_published` if that transaction fails."""
+        taken, self.published = self.published, []
+        if not taken:
+            return "", []
+        array = ",".join(str(int(p)) for p in taken)
+        sql = (
+            f"DELETE FROM outbox WHERE partition = {int(partition)}"
+            f" AND position = ANY('{{{array}}}'::bigint[]); "
+        )
+        return sql, taken
+
+    def keep_published(self, positions: list[int]) -> None:
+        self.published = sorted({*positions, *self.published})
+
+    async def delete_published(self, conn: asyncpg.Connection, partition: int) -> None:
+        """Delete what was published now (a partition handed back cleanly)."""
+        if self.published:
+            await conn.execute(DELETE_SQL, self.published, partition)
+            self.published = []
 
     async def publish_pending(self, conn: asyncpg.Connection, partition: int) -> int:
         """Publish what is pending in `partition`, batch after batch; returns how many were.
@@ -72,8 +99,13 @@ class OutboxRelay:
         since an append to a stream follows the commit of the one before.
         """
         total = 0
-        rows = await conn.fetch(PENDING_SQL, self.batch_size, 0, partition)
-        acked: list[int] = []
+        acked, self.published = self.published, []
+        try:
+            rows = await conn.fetch(DELETE_AND_NEXT_SQL, self.batch_size, 0, partition, acked)
+        except BaseException:
+            self.keep_published(acked)
+            raise
+        acked = []
         while rows:
             started = time.perf_counter()
             # Sent in order, acknowledged together: pipelining is ~10x one-at-a-time.
@@ -93,8 +125,7 @@ class OutboxRelay:
             OUTBOX_PUBLISHED.labels(self.service).inc(len(rows))
             total += len(rows)
             rows = following
-        if acked:
-            await conn.execute(DELETE_SQL, acked, partition)
+        self.keep_published(acked)  # deleted by the next read or the next batch's transaction
         return total
 
     async def _publish(self, row: asyncpg.Record) -> None:
