@@ -11,7 +11,11 @@ from shared.service import Running, Service
 
 def overdue_timer(running: Running) -> Awaitable[None]:
     """The 48-hour timer (background.OverdueTimer), given what it uses."""
-    timer = background.OverdueTimer(running.pool, running.unit_of_work, running.clock, running.owns)
+
+    def held() -> list[int] | None:  # without partitions (no consumer): every hospital
+        return running.partitions if running.ownership is not None else None
+
+    timer = background.OverdueTimer(running.pool, running.unit_of_work, running.clock, held)
     return timer.run(running.settings.timer_interval)
 
 

@@ -82,24 +82,28 @@ async def expire_assignment(uow: UnitOfWork, referral_id: str, supporter_id: str
 
 class OverdueTimer:
     """Every `interval` seconds: expire due assignments (from the table: restart-safe), and
-    refresh the open-assignments gauge. It remembers which gauge labels it exported."""
+    every `GAUGE_TICKS` of them refresh the open-assignments gauge. Both look at the hospitals
+    of the partitions this instance holds only (`held`; None: every hospital), so the work does
+    not grow with the instances (issue 23). It remembers which gauge labels it exported."""
+
+    GAUGE_TICKS = 5  # a gauge scraped every 15 s needs no refresh every second
 
     def __init__(
         self,
         pool: asyncpg.Pool,
         unit_of_work: Callable[[str], AbstractAsyncContextManager[UnitOfWork]],
         clock: Clock,
-        owns: Callable[[str], bool],
+        held: Callable[[], list[int] | None],
     ) -> None:
         self.pool = pool
         self.unit_of_work = unit_of_work
         self.clock = clock
-        self.owns = owns
+        self.held = held
         self._exported: set[tuple[str, str]] = set()
 
     async def sweep(self) -> int:
         """Expire every open assignment whose due_at has passed; returns how many were."""
-        rows = await store.due_assignments(self.pool, self.clock.now(), OVERDUE_BATCH)
+        rows = await store.due_assignments(self.pool, self.clock.now(), OVERDUE_BATCH, self.held())
         expired = 0
         for row in rows:
             try:
@@ -114,21 +118,23 @@ class OverdueTimer:
         """Only the hospitals this instance holds: a sum over instances counts each once (and
         a hospital that moved to another instance leaves this one's /metrics)."""
         exported = set()
-        for row in await store.open_by_department(self.pool):
-            if self.owns(row["hospital"]):
-                labels = (row["hospital"], row["department"])
-                OPEN_ASSIGNMENTS.labels(*labels).set(row["open"])
-                exported.add(labels)
+        for row in await store.open_by_department(self.pool, self.held()):
+            labels = (row["hospital"], row["department"])
+            OPEN_ASSIGNMENTS.labels(*labels).set(row["open"])
+            exported.add(labels)
         for labels in self._exported - exported:
             OPEN_ASSIGNMENTS.remove(*labels)
         self._exported = exported
 
     async def run(self, interval: float) -> None:
         """Background, forever."""
+        tick = 0
         while True:
             try:
                 await self.sweep()
-                await self.refresh_open_gauge()
+                if tick % self.GAUGE_TICKS == 0:
+                    await self.refresh_open_gauge()
+                tick += 1
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database may be away for a moment: try next tick

@@ -43,6 +43,7 @@ from shared.contracts import (
     SupporterRetired,
     SupporterTrained,
 )
+from shared.partitions import PARTITIONS
 
 # --- written from this service's own events ---------------------------------------------------
 
@@ -408,13 +409,20 @@ async def frees_up(conn: asyncpg.Connection, hospital: str, supporter_id: str) -
 # --- the 48-hour timer ------------------------------------------------------------------------
 
 
-async def due_assignments(pool: asyncpg.Pool, now: datetime, limit: int) -> list[asyncpg.Record]:
-    """Open assignments whose due_at has passed (hospital, referral_id, supporter_id)."""
+async def due_assignments(
+    pool: asyncpg.Pool, now: datetime, limit: int, partitions: list[int] | None = None
+) -> list[asyncpg.Record]:
+    """Open assignments whose due_at has passed (hospital, referral_id, supporter_id), of the
+    hospitals of `partitions` (None: every hospital)."""
     return await pool.fetch(  # type: ignore[no-any-return]
         "SELECT hospital, referral_id, supporter_id FROM assignments"
-        " WHERE status = 'open' AND due_at <= $1 ORDER BY due_at LIMIT $2",
+        " WHERE status = 'open' AND due_at <= $1"
+        " AND ($3::int[] IS NULL OR post_partition(hospital, $4) = ANY($3::int[]))"
+        " ORDER BY due_at LIMIT $2",
         now,
         limit,
+        partitions,
+        PARTITIONS,
     )
 
 
@@ -433,13 +441,19 @@ async def lock_open_assignment(
     )
 
 
-async def open_by_department(pool: asyncpg.Pool) -> list[asyncpg.Record]:
-    """(hospital, department, open): open assignments per department, for the gauge."""
+async def open_by_department(
+    pool: asyncpg.Pool, partitions: list[int] | None = None
+) -> list[asyncpg.Record]:
+    """(hospital, department, open): open assignments per department, for the gauge, of the
+    hospitals of `partitions` (None: every hospital)."""
     return await pool.fetch(  # type: ignore[no-any-return]
         "SELECT d.hospital, d.department, count(a.referral_id) AS open"
         " FROM departments d LEFT JOIN assignments a ON a.hospital = d.hospital"
         " AND a.department = d.department AND a.status = 'open'"
-        " GROUP BY d.hospital, d.department"
+        " WHERE $1::int[] IS NULL OR post_partition(d.hospital, $2) = ANY($1::int[])"
+        " GROUP BY d.hospital, d.department",
+        partitions,
+        PARTITIONS,
     )
 
 
