@@ -245,6 +245,12 @@ class PartitionWorker:
         items = [(msg, self._incoming(msg)) for msg in msgs]
         done: list[Handled] = []
         retried: list[tuple[Incoming, Handled]] = []
+        if all(i is None or self.dispatcher.ignores(i) for _, i in items):
+            # Other services' commands only (referral sees every command, to answer a type
+            # nobody owns): nothing to write, so no transaction (BEGIN and COMMIT saved).
+            for msg, incoming in items:
+                await self._settle(self._connection(), msg, incoming, Handled(IGNORED))
+            return
         async with self._lock:
             conn = self._connection()
             appended = False

@@ -175,7 +175,8 @@ async def referral_created(event: ReferralCreated, uow: UnitOfWork) -> None:
     if not await store.insert_referral(uow.conn, event, received_at):
         log.info("referral_already_matched")  # a second ReferralCreated for it: nothing to do
         return
-    await rematch(uow, [event.referral_id], leaving=None)
+    new = {event.referral_id: (domain.ReferralToAssign.of(event), received_at)}
+    await rematch(uow, [event.referral_id], leaving=None, known=new)
 
 
 async def physician_forgotten(event: PhysicianForgotten, uow: UnitOfWork) -> None:
@@ -232,6 +233,7 @@ async def rematch(
     *,
     leaving: str | None,
     in_force: dict[str, MatchingPolicy] | None = None,
+    known: dict[str, tuple[domain.ReferralToAssign, datetime]] | None = None,
 ) -> None:
     """Match referrals, in the order given, under the policy in force for each.
 
@@ -242,7 +244,9 @@ async def rematch(
     if in_force is None:
         in_force = await store.policies(uow.conn, uow.hospital)
     for referral_id in referral_ids:
-        found = await store.load_referral(uow.conn, uow.hospital, referral_id)
+        found = (known or {}).get(referral_id)
+        if found is None:  # `known`: the ones just written, not read back
+            found = await store.load_referral(uow.conn, uow.hospital, referral_id)
         if found is None:
             continue
         referral, received_at = found

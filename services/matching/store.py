@@ -326,8 +326,14 @@ async def candidates(
 ) -> tuple[list[domain.Candidate], bool]:
     """The supporters the policy may look at (and the lead's pick), with their loads; and
     whether the referral's department is open."""
+    # One statement: the referral's department (a row even without candidates), then the
+    # candidates, each with their load.
     rows = await conn.fetch(
-        "SELECT s.supporter_id, s.department, s.rank, s.interventional,"
+        "SELECT referral_department.open AS referral_department_open, c.* FROM"
+        " (SELECT (SELECT closed_on IS NULL FROM departments"
+        "  WHERE hospital = $1 AND department = $2) AS open) referral_department"
+        " LEFT JOIN LATERAL ("
+        " SELECT s.supporter_id, s.department, s.rank, s.interventional,"
         " s.retired_on IS NULL AS active, s.available, s.max_open_assignments,"
         " d.closed_on IS NULL AS department_open,"
         " count(a.referral_id) FILTER (WHERE a.status = 'open') AS open_assignments,"
@@ -337,17 +343,14 @@ async def candidates(
         " JOIN departments d ON d.hospital = s.hospital AND d.department = s.department"
         " LEFT JOIN assignments a ON a.hospital = s.hospital AND a.supporter_id = s.supporter_id"
         " WHERE s.hospital = $1 AND ($4 OR s.department = $2 OR s.supporter_id = $3)"
-        " GROUP BY s.hospital, s.supporter_id, d.closed_on",
+        " GROUP BY s.hospital, s.supporter_id, d.closed_on) c ON true",
         referral.hospital,
         referral.department,
         referral.assign_to,
         policy != "same_department",
     )
-    department_open = await conn.fetchval(
-        "SELECT closed_on IS NULL FROM departments WHERE hospital = $1 AND department = $2",
-        referral.hospital,
-        referral.department,
-    )
+    department_open = rows[0]["referral_department_open"]
+    rows = [r for r in rows if r["supporter_id"] is not None]
     found = [
         domain.Candidate(
             supporter_id=r["supporter_id"],

@@ -25,6 +25,7 @@ from shared.contracts import (
     MatchingPolicy,
     NoSupporterAvailable,
     Rank,
+    ReferralCreated,
     SupporterAssigned,
 )
 
@@ -88,6 +89,22 @@ class ReferralToAssign:
     requested_at: datetime
     referrer_id: str | None = None
     assign_to: str | None = None
+
+    @classmethod
+    def of(cls, event: ReferralCreated) -> ReferralToAssign:
+        """What matching keeps of the referral, from the fact itself (a new referral is
+        matched from the event, not read back from the row just written)."""
+        return cls(
+            hospital=event.hospital,
+            referral_id=event.referral_id,
+            department=event.department,
+            physician_id=event.physician_id,
+            rank=event.rank,
+            event_nature=event.event_nature,
+            requested_at=event.requested_at,
+            referrer_id=event.referrer_id,
+            assign_to=event.assign_to,
+        )
 
 
 @dataclass(frozen=True)
