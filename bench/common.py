@@ -172,7 +172,7 @@ async def jetstream_writes(nats_url: str) -> dict[str, int]:
         writes = {}
         for info in await nc.jetstream().streams_info():
             state = info.state  # last_seq stored so far, of which `messages` are still there
-            writes[info.config.name] = state.last_seq + (state.last_seq - state.messages)
+            writes[str(info.config.name)] = state.last_seq + (state.last_seq - state.messages)
         return writes
     finally:
         await nc.close()
