@@ -16,9 +16,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import urllib.request
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
@@ -46,44 +48,44 @@ def _stop_services(platform: Platform) -> None:
     platform.processes.clear()
 
 
-async def _lifecycles_per_second(
-    platform: Platform, instances: int, tag: str, lifecycles: int
-) -> float:
+@contextlib.asynccontextmanager
+async def _warmed_up(
+    platform: Platform, instances: int, tag: str
+) -> AsyncIterator[tuple[Watcher, list[str]]]:
+    """`instances` of every service, 10 hospitals set up and 50 lifecycles through; stopped
+    after."""
     platform.instances = instances
     platform.start_services()
     await asyncio.to_thread(platform.wait_ready, 120.0)
     watcher = await Watcher.connect(platform.nats_url)
-    hospitals = [f"bench-so-{tag}-{k:02d}" for k in range(10)]
+    hospitals = [f"bench-{tag}-{k:02d}" for k in range(10)]
     try:
         await setup_hospitals(watcher, hospitals)
         await _bounded([partial(lifecycle, watcher, hospitals[n % 10], n) for n in range(50)], 25)
+        yield watcher, hospitals
+    finally:
+        await watcher.close()
+        await asyncio.to_thread(_stop_services, platform)
+
+
+async def _lifecycles_per_second(
+    platform: Platform, instances: int, tag: str, lifecycles: int
+) -> float:
+    async with _warmed_up(platform, instances, f"so-{tag}") as (watcher, hospitals):
         jobs = [partial(lifecycle, watcher, hospitals[n % 10], 1000 + n) for n in range(lifecycles)]
         with Timer() as t:
             await _bounded(jobs, 200)
         return rate(lifecycles, t.seconds)
-    finally:
-        await watcher.close()
-        await asyncio.to_thread(_stop_services, platform)
 
 
 async def _steady_latency_ms(platform: Platform, instances: int, seconds: float) -> list[float]:
     """RequestReferral -> SupporterAssigned at a steady 50 per second, every consumer caught
     up first (as in `e2e`), with `instances` of every service."""
-    platform.instances = instances
-    platform.start_services()
-    await asyncio.to_thread(platform.wait_ready, 120.0)
-    watcher = await Watcher.connect(platform.nats_url)
-    hospitals = [f"bench-lat-{instances}-{k:02d}" for k in range(10)]
-    try:
-        await setup_hospitals(watcher, hospitals)
-        await _bounded([partial(lifecycle, watcher, hospitals[n % 10], n) for n in range(50)], 25)
+    async with _warmed_up(platform, instances, f"lat-{instances}") as (watcher, hospitals):
         for name in SERVICES:
             await wait_consumed(platform.nats_url, name, timeout=600, db_url=platform.db_url)
         await asyncio.sleep(1)
         return await steady_latency(watcher, hospitals, 50, seconds)
-    finally:
-        await watcher.close()
-        await asyncio.to_thread(_stop_services, platform)
 
 
 def _held(platform: Platform, key: str) -> list[int]:
