@@ -4,12 +4,15 @@ renders answers too."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from datetime import date
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import asyncpg
+import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.analytics import answers, domain, reaim
@@ -35,6 +38,42 @@ _SELECT = {
 def snapshot(conn: asyncpg.Connection) -> Any:
     """A read-only transaction whose queries all see one snapshot: versions and facts agree."""
     return conn.transaction(isolation="repeatable_read", readonly=True)
+
+
+T = TypeVar("T")
+log = structlog.get_logger()
+
+# What a read that raced a rebuild's schema swap (rebuild.py) may meet:
+# - plans cached for the old tables, tables dropped under it ("could not open relation",
+#   XX000);
+# - a deadlock: the swap locks every table in turn while the read holds one it has read and
+#   waits for one the swap already holds; PostgreSQL breaks it by aborting either side.
+SWAPPED = (
+    asyncpg.exceptions.InvalidCachedStatementError,
+    asyncpg.exceptions.UndefinedTableError,
+    asyncpg.exceptions.InternalServerError,
+    asyncpg.exceptions.TransactionRollbackError,  # deadlock_detected, serialization_failure
+)
+SWAP_RETRIES = 5
+
+
+async def read_snapshot(
+    pool: asyncpg.Pool, read: Callable[[asyncpg.Connection], Awaitable[T]]
+) -> T:
+    """`read` in one read-only snapshot of the pool's database, asked again (a few times, a
+    little later each time) when it raced a rebuild's schema swap. The read has written
+    nothing, so asking again is always safe; the next attempt waits behind the swap's locks
+    and finds the new tables in place."""
+    for attempt in range(1, SWAP_RETRIES + 1):
+        try:
+            async with pool.acquire() as conn, snapshot(conn):
+                return await read(conn)
+        except SWAPPED as exc:
+            if attempt == SWAP_RETRIES:
+                raise
+            log.info("reaim_read_retried", error=type(exc).__name__, attempt=attempt)
+            await asyncio.sleep(0.02 * attempt)
+    raise AssertionError("unreachable")
 
 
 async def scope_version(conn: asyncpg.Connection, scope: domain.Scope) -> int:

@@ -30,8 +30,8 @@ from services.analytics.facts import (
     facts_by_hospital,
     hospital_versions,
     load_facts,
+    read_snapshot,
     render,
-    snapshot,
 )
 from shared.contracts import Event
 from shared.settings import current, env_name
@@ -321,15 +321,14 @@ async def _refresh_hospitals(
     cache: answers.AnswerCache | None,
     state: GaugeState,
 ) -> None:
-    async with pool.acquire() as conn, snapshot(conn):
-        versions = {
-            r[0]: r[1]
-            for r in await conn.fetch(
-                "SELECT hospital, version FROM scope_versions WHERE hospital = ANY($1::text[])",
-                hospitals,
-            )
-        }
-        facts = await load_facts(conn, domain.Scope(), hospitals)
+    async def read(conn: asyncpg.Connection) -> tuple[dict[str, int], domain.Facts]:
+        found = await conn.fetch(
+            "SELECT hospital, version FROM scope_versions WHERE hospital = ANY($1::text[])",
+            hospitals,
+        )
+        return {r[0]: r[1] for r in found}, await load_facts(conn, domain.Scope(), hospitals)
+
+    versions, facts = await read_snapshot(pool, read)
 
     def compute() -> dict[str, Scoped]:
         def keep(scope: domain.Scope, part: domain.Facts, figures: domain.Figures) -> None:
@@ -359,9 +358,12 @@ async def _refresh_region(
     pool: asyncpg.Pool, cache: answers.AnswerCache | None, state: GaugeState
 ) -> None:
     """The region's all-time figures, from the pre-aggregated read models (store.py)."""
-    async with pool.acquire() as conn, snapshot(conn):
+
+    async def read(conn: asyncpg.Connection) -> tuple[int, tuple[reaim.Period, domain.Figures]]:
         version = int(await conn.fetchval(TOTAL_VERSION_SQL))
-        period, figures = await store.compute(conn, domain.Scope(), None, None)
+        return version, await store.compute(conn, domain.Scope(), None, None)
+
+    version, (period, figures) = await read_snapshot(pool, read)
     if cache is not None:
         cache.put(
             answer_key(domain.Scope(), None, None), version, render(domain.Scope(), period, figures)

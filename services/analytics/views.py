@@ -11,7 +11,6 @@ from datetime import date
 from typing import Any, Literal, TypeVar, cast
 
 import asyncpg
-import structlog
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
@@ -22,9 +21,9 @@ from services.analytics.facts import (
     ReaimAnswer,
     answer_key,
     hospital_versions,
+    read_snapshot,
     render,
     scope_version,
-    snapshot,
 )
 from shared.auth import (
     READ_RESPONSES,
@@ -75,33 +74,10 @@ def _period(period_from: str | None, period_to: str | None) -> tuple[date | None
     return start, end
 
 
-log = structlog.get_logger()
-
-# What a read that raced a rebuild's schema swap may meet: plans cached for the old tables,
-# tables dropped under it ("could not open relation", XX000).
-SWAPPED = (
-    asyncpg.exceptions.InvalidCachedStatementError,
-    asyncpg.exceptions.UndefinedTableError,
-    asyncpg.exceptions.InternalServerError,
-)
-SWAP_RETRIES = 3
-
-
 async def _read(request: Request, read: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    """`read` in one read-only snapshot of the service's database, asked again when it raced
-    a rebuild's schema swap."""
-    service = service_of(request)
-    for attempt in range(1, SWAP_RETRIES + 1):
-        try:
-            async with service.pool.acquire() as conn, snapshot(conn):
-                return await read(conn)
-        except SWAPPED as exc:
-            # A query that waited for a rebuild's swap (rebuild.py) finds the tables it had
-            # planned for gone: the new ones are in place, ask again.
-            if attempt == SWAP_RETRIES:
-                raise
-            log.info("reaim_read_retried", error=type(exc).__name__, attempt=attempt)
-    raise AssertionError("unreachable")
+    """`read` in one read-only snapshot of the service's database (facts.read_snapshot: asked
+    again when it raced a rebuild's schema swap)."""
+    return await read_snapshot(service_of(request).pool, read)
 
 
 async def answer_body(
@@ -331,7 +307,7 @@ async def hospital_entry(request: Request, hospital: str) -> dict[str, Any]:
 
 
 async def _hospital_entries(request: Request, hospital: str | None) -> list[dict[str, Any]]:
-    async with service_of(request).pool.acquire() as conn:
+    async def read(conn: asyncpg.Connection) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
         registered = await conn.fetch(
             "SELECT hospital, physician_count FROM hospitals"
             " WHERE $1::text IS NULL OR hospital = $1",
@@ -343,6 +319,9 @@ async def _hospital_entries(request: Request, hospital: str | None) -> list[dict
             " ORDER BY hospital, department",
             hospital,
         )
+        return registered, departments
+
+    registered, departments = await _read(request, read)
     entries: dict[str, dict[str, Any]] = {
         r["hospital"]: {**dict(r), "departments": []} for r in registered
     }
