@@ -15,6 +15,7 @@ rebuild does):
    A live write that waited fails on the dropped table and is retried into the new schema; a
    query that waited is planned again against it. A deadlock with a live transaction (the
    swap locks many tables) rolls the swap back and it is tried again; the built schema stays.
+   A read that was the deadlock's victim is asked again (facts.read_snapshot).
 """
 
 from __future__ import annotations
