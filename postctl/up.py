@@ -4,6 +4,7 @@ services) until Ctrl-C. `start_platform`, `banner` and `run_until_stopped` also 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import sys
@@ -88,13 +89,30 @@ def start_platform(settings: Settings, instances: int = 1) -> Platform:
     platform.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(platform.data_dir, 0o755)
     print(f"starting nats-server and PostgreSQL under {platform.data_dir} ...", flush=True)
+    # Ctrl-C while starting must stop the start. Python's own handler is not enough: inside
+    # asyncio.run (creating the database, waiting for readiness) it cancels the running task,
+    # and a cancellation that lands in a connect can come out as a TimeoutError that a retry
+    # loop takes for "not up yet", so the start went on to the banner and waited for a second
+    # Ctrl-C (CI met it in test_ctrl_c_while_starting_leaves_nothing_running). This handler
+    # raises KeyboardInterrupt, which no retry loop catches, and remembers it between steps.
+    interrupted = False
+
+    def interrupt(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
     try:
-        platform.start_servers()
-        platform.start_services()
-        platform.wait_ready()
+        for step in (platform.start_servers, platform.start_services, platform.wait_ready):
+            step()
+            if interrupted:
+                raise KeyboardInterrupt
     except BaseException:  # Ctrl-C (or a failure) while starting: nothing left running
         platform.stop()
         raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return platform
 
 
@@ -146,6 +164,9 @@ def cmd_up(args: argparse.Namespace) -> None:
         )
         run_until_stopped(servers)
         return
+    # `kill -USR1 <postctl>` writes every thread's stack to stderr: where a start or a stop
+    # that does not end is waiting.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     platform = start_platform(Settings(), args.instances)
     print(banner(platform), flush=True)
     run_until_stopped(platform)
