@@ -89,12 +89,12 @@ def start_platform(settings: Settings, instances: int = 1) -> Platform:
     platform.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(platform.data_dir, 0o755)
     print(f"starting nats-server and PostgreSQL under {platform.data_dir} ...", flush=True)
-    # Ctrl-C while starting must stop the start. Python's own handler is not enough: inside
-    # asyncio.run (creating the database, waiting for readiness) it cancels the running task,
-    # and a cancellation that lands in a connect can come out as a TimeoutError that a retry
-    # loop takes for "not up yet", so the start went on to the banner and waited for a second
-    # Ctrl-C (CI met it in test_ctrl_c_while_starting_leaves_nothing_running). This handler
-    # raises KeyboardInterrupt, which no retry loop catches, and remembers it between steps.
+    # Ctrl-C while starting must stop the start. A KeyboardInterrupt can be lost: raised in
+    # logging's after-fork hook while subprocess forks a server, Python ignores it ("Exception
+    # ignored in: _releaseLock"), and the start went on to the banner and waited for a second
+    # Ctrl-C (CI met it in test_ctrl_c_while_starting_leaves_nothing_running); inside
+    # asyncio.run a cancellation can come out of a connect as a TimeoutError that a retry loop
+    # swallows. This handler raises it and also remembers it, checked after each step.
     interrupted = False
 
     def interrupt(signum: int, frame: Any) -> None:
