@@ -150,6 +150,9 @@ def add_cli(subparsers: Any) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> None:
+    # `kill -USR1 <postctl>` writes every thread's stack to stderr: where a start or a stop
+    # that does not end is waiting.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if args.servers_only:
         servers = _platform(Settings())
         servers.service_ports = {}
@@ -164,9 +167,6 @@ def cmd_up(args: argparse.Namespace) -> None:
         )
         run_until_stopped(servers)
         return
-    # `kill -USR1 <postctl>` writes every thread's stack to stderr: where a start or a stop
-    # that does not end is waiting.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
     platform = start_platform(Settings(), args.instances)
     print(banner(platform), flush=True)
     run_until_stopped(platform)

@@ -71,7 +71,7 @@ async def read_snapshot(
         except SWAPPED as exc:
             if attempt == SWAP_RETRIES:
                 raise
-            log.info("reaim_read_retried", error=type(exc).__name__, attempt=attempt)
+            log.info("analytics_read_retried", error=type(exc).__name__, attempt=attempt)
             await asyncio.sleep(0.02 * attempt)
     raise AssertionError("unreachable")
 
