@@ -6,8 +6,11 @@ rebuild does):
 1. **Build** a schema of its own (``<schema>_rebuild``, created by the same migrations): every
    event message up to the stream's last sequence at start, read with a bounded ephemeral
    consumer and written as the live handler writes it (``projection.row_of``), in batched
-   transactions, each message recorded in ``processed``.
-2. **Catch up** with what came meanwhile, the same way, until the tail is short.
+   transactions, each message recorded in ``processed``; then catch up with what came
+   meanwhile, the same way, until the tail is short. The aggregate triggers are off for this
+   bulk (they cost a few statements per fact row); then, in one transaction, they are enabled
+   and every table they keep is built from the facts by grouping (``agg_build()``).
+2. **Catch up** again with what came while that ran, with the triggers on.
 3. **Swap**, in one transaction: lock every table of the live schema (the live consumer's next
    write waits), replay the last few messages, carry over what is not a read model (waiting
    messages, instances, versions raised above every old one so no kept answer is served
@@ -146,7 +149,10 @@ async def rebuild(
         settings.nats_servers, name="post-analytics-rebuild", tls=settings.nats_tls()
     )
     counts = counts if counts is not None else {}
-    counts.update({"messages": 0, "events_applied": 0, "skipped": 0, "swap_attempts": 0})
+    counts.update(
+        {"messages": 0, "events_applied": 0, "skipped": 0, "swap_attempts": 0}
+        | {"index_ms": 0, "aggregate_ms": 0}
+    )
     try:
         await migrate(live, schema, MIGRATIONS)
         async with live.acquire() as lock:
@@ -201,14 +207,19 @@ async def _build(
         )
         try:
             await migrate(pool, shadow, MIGRATIONS)
-            done = 0
-            for _ in range(CATCH_UP_ROUNDS):
-                last_seq = (await js.stream_info(STREAM_NAME)).state.last_seq
-                if last_seq > done:
-                    await _replay(js, pool, last_seq, batch_size, idle_seconds, counts, done + 1)
-                caught_up, done = last_seq - done <= SHORT_TAIL, last_seq
-                if caught_up:
-                    break
+            await _set_triggers(pool, enabled=False)
+            indexes = await _drop_indexes(pool, shadow)
+            replay = (js, pool, batch_size, idle_seconds, counts)
+            done = await _catch_up(*replay, 0)
+            started = time.perf_counter()
+            async with pool.acquire() as writer:
+                for definition in indexes:
+                    await writer.execute(definition)
+            counts["index_ms"] = round((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            await _set_triggers(pool, enabled=True)
+            counts["aggregate_ms"] = round((time.perf_counter() - started) * 1000)
+            done = await _catch_up(*replay, done)  # what came while the aggregates were built
             for attempt in range(1, SWAP_ATTEMPTS + 1):
                 counts["swap_attempts"] = attempt
                 try:
@@ -224,6 +235,60 @@ async def _build(
         # since it read the stream.
         await _drop_schema(conn, shadow)
         raise
+
+
+async def _catch_up(
+    js: Any,
+    pool: asyncpg.Pool,
+    batch_size: int,
+    idle_seconds: float,
+    counts: dict[str, int],
+    done: int,
+) -> int:
+    """Replay what the stream holds after `done`, again while more came meanwhile, until the
+    tail is short (the swap replays it); returns the last sequence replayed."""
+    for _ in range(CATCH_UP_ROUNDS):
+        last_seq = (await js.stream_info(STREAM_NAME)).state.last_seq
+        if last_seq > done:
+            await _replay(js, pool, last_seq, batch_size, idle_seconds, counts, done + 1)
+        caught_up, done = last_seq - done <= SHORT_TAIL, last_seq
+        if caught_up:
+            break
+    return done
+
+
+async def _set_triggers(pool: asyncpg.Pool, *, enabled: bool) -> None:
+    """The aggregate triggers of the schema being built, off while its facts are written in
+    bulk; back on (in one transaction) with every table they keep built from the facts at once
+    (migrations/006_aggregates_build.sql), before the tail that came meanwhile is replayed."""
+    action = "ENABLE" if enabled else "DISABLE"
+    async with pool.acquire() as conn, conn.transaction():
+        for table in projection.FACT_TABLES:
+            await conn.execute(f'ALTER TABLE "{table}" {action} TRIGGER USER')
+        if enabled:
+            await conn.execute("SELECT agg_build()")
+
+
+async def _drop_indexes(pool: asyncpg.Pool, shadow: str) -> list[str]:
+    """Drop the fact tables' secondary indexes of the schema being built; returns their
+    definitions, created again once the bulk is written (one sort each, instead of an index
+    entry per row: every outreach and interaction rewrites its referral's row, and each of
+    the referrals' five indexes with it). The indexes of constraints stay: the upserts'
+    ON CONFLICT needs them."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT i.indexname, i.indexdef FROM pg_indexes i"
+            " JOIN pg_class c ON c.relname = i.indexname"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = i.schemaname"
+            " WHERE i.schemaname = $1 AND i.tablename = ANY($2::text[])"
+            " AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = c.oid)"
+            " ORDER BY i.indexname",
+            shadow,
+            list(projection.FACT_TABLES),
+        )
+        for row in rows:
+            await conn.execute(f'DROP INDEX "{shadow}"."{row["indexname"]}"')
+    return [row["indexdef"] for row in rows]
 
 
 async def _drop_schema(conn: asyncpg.Connection, name: str) -> None:
@@ -304,14 +369,33 @@ async def _replay(
     batch: list[Message] = []
     done = asyncio.Event()
     failures: list[BaseException] = []
+    writing: asyncio.Task[None] | None = None
+
+    async def write(full: list[Message], ack: Msg) -> None:
+        if full:
+            applied = await _apply_with_retry(pool, full)
+            counts["events_applied"] += applied
+            counts["skipped"] += len(full) - applied
+        await ack.ack()  # AckPolicy.ALL: this message and every one before it
 
     async def flush(ack: Msg) -> None:
-        if batch:
-            applied = await _apply_with_retry(pool, batch)
-            counts["events_applied"] += applied
-            counts["skipped"] += len(batch) - applied
-            batch.clear()
-        await ack.ack()  # AckPolicy.ALL: this message and every one before it
+        # The batch is written while the next one is read and parsed: the database's time and
+        # the Python's overlap. One write at a time, in order (a copy counts once: the first).
+        nonlocal writing
+        if writing is not None:
+            await writing
+        writing = asyncio.create_task(write(batch.copy(), ack))
+        writing.add_done_callback(failed)
+        batch.clear()
+
+    def failed(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            failures.append(task.exception())  # type: ignore[arg-type]
+            done.set()
+
+    async def written() -> None:
+        if writing is not None:
+            await writing
 
     async def on_message(msg: Msg) -> None:
         if done.is_set():
@@ -320,6 +404,7 @@ async def _replay(
             meta = msg.metadata
             if meta.sequence.stream > last_seq:  # the live consumer handles what came after
                 await flush(msg)
+                await written()
                 done.set()
                 return
             counts["messages"] += 1
@@ -332,6 +417,7 @@ async def _replay(
             if last or len(batch) >= batch_size:
                 await flush(msg)
             if last:
+                await written()
                 done.set()
         except Exception as exc:  # raised below, once the subscription is gone
             failures.append(exc)
@@ -362,5 +448,7 @@ async def _replay(
                     break
     finally:
         await sub.unsubscribe()
+        if writing is not None and not writing.done():
+            writing.cancel()
     if failures:
         raise failures[0]

@@ -57,6 +57,19 @@ from shared.runtime import Platform
 from shared.service import Service, ensure_stream
 from shared.settings import Settings
 from shared.unit_of_work import mark_processed
+from tests.integration.aggregates import aggregate_rows
+
+# Every index of a schema with its definition (the schema's name left out), and every trigger
+# with whether it fires: what a rebuild must leave as the migrations made it.
+INDEXES_SQL = """
+SELECT tablename, indexname, replace(indexdef, schemaname || '.', '') AS definition
+FROM pg_indexes WHERE schemaname = $1
+UNION ALL
+SELECT c.relname, t.tgname, t.tgenabled::text FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND NOT t.tgisinternal
+ORDER BY 1, 2
+"""
 
 pytestmark = pytest.mark.integration
 
@@ -447,12 +460,22 @@ async def test_projection_http_gauges_and_rebuild(
         path: (await api.get(path)).json()
         for path in (f"/reaim/{h}", f"/reaim/{h}/icu", f"/reaim/{h}/emergency-medicine")
     }
+    async with analytics.pool.acquire() as conn:
+        projected = await aggregate_rows(conn, h)
+        indexes = await conn.fetch(INDEXES_SQL, analytics.name)
+    assert any(r["definition"] == "O" for r in indexes)  # the triggers, firing
     settings = Settings(nats_url=platform.nats_url, database_url=platform.db_url)
     summary = await rebuild(settings, schema=analytics.name, idle_seconds=1.0)
     assert summary["messages"] >= len(events) + 1
     assert summary["events_applied"] >= len(events) - 2  # AssignmentOverdue writes nothing
     after = {path: (await api.get(path)).json() for path in before}
     assert after == before
+    # The rebuild writes its bulk without the triggers and indexes, then builds the
+    # aggregates by grouping and creates the indexes again: the same tables as projected.
+    async with analytics.pool.acquire() as conn:
+        assert projected["agg_interactions"] and projected["supported_days"]
+        assert await aggregate_rows(conn, h) == projected
+        assert await conn.fetch(INDEXES_SQL, analytics.name) == indexes
     await api.aclose()
 
 
