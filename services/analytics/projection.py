@@ -160,6 +160,17 @@ FACT_TABLES = (
     "surveys",
     "availability_changes",
 )
+# What the aggregate triggers keep (migrations/005), and agg_build() fills from the facts.
+AGGREGATE_TABLES = (
+    "agg_interactions",
+    "agg_minutes",
+    "agg_delays",
+    "agg_referrals",
+    "agg_surveys",
+    "referral_days",
+    "supported_days",
+    "supported_grid",
+)
 
 
 @singledispatch

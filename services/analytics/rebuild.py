@@ -26,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,12 +102,17 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[Message]) -> int:
             [m.seq for m in firsts],
         )
     }
+    rows = [m.row for m in firsts if m.key in new and m.row is not None]
+    await write_facts(conn, rows)
+    return len(rows)
+
+
+async def write_facts(conn: asyncpg.Connection, rows: list[projection.Row]) -> None:
+    """Write fact rows as the live handler would (each hospital's version bumped once), in the
+    caller's transaction: one `executemany` per statement."""
     by_sql: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
-    applied = 0
-    for m in firsts:
-        if m.key in new and m.row is not None:
-            by_sql[m.row.sql].append(m.row.args)
-            applied += 1
+    for row in rows:
+        by_sql[row.sql].append(row.args)
     # Upserts are order-independent across statements; within one, executemany keeps order.
     hospitals: set[str] = set()
     for sql, args in by_sql.items():
@@ -113,7 +120,6 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[Message]) -> int:
         hospitals.update(a[0] for a in args)
     if hospitals:  # once per hospital and batch, not per row as live
         await conn.execute(projection.BUMP_SQL, sorted(hospitals))
-    return applied
 
 
 async def _apply_with_retry(pool: asyncpg.Pool, batch: list[Message]) -> int:
@@ -207,18 +213,9 @@ async def _build(
         )
         try:
             await migrate(pool, shadow, MIGRATIONS)
-            await _set_triggers(pool, enabled=False)
-            indexes = await _drop_indexes(pool, shadow)
             replay = (js, pool, batch_size, idle_seconds, counts)
-            done = await _catch_up(*replay, 0)
-            started = time.perf_counter()
-            async with pool.acquire() as writer:
-                for definition in indexes:
-                    await writer.execute(definition)
-            counts["index_ms"] = round((time.perf_counter() - started) * 1000)
-            started = time.perf_counter()
-            await _set_triggers(pool, enabled=True)
-            counts["aggregate_ms"] = round((time.perf_counter() - started) * 1000)
+            async with bulk(pool, shadow, counts):
+                done = await _catch_up(*replay, 0)
             done = await _catch_up(*replay, done)  # what came while the aggregates were built
             for attempt in range(1, SWAP_ATTEMPTS + 1):
                 counts["swap_attempts"] = attempt
@@ -257,38 +254,76 @@ async def _catch_up(
     return done
 
 
-async def _set_triggers(pool: asyncpg.Pool, *, enabled: bool) -> None:
-    """The aggregate triggers of the schema being built, off while its facts are written in
-    bulk; back on (in one transaction) with every table they keep built from the facts at once
-    (migrations/006_aggregates_build.sql), before the tail that came meanwhile is replayed."""
-    action = "ENABLE" if enabled else "DISABLE"
+@asynccontextmanager
+async def bulk(pool: asyncpg.Pool, schema: str, counts: dict[str, int]) -> AsyncIterator[None]:
+    """Fact rows written in bulk into `schema`, which nobody reads yet (the rebuild's, or the
+    bench's national region).
+
+    While the body runs: no aggregate trigger, and no secondary index on the fact tables (an
+    index entry per row, and every outreach and interaction rewrites its referral's row with
+    each of the referrals' five indexes; the constraints' indexes stay, the upserts'
+    ON CONFLICT needs them). Then the indexes are made again (one sort each); and in one
+    transaction every aggregate is built from the facts by grouping (`agg_build()`,
+    migrations/006) into tables without their keys and indexes, which are made again after
+    it, and the triggers are enabled. Counts `index_ms` and `aggregate_ms`. Nothing of this
+    after a failure: the caller drops the schema."""
     async with pool.acquire() as conn, conn.transaction():
-        for table in projection.FACT_TABLES:
-            await conn.execute(f'ALTER TABLE "{table}" {action} TRIGGER USER')
-        if enabled:
-            await conn.execute("SELECT agg_build()")
-
-
-async def _drop_indexes(pool: asyncpg.Pool, shadow: str) -> list[str]:
-    """Drop the fact tables' secondary indexes of the schema being built; returns their
-    definitions, created again once the bulk is written (one sort each, instead of an index
-    entry per row: every outreach and interaction rewrites its referral's row, and each of
-    the referrals' five indexes with it). The indexes of constraints stay: the upserts'
-    ON CONFLICT needs them."""
+        await _triggers(conn, enabled=False)
+        indexes = await _drop_indexes(conn, schema, projection.FACT_TABLES, keys=False)
+    yield
+    started = time.perf_counter()
     async with pool.acquire() as conn:
-        rows = await conn.fetch(
-            "SELECT i.indexname, i.indexdef FROM pg_indexes i"
-            " JOIN pg_class c ON c.relname = i.indexname"
-            " JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = i.schemaname"
-            " WHERE i.schemaname = $1 AND i.tablename = ANY($2::text[])"
-            " AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = c.oid)"
-            " ORDER BY i.indexname",
-            shadow,
-            list(projection.FACT_TABLES),
-        )
-        for row in rows:
-            await conn.execute(f'DROP INDEX "{shadow}"."{row["indexname"]}"')
-    return [row["indexdef"] for row in rows]
+        for definition in indexes:
+            await conn.execute(definition)
+    counts["index_ms"] = round((time.perf_counter() - started) * 1000)
+    started = time.perf_counter()
+    async with pool.acquire() as conn, conn.transaction():
+        keys = await _drop_indexes(conn, schema, projection.AGGREGATE_TABLES, keys=True)
+        await conn.execute("SELECT agg_build()")
+        for definition in keys:
+            await conn.execute(definition)
+        await _triggers(conn, enabled=True)
+    counts["aggregate_ms"] = round((time.perf_counter() - started) * 1000)
+
+
+async def _triggers(conn: asyncpg.Connection, *, enabled: bool) -> None:
+    """The aggregate triggers of the fact tables on or off (USER: not the constraints')."""
+    action = "ENABLE" if enabled else "DISABLE"
+    for table in projection.FACT_TABLES:
+        await conn.execute(f'ALTER TABLE "{table}" {action} TRIGGER USER')
+
+
+_INDEXES_SQL = """
+SELECT t.relname AS tab, c.relname AS name, pg_get_indexdef(c.oid) AS definition,
+    k.conname AS constraint_name, pg_get_constraintdef(k.oid) AS constraint_definition
+FROM pg_index x
+JOIN pg_class c ON c.oid = x.indexrelid
+JOIN pg_class t ON t.oid = x.indrelid
+JOIN pg_namespace n ON n.oid = t.relnamespace
+LEFT JOIN pg_constraint k ON k.conindid = c.oid AND k.conrelid = t.oid
+WHERE n.nspname = $1 AND t.relname = ANY($2::text[])
+ORDER BY t.relname, c.relname
+"""
+
+
+async def _drop_indexes(
+    conn: asyncpg.Connection, schema: str, tables: tuple[str, ...], *, keys: bool
+) -> list[str]:
+    """Drop the indexes of `tables` (with `keys`, their primary keys too); returns the
+    statements that make them again, as the migrations made them."""
+    again: list[str] = []
+    for row in await conn.fetch(_INDEXES_SQL, schema, list(tables)):
+        table = f'"{schema}"."{row["tab"]}"'
+        if row["constraint_name"] is None:
+            await conn.execute(f'DROP INDEX "{schema}"."{row["name"]}"')
+            again.append(row["definition"])
+        elif keys:
+            name = row["constraint_name"]
+            await conn.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
+            again.append(
+                f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {row["constraint_definition"]}'
+            )
+    return again
 
 
 async def _drop_schema(conn: asyncpg.Connection, name: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from services.analytics import projection
+
 # What tells the aggregate tables' rows apart from none: a row whose count is zero (a
 # contribution taken back by the triggers) answers as a missing one.
 COUNTED = {
@@ -23,6 +25,7 @@ async def aggregate_rows(
 ) -> dict[str, list[tuple[object, ...]]]:
     """Every row of every table the triggers keep, without rows of zeros, in order; with
     `hospital`, only that hospital's (the region's tables left out)."""
+    assert set(COUNTED) == set(projection.AGGREGATE_TABLES)
     rows = {}
     for table, count in COUNTED.items():
         where = [f"{count} <> 0"] if count else []
