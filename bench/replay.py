@@ -361,8 +361,9 @@ async def period_latencies(
 
 
 async def run_national(platform: Platform, scale: float = 1.0) -> Section:
-    """Issue 15: a national region (hospitals x 5 years) built straight into the stream, rebuilt,
-    then the analytics service over it: memory, queries with new periods, the scrape."""
+    """Issues 15 and 26: a national region (hospitals x 5 years) built straight into the read
+    models (postctl.simulate.direct), then the analytics service over it: memory, queries with
+    new periods at every scope, the scrape."""
     section = Section("analytics at national scale")
     fig = section.figures
     wanted = int(os.environ.get("POST_BENCH_NATIONAL_HOSPITALS", NATIONAL_DEFAULT))
