@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import e2e, fence, publish, replay, scaleout, store
+from bench import e2e, fence, publish, region_asof, replay, scaleout, store
 from bench.common import Section, embedded_platform, sample_sizes
 from shared.runtime import Platform
 
@@ -33,6 +33,7 @@ SECTIONS: dict[str, Callable[[Platform, float], Coroutine[Any, Any, Section]]] =
     "scaleout": scaleout.run,
     "national": replay.run_national,  # issue 15: analytics at national scale
     "fence": fence.run,  # the aggregates' fence: what several partitions writing at once cost
+    "region_asof": region_asof.run,  # issue 26: the region's departments and supporters
 }
 
 

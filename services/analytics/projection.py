@@ -160,7 +160,7 @@ FACT_TABLES = (
     "surveys",
     "availability_changes",
 )
-# What the aggregate triggers keep (migrations/005), and agg_build() fills from the facts.
+# What the aggregate triggers keep (migrations/005, 007), and agg_build() fills from the facts.
 AGGREGATE_TABLES = (
     "agg_interactions",
     "agg_minutes",
@@ -170,6 +170,10 @@ AGGREGATE_TABLES = (
     "referral_days",
     "supported_days",
     "supported_grid",
+    "region_parts",
+    "region_asof",
+    "region_slugs",
+    "referred_grid",
 )
 
 

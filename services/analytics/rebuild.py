@@ -287,9 +287,10 @@ async def bulk(pool: asyncpg.Pool, schema: str, counts: dict[str, int]) -> Async
 
 
 async def _triggers(conn: asyncpg.Connection, *, enabled: bool) -> None:
-    """The aggregate triggers of the fact tables on or off (USER: not the constraints')."""
+    """The aggregate triggers on or off (USER: not the constraints'): the fact tables', and
+    the aggregate tables' own (a referral day keeps the one before it)."""
     action = "ENABLE" if enabled else "DISABLE"
-    for table in projection.FACT_TABLES:
+    for table in (*projection.FACT_TABLES, *projection.AGGREGATE_TABLES):
         await conn.execute(f'ALTER TABLE "{table}" {action} TRIGGER USER')
 
 

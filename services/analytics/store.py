@@ -7,8 +7,9 @@ range count). A period is then a range sum over at most a few thousand rows what
 number of facts: the region's days (1,826 in five years), its months, and for the medians and
 the distinct physicians the days of at most two partial months. `figures` turns the sums into
 `reaim.compute`'s answer, key for key (tests/integration/test_analytics_aggregates.py checks it
-on random histories, at every scope). Departments, supporters and availability changes are
-small tables (a few per department) read as they are.
+on random histories, at every scope). A hospital's or a department's departments, supporters
+and availability changes are read as they are (tens of rows); the region's are steps per day
+(migrations/007_region_asof.sql): what holds at the period's end is a sum over days.
 
 Nothing here holds a physician's identity but `supported_days`, which the referral trigger
 rewrites when forgetting renames a physician's referrals: the same rows under the alias.
@@ -212,6 +213,54 @@ SELECT (
 ) WHERE $3::text IS NULL AND $4::text IS NULL AND $2::date IS NOT DISTINCT FROM $2::date
 """
 
+# The region's department and supporter figures (migrations/007_region_asof.sql): what is
+# true at the period's end is the sum of the steps dated before it; departments referred in
+# the period are counted as physicians are (first-and-next), by whole months in the grid and
+# the days of the partial months, plus the few referral days that came before their
+# department's launch. Bounded by days and months, not by the region's departments and
+# supporters. Arguments as the histograms' ($5..$10: `pieces`).
+_ASOF = "($2::date IS NULL OR day < $2::date)"
+REGION_ASOF_SQL = f"""
+SELECT coalesce(sum(launched), 0)::bigint AS launched, coalesce(sum(open), 0)::bigint AS open,
+    coalesce(sum(eligible), 0)::bigint AS eligible,
+    coalesce(sum(adopted), 0)::bigint AS hospitals_adopted,
+    (SELECT min(first_launch) FROM region_slugs) AS first_launch,
+    (SELECT array_agg(department) FROM region_slugs
+     WHERE first_launch IS NOT NULL AND ($2::date IS NULL OR first_launch < $2::date)) AS slugs,
+    (SELECT coalesce(sum(physician_count), 0) FROM hospitals) AS registered_physicians,
+    coalesce(sum(launched), 0)::bigint - (
+        SELECT coalesce(sum(n), 0) FROM referred_grid
+        WHERE $6::date IS NOT NULL AND ($5::date IS NULL OR month >= $5::date)
+            AND month < $6::date AND {_FIRST_IN}
+    ) - (
+        SELECT count(*) FROM referral_days
+        WHERE eff = day AND {_FIRST_IN}
+            AND (($7::date IS NOT NULL AND day >= $7::date AND day < $8::date)
+                OR ($9::date IS NOT NULL AND day >= $9::date AND day < $10::date))
+    ) - (
+        SELECT count(*) FROM referral_days
+        WHERE eff <> day AND {_FIRST_IN} AND ($1::date IS NULL OR day >= $1::date)
+            AND ($2::date IS NULL OR eff < $2::date)
+    ) AS without_referrals,
+    coalesce(sum(trained), 0)::bigint AS trained,
+    coalesce(sum(trained) FILTER (WHERE $1::date IS NULL OR day >= $1::date), 0)::bigint
+        AS trained_in_period,
+    coalesce(sum(active), 0)::bigint AS active,
+    coalesce(sum(available), 0)::bigint AS available
+FROM region_asof WHERE {_ASOF} AND $3::text IS NULL AND $4::text IS NULL
+"""
+_DEPARTMENT_KEYS = (
+    "launched",
+    "open",
+    "eligible",
+    "hospitals_adopted",
+    "first_launch",
+    "slugs",
+    "registered_physicians",
+    "without_referrals",
+)
+_SUPPORTER_KEYS = ("trained", "trained_in_period", "active", "available")
+
 Pieces = tuple[date | None, date | None, date | None, date | None, date | None, date | None]
 
 
@@ -302,8 +351,14 @@ async def aggregates(conn: asyncpg.Connection, scope: Scope, period: reaim.Perio
     args = (period.start, period.end, scope.hospital, scope.department)
     split = pieces(period)
     agg = Aggregates()
-    agg.departments = dict(await conn.fetchrow(_sql("departments", DEPARTMENTS_SQL, level), *args))
-    agg.supporters = dict(await conn.fetchrow(_sql("supporters", SUPPORTERS_SQL, level), *args))
+    if scope.hospital is None:
+        asof = await conn.fetchrow(REGION_ASOF_SQL, *args, *split)
+        agg.departments = {k: asof[k] for k in _DEPARTMENT_KEYS}
+        agg.supporters = {k: asof[k] for k in _SUPPORTER_KEYS}
+    else:
+        departments = _sql("departments", DEPARTMENTS_SQL, level)
+        agg.departments = dict(await conn.fetchrow(departments, *args))
+        agg.supporters = dict(await conn.fetchrow(_sql("supporters", SUPPORTERS_SQL, level), *args))
     agg.referrals = dict(await conn.fetchrow(REFERRALS_SQL, *args))
     agg.surveys = dict(await conn.fetchrow(SURVEYS_SQL, *args))
     for row in await conn.fetch(BY_DAY_SQL, *args):

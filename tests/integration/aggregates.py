@@ -6,18 +6,25 @@ import asyncpg
 
 from services.analytics import projection
 
-# What tells the aggregate tables' rows apart from none: a row whose count is zero (a
+# What tells the aggregate tables' rows apart from none: a row whose counts are zero (a
 # contribution taken back by the triggers) answers as a missing one.
+_STEPS = "launched <> 0 OR open <> 0 OR eligible <> 0 OR adopted <> 0 OR trained <> 0"
 COUNTED = {
-    "agg_interactions": "n",
-    "agg_minutes": "n",
-    "agg_delays": "n",
-    "agg_referrals": "referrals",
+    "agg_interactions": "n <> 0",
+    "agg_minutes": "n <> 0",
+    "agg_delays": "n <> 0",
+    "agg_referrals": "referrals <> 0",
     "agg_surveys": None,
     "referral_days": None,
     "supported_days": None,
-    "supported_grid": "n",
+    "supported_grid": "n <> 0",
+    "region_parts": None,
+    "region_asof": f"{_STEPS} OR active <> 0 OR available <> 0",
+    "region_slugs": None,
+    "referred_grid": "n <> 0",
 }
+# The region's own tables: no hospital column.
+REGION_ONLY = {"supported_grid", "region_asof", "region_slugs", "referred_grid"}
 
 
 async def aggregate_rows(
@@ -28,9 +35,9 @@ async def aggregate_rows(
     assert set(COUNTED) == set(projection.AGGREGATE_TABLES)
     rows = {}
     for table, count in COUNTED.items():
-        where = [f"{count} <> 0"] if count else []
+        where = [f"({count})"] if count else []
         if hospital is not None:
-            if table == "supported_grid":
+            if table in REGION_ONLY:
                 continue
             where.append("hospital = $1")
         sql = f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(where) if where else "")

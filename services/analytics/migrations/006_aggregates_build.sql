@@ -10,10 +10,12 @@
 -- difference is by construction: an upsert that took a contribution back can leave a row of
 -- zeros, which no query tells from a missing row; grouping writes none.
 --
--- A migration that adds an aggregate table with its triggers replaces this function to fill it
--- too, so "build everything the triggers keep" stays one call.
+-- A migration that adds aggregate tables with their triggers adds a function that fills them
+-- and replaces agg_build() to call it after agg_build_facts(): "build everything the triggers
+-- keep" stays one call.
 
-CREATE OR REPLACE FUNCTION agg_build() RETURNS void LANGUAGE plpgsql AS $$
+-- The tables of migration 005.
+CREATE OR REPLACE FUNCTION agg_build_facts() RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     -- Hash aggregates of a few million rows: enough memory to keep them off disk.
     PERFORM set_config('work_mem', '256MB', true);
@@ -123,3 +125,7 @@ BEGIN
 
     DROP TABLE agg_build_referrals;
 END $$;
+
+CREATE OR REPLACE FUNCTION agg_build() RETURNS void LANGUAGE sql AS $$
+    SELECT agg_build_facts();
+$$;
