@@ -7,9 +7,10 @@ rebuild does):
    event message up to the stream's last sequence at start, read with a bounded ephemeral
    consumer and written as the live handler writes it (``projection.row_of``), in batched
    transactions, each message recorded in ``processed``; then catch up with what came
-   meanwhile, the same way, until the tail is short. The aggregate triggers are off for this
-   bulk (they cost a few statements per fact row); then, in one transaction, they are enabled
-   and every table they keep is built from the facts by grouping (``agg_build()``).
+   meanwhile, the same way, until the tail is short. The aggregate triggers and the secondary
+   indexes are off for this bulk (``bulk()``: they cost statements and index entries per fact
+   row); then the indexes are made again and, in one transaction, every table the triggers
+   keep is built from the facts by grouping (``agg_build()``) and the triggers enabled.
 2. **Catch up** again with what came while that ran, with the triggers on.
 3. **Swap**, in one transaction: lock every table of the live schema (the live consumer's next
    write waits), replay the last few messages, carry over what is not a read model (waiting
@@ -156,8 +157,7 @@ async def rebuild(
     )
     counts = counts if counts is not None else {}
     counts.update(
-        {"messages": 0, "events_applied": 0, "skipped": 0, "swap_attempts": 0}
-        | {"index_ms": 0, "aggregate_ms": 0}
+        messages=0, events_applied=0, skipped=0, swap_attempts=0, index_ms=0, aggregate_ms=0
     )
     try:
         await migrate(live, schema, MIGRATIONS)
