@@ -203,13 +203,13 @@ class PlatformClient:
         headers = {"Nats-Msg-Id": msg_id}
         if traceparent is not None:
             headers["traceparent"] = traceparent
-        await js.publish(subject, body, headers=headers)
+        await _publish(js, subject, body, headers)
         return msg_id
 
     async def send_raw(self, subject: str, body: bytes, msg_id: str | None = None) -> None:
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         js = await self._js_for(subject)
-        await js.publish(subject, body, headers=headers)
+        await _publish(js, subject, body, headers)
 
     async def wait(
         self, predicate: Callable[[CloudEventDict], bool], timeout: float = 10.0
@@ -309,3 +309,23 @@ async def _caught_up(js: JetStreamContext, service: str, db_url: str | None) -> 
         return not await inbox.holds(conn, service)
     finally:
         await conn.close()
+
+
+PUBLISH_ATTEMPTS = 3
+
+
+async def _publish(
+    js: JetStreamContext, subject: str, body: bytes, headers: dict[str, str] | None
+) -> None:
+    """Publish and wait for the stream's ack; with a `Nats-Msg-Id`, asked again when no ack
+    came (the connection dropped and reconnected meanwhile: a CI run met it while a new
+    hospital's key was being added). The same id is stored once (JetStream's deduplication,
+    and the platform handles a command id once), so asking again never doubles it. Without
+    an id nothing is repeated: that could store the message twice."""
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        try:
+            await js.publish(subject, body, headers=headers)
+            return
+        except nats.errors.TimeoutError:
+            if not headers or "Nats-Msg-Id" not in headers or attempt == PUBLISH_ATTEMPTS:
+                raise
